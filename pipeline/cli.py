@@ -1,0 +1,91 @@
+"""The ``spml`` command: one subcommand per DVC stage, plus tools (``bench``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import SpmlError
+from pipeline.io import terminate_cleanly
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="spml-bench: single positive multi-label learning benchmark pipeline.")
+err = Console(stderr=True)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params file (default: params.yaml)")]
+DatasetArg = Annotated[str, typer.Argument(help="dataset name, e.g. synthetic")]
+
+
+def _run(fn, *args, **kwargs):
+    """Run a stage; user errors become one red line on stderr and exit code 2."""
+    terminate_cleanly()
+    try:
+        return fn(*args, **kwargs)
+    except SpmlError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def download(dataset: DatasetArg,
+             source: Annotated[Optional[Path], typer.Option("--from", help="local archive or extracted folder")] = None,
+             params: ParamsOption = Path("params.yaml")):
+    """Download (or generate, or import from --from) a dataset into data/raw/DATASET."""
+    from stages import download as stage
+
+    out = _run(stage.run, dataset, source, params)
+    err.print(f"wrote {out}")
+
+
+@app.command()
+def prepare(dataset: DatasetArg, params: ParamsOption = Path("params.yaml")):
+    """Write the full label table data/prepared/DATASET.parquet (with the 80/20 train/val split)."""
+    from stages import prepare as stage
+
+    out = _run(stage.run, dataset, params)
+    err.print(f"wrote {out}")
+
+
+@app.command()
+def sample(dataset: DatasetArg, params: ParamsOption = Path("params.yaml")):
+    """Write single-positive observed labels data/sampled/DATASET.parquet (community procedure)."""
+    from stages import sample as stage
+
+    out = _run(stage.run, dataset, params)
+    err.print(f"wrote {out}")
+
+
+@app.command()
+def train(dataset: DatasetArg,
+          method: Annotated[str, typer.Argument(help="method name, e.g. an, full, ignore")],
+          seed: Annotated[int, typer.Option(help="training seed")] = 0,
+          params: ParamsOption = Path("params.yaml"),
+          out: Annotated[Optional[Path], typer.Option(help="output dir (default runs/DATASET/METHOD/SEED)")] = None):
+    """Train one method on one dataset with one seed; writes metrics, history, config and checkpoint."""
+    from stages import train as stage
+
+    metrics = _run(stage.run, dataset, method, seed, params, out)
+    err.print(f"{dataset}/{method}/{seed}: val mAP {metrics['val_map']:.2f}, test mAP {metrics['test_map']:.2f} "
+              f"(best epoch {metrics['best_epoch']})")
+
+
+@app.command()
+def aggregate(params: ParamsOption = Path("params.yaml"),
+              out: Annotated[Path, typer.Option(help="reports directory")] = Path("reports")):
+    """Collect the runs of the params grid into reports/ (runs.csv, results.md, summary.json)."""
+    from stages import aggregate as stage
+
+    out_dir = _run(stage.run, params, out)
+    err.print(f"wrote {out_dir}/results.md")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,234 @@
+"""The embedded default: a procedurally generated, seeded multi-label shape dataset.
+
+Twenty classes differ by **shape only** (every object gets a random colour), with random size, position
+and rotation on a textured background. Images hold 1 to 4 objects of distinct classes, with unequal
+class frequencies and a few class pairs that tend to co-occur, so a single observed positive leaves
+on average more than one false negative under "assume negative". Every object's visible pixels are
+stored as an instance map, which lets later stages score CAMs and false-negative identification.
+
+Layout written by ``download`` (nothing is fetched):
+    images/{train,test}/NNNNN.png      RGB, image_size x image_size
+    masks/{train,test}/NNNNN.png       8-bit instance map: 0 background, k = k-th object (1-based)
+    annotations.json                   classes, params, and per image: split, file, mask, objects
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.datasets import OfficialSplits, SplitRows, register_dataset
+from pipeline.errors import SpmlError
+from pipeline.progress import progress_bar
+
+# Shapes are indicator functions on object coordinates (u, v) in [-1, 1]^2 (before rotation/scaling).
+# They are chosen to stay distinguishable under any rotation (no square/diamond or plus/X pairs).
+
+
+def _polygon(n: int, u: np.ndarray, v: np.ndarray, radius: float = 0.95) -> np.ndarray:
+    r, t = np.hypot(u, v), np.arctan2(v, u)
+    sector = 2 * np.pi / n
+    edge = radius * np.cos(np.pi / n) / np.cos(np.mod(t, sector) - np.pi / n)
+    return r <= edge
+
+
+def _star(points: int, inner: float, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    r, t = np.hypot(u, v), np.arctan2(v, u)
+    sector = 2 * np.pi / points
+    phase = np.abs(np.mod(t, sector) / sector - 0.5) * 2  # 1 at a tip, 0 between tips
+    return r <= inner + (0.95 - inner) * phase
+
+
+def _box(u, v, u0, u1, v0, v1):
+    return (u >= u0) & (u <= u1) & (v >= v0) & (v <= v1)
+
+
+SHAPES: dict[str, Any] = {
+    "disk": lambda u, v: np.hypot(u, v) <= 0.95,
+    "ring": lambda u, v: (np.hypot(u, v) <= 0.95) & (np.hypot(u, v) >= 0.55),
+    "triangle": lambda u, v: _polygon(3, u, v),
+    "square": lambda u, v: _polygon(4, u, v),
+    "pentagon": lambda u, v: _polygon(5, u, v),
+    "hexagon": lambda u, v: _polygon(6, u, v) & ~(np.hypot(u, v) <= 0.3),  # hexagonal nut
+    "star5": lambda u, v: _star(5, 0.4, u, v),
+    "star4": lambda u, v: _star(4, 0.3, u, v),
+    "plus": lambda u, v: _box(u, v, -0.3, 0.3, -0.95, 0.95) | _box(u, v, -0.95, 0.95, -0.3, 0.3),
+    "crescent": lambda u, v: (np.hypot(u, v) <= 0.95) & (np.hypot(u - 0.5, v) > 0.75),
+    "heart": lambda u, v: ((1.15 * u) ** 2 + (1.15 * v + 0.25) ** 2 - 1) ** 3 - (1.15 * u) ** 2 * (-(1.15 * v + 0.25)) ** 3 <= 0,
+    "arrow": lambda u, v: _box(u, v, -0.95, 0.15, -0.2, 0.2) | ((u >= 0.15) & (np.abs(v) <= 0.95 - u) & (u <= 0.95)),
+    "ell": lambda u, v: _box(u, v, -0.9, -0.35, -0.9, 0.9) | _box(u, v, -0.9, 0.9, 0.35, 0.9),
+    "tee": lambda u, v: _box(u, v, -0.9, 0.9, -0.9, -0.4) | _box(u, v, -0.27, 0.27, -0.9, 0.9),
+    "aitch": lambda u, v: _box(u, v, -0.9, -0.4, -0.9, 0.9) | _box(u, v, 0.4, 0.9, -0.9, 0.9) | _box(u, v, -0.9, 0.9, -0.2, 0.2),
+    "half_disk": lambda u, v: (np.hypot(u, v + 0.45) <= 0.95) & (v >= -0.45),
+    "bowtie": lambda u, v: (np.abs(v) <= np.abs(u)) & (np.abs(u) <= 0.9),
+    "ellipse": lambda u, v: (u / 0.95) ** 2 + (v / 0.42) ** 2 <= 1,
+    "frame": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) <= 0.85) & (np.maximum(np.abs(u), np.abs(v)) >= 0.5),
+    "bars": lambda u, v: (np.abs(u) <= 0.9) & ((np.abs(v) <= 0.16) | (np.abs(v - 0.62) <= 0.16) | (np.abs(v + 0.62) <= 0.16)),
+}
+CLASS_NAMES = list(SHAPES)
+
+DEFAULTS: dict[str, Any] = {
+    "num_train": 4000,
+    "num_test": 1000,
+    "image_size": 64,
+    "seed": 0,
+    "objects_per_image": [0.10, 0.30, 0.35, 0.25],  # P(1 object), ..., P(4 objects)
+    "frequency_decay": 0.8,  # class c drawn with weight (c + 1) ** -decay, after a seeded shuffle
+    "cooccurrence_pairs": 5,  # number of class pairs that tend to appear together
+    "cooccurrence_prob": 0.5,
+    "object_size": [0.28, 0.46],  # object diameter as a fraction of the image side
+    "min_visible": 0.6,  # an object must keep this fraction of its pixels after occlusion
+}
+
+
+def _params(params: dict[str, Any]) -> dict[str, Any]:
+    merged = {**DEFAULTS, **(params or {})}
+    unknown = set(merged) - set(DEFAULTS)
+    if unknown:
+        raise SpmlError(f"unknown synthetic dataset params {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    for key in ("num_train", "num_test", "image_size", "seed", "cooccurrence_pairs"):
+        if not isinstance(merged[key], int) or isinstance(merged[key], bool) or merged[key] < 0:
+            raise SpmlError(f"params data.synthetic.{key} must be a non-negative integer, got {merged[key]!r}")
+    probs = merged["objects_per_image"]
+    if not isinstance(probs, list) or not probs or abs(sum(probs) - 1) > 1e-6 or len(probs) > len(SHAPES):
+        raise SpmlError("params data.synthetic.objects_per_image must be a list of probabilities summing to 1")
+    return merged
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth colour noise plus oriented stripes: texture without any object-like structure."""
+    base = rng.uniform(0.2, 0.8, size=3)
+    coarse = rng.normal(0, 0.12, size=(3, 5, 5))
+    up = np.kron(coarse, np.ones((size // 4 + 1, size // 4 + 1)))[:, :size, :size]
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle, freq = rng.uniform(0, np.pi), rng.uniform(6, 14)
+    stripes = 0.06 * np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
+    grain = rng.normal(0, 0.03, size=(3, size, size))
+    img = base[:, None, None] + up + stripes[None] + grain
+    return np.clip(img, 0, 1)
+
+
+def _shape_mask(name: str, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = (xx - cx) / radius, (yy - cy) / radius
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    return SHAPES[name](u, v)
+
+
+def _draw_classes(rng, weights, partners, count, cooccurrence_prob) -> list[int]:
+    chosen: list[int] = []
+    while len(chosen) < count:
+        pending = [p for c in chosen for p in partners.get(c, []) if p not in chosen]
+        if pending and rng.random() < cooccurrence_prob:
+            chosen.append(int(pending[0]))
+            continue
+        w = weights.copy()
+        w[chosen] = 0
+        chosen.append(int(rng.choice(len(w), p=w / w.sum())))
+    return chosen
+
+
+def _render(rng, p, weights, partners) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    size = p["image_size"]
+    count = 1 + int(rng.choice(len(p["objects_per_image"]), p=p["objects_per_image"]))
+    classes = _draw_classes(rng, weights, partners, count, p["cooccurrence_prob"])
+    for _attempt in range(50):
+        image = _background(rng, size)
+        instances = np.zeros((size, size), dtype=np.uint8)
+        full_masks = []
+        for k, cls in enumerate(classes):
+            radius = 0.5 * size * rng.uniform(*p["object_size"])
+            cx, cy = rng.uniform(radius, size - radius, size=2)
+            mask = _shape_mask(CLASS_NAMES[cls], size, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+            colour = rng.uniform(0, 1, size=3)
+            while abs(colour.mean() - image[:, mask].mean()) < 0.2:  # keep the object visible
+                colour = rng.uniform(0, 1, size=3)
+            shade = 1 + 0.08 * rng.normal(size=(1, size, size))  # mild shading, not a class cue
+            image[:, mask] = np.clip(colour[:, None] * shade[:, mask], 0, 1)
+            instances[mask] = k + 1
+            full_masks.append(mask)
+        visible = [(instances == k + 1).sum() / max(m.sum(), 1) for k, m in enumerate(full_masks)]
+        if min(visible) >= p["min_visible"]:
+            break
+    return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8), instances, classes
+
+
+def generate(out_dir: Path, params: dict[str, Any]) -> None:
+    p = _params(params)
+    rng = np.random.default_rng(p["seed"])
+    num_classes = len(CLASS_NAMES)
+    weights = (np.arange(num_classes) + 1.0) ** -p["frequency_decay"]
+    weights = weights[rng.permutation(num_classes)]
+    pair_classes = rng.permutation(num_classes)[: 2 * p["cooccurrence_pairs"]].reshape(-1, 2)
+    partners: dict[int, list[int]] = {}
+    for a, b in pair_classes:
+        partners.setdefault(int(a), []).append(int(b))
+        partners.setdefault(int(b), []).append(int(a))
+    records = []
+    splits = [("train", p["num_train"]), ("test", p["num_test"])]
+    with progress_bar() as bar:
+        task = bar.add_task("synthetic: rendering", total=p["num_train"] + p["num_test"])
+        for split, count in splits:
+            (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+            (out_dir / "masks" / split).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                image, instances, classes = _render(rng, p, weights, partners)
+                name = f"{index:05d}.png"
+                Image.fromarray(image).save(out_dir / "images" / split / name, optimize=False)
+                Image.fromarray(instances).save(out_dir / "masks" / split / name)
+                objects = []
+                for k, cls in enumerate(classes):
+                    ys, xs = np.nonzero(instances == k + 1)
+                    objects.append({"instance": k + 1, "class": CLASS_NAMES[cls], "area": int(len(xs)),
+                                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]})
+                records.append({"id": f"{split}_{index:05d}", "split": split, "file": f"{split}/{name}",
+                                "mask": f"{split}/{name}", "objects": objects})
+                bar.advance(task)
+    annotations = {"classes": CLASS_NAMES, "params": p,
+                   "cooccurring_pairs": [[CLASS_NAMES[a], CLASS_NAMES[b]] for a, b in pair_classes],
+                   "images": records}
+    (out_dir / "annotations.json").write_text(json.dumps(annotations))
+
+
+@register_dataset("synthetic")
+class Synthetic:
+    """Procedurally generated shapes; ``download`` renders them, nothing is fetched."""
+
+    def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
+        if source is not None:
+            raise SpmlError("dataset 'synthetic' is generated, not downloaded; drop --from")
+        generate(raw_dir, params)
+
+    def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
+        path = raw_dir / "annotations.json"
+        if not path.exists():
+            raise SpmlError(f"{path} does not exist; run `spml download synthetic` first")
+        try:
+            annotations = json.loads(path.read_text())
+            classes = annotations["classes"]
+            index = {name: i for i, name in enumerate(classes)}
+            splits = {}
+            for split in ("train", "test"):
+                records = [r for r in annotations["images"] if r["split"] == split]
+                labels = np.zeros((len(records), len(classes)), dtype=np.int8)
+                for row, record in enumerate(records):
+                    for obj in record["objects"]:
+                        labels[row, index[obj["class"]]] = 1
+                splits[split] = SplitRows(
+                    image_ids=[r["id"] for r in records],
+                    paths=[f"images/{r['file']}" for r in records],
+                    labels=labels,
+                    extras={
+                        "mask_path": [f"masks/{r['mask']}" for r in records],
+                        "instance_classes": [[index[o["class"]] for o in r["objects"]] for r in records],
+                    },
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpmlError(f"{path} is malformed ({exc!r}); rerun `spml download synthetic`") from None
+        return OfficialSplits(class_names=classes, image_root=".", train=splits["train"], test=splits["test"],
+                              provenance={"generator": "pipeline.datasets.synthetic", "params": annotations["params"]})

@@ -1,0 +1,163 @@
+"""Training methods as plug-ins: one module per method, one small interface, one registry.
+
+A method is a subclass of :class:`Method` registered with :func:`register_method`. It declares its
+hyperparameters as a dataclass (``Params``) whose defaults are overridden by
+``params.yaml: method_params.<name>``; it runs its own forward passes in :meth:`Method.training_step`
+(IGNORE needs three, AN one) and returns the loss. The training loop knows no method by name: it only
+calls the hooks below.
+
+Adding a method is one new module in this package plus one ``method_params`` entry, e.g.::
+
+    @register_method("my-an")
+    class MyAN(Method):
+        @dataclass
+        class Params:
+            weight: float = 1.0
+
+        def training_step(self, model, batch, epoch):
+            logits = model(batch.image).logits
+            loss = self.params.weight * F.binary_cross_entropy_with_logits(logits, batch.positives)
+            return StepOutput(loss)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from pipeline.config import parse_dataclass
+from pipeline.errors import unknown_name
+from pipeline.methods.diagnostics import FalseNegativeMeter
+
+
+@dataclass
+class Batch:
+    """One training batch, already on the device and normalised."""
+
+    index: torch.Tensor  # (B,) long: row of each image in the training set (keys method state)
+    image: torch.Tensor  # (B, 3, H, W) weak view (random horizontal flip only)
+    observed: torch.Tensor  # (B, C) float in {0, 1} (or {-1, 0, 1} with observed negatives)
+    full: torch.Tensor  # (B, C) float {0, 1}: hidden full labels, for `full` and diagnostics only
+    strong: torch.Tensor | None = None  # (B, 3, H, W) strong view, when the method asks for it
+    instances: torch.Tensor | None = None  # (B, H, W) uint8 instance map of the weak view (synthetic)
+    instance_classes: torch.Tensor | None = None  # (B, K) long class of instance k+1, -1 padding
+
+    @property
+    def positives(self) -> torch.Tensor:
+        """{0,1} float matrix of observed positives (observed negatives count as 0)."""
+        return (self.observed > 0).to(self.image.dtype)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    # scalar tensors averaged over the epoch's steps and written to the history (no host sync per step)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run when it is built."""
+
+    dataset: str
+    model: str
+    num_classes: int
+    num_train: int  # rows of the training set; Batch.index < num_train
+    epochs: int
+    steps_per_epoch: int
+    mean_positives: float  # true mean positives per training image (EPR/ROLE's k on synthetic data)
+    observed_train: torch.Tensor  # (num_train, C) initial observed labels, on the device
+    device: torch.device
+
+
+class Method:
+    """Base class; subclasses override what they need."""
+
+    name: ClassVar[str] = ""
+    needs_strong_view: ClassVar[bool] = False
+    needs_instances: ClassVar[bool] = False
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params: dict[str, Any], ctx: MethodContext):
+        self.params = parse_dataclass(self.Params, params, f"method_params.{self.name}")
+        self.ctx = ctx
+        # methods that reject or relabel unannotated entries update this meter; it is reset per epoch
+        self.fn_meter = FalseNegativeMeter(ctx.device)
+
+    # --- hooks the training loop calls -------------------------------------------------------------
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """Extra optimised tensors (e.g. ROLE's label table), as optimizer parameter groups."""
+        return []
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch (epochs count from 1)."""
+
+    def training_step(self, model: torch.nn.Module, batch: Batch, epoch: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, batch: Batch, epoch: int) -> None:
+        """Called after ``optimizer.step()`` (e.g. LL-Cp's permanent label flips)."""
+
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module, train_loader, prepare_batch) -> None:
+        """Called after each training epoch, before validation (e.g. APL's pseudo-labelling round)."""
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Logits used for evaluation."""
+        return model(images).logits
+
+    def epoch_diagnostics(self) -> dict[str, float]:
+        """Per-epoch diagnostics for the history (false-negative identification, thresholds...)."""
+        return self.fn_meter.summary() if self.fn_meter.active else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Cross-iteration state saved with the checkpoint (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in ("diagnostics", "losses"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def method_names() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    _discover()
+    if name not in _REGISTRY:
+        raise unknown_name("method", name, list(_REGISTRY))
+    return _REGISTRY[name]
+
+
+def build_method(name: str, params: dict[str, Any], ctx: MethodContext) -> Method:
+    return get_method_class(name)(params, ctx)

@@ -1,0 +1,14 @@
+"""Full-label BCE: the upper reference that sees every true label (Cole et al.'s "BCE" on clean labels)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from pipeline.methods import Method, StepOutput, register_method
+
+
+@register_method("full")
+class FullLabels(Method):
+    def training_step(self, model, batch, epoch):
+        logits = model(batch.image).logits
+        return StepOutput(F.binary_cross_entropy_with_logits(logits, batch.full))

@@ -1,0 +1,23 @@
+"""Where each stage reads and writes, relative to the repository root (DVC runs stages from there)."""
+
+from pathlib import Path
+
+DATA = Path("data")
+RUNS = Path("runs")
+REPORTS = Path("reports")
+
+
+def raw_dir(dataset: str) -> Path:
+    return DATA / "raw" / dataset
+
+
+def label_table(dataset: str) -> Path:
+    return DATA / "prepared" / f"{dataset}.parquet"
+
+
+def observed_table(dataset: str) -> Path:
+    return DATA / "sampled" / f"{dataset}.parquet"
+
+
+def run_dir(dataset: str, method: str, seed: int) -> Path:
+    return RUNS / dataset / method / str(seed)

@@ -1,0 +1,273 @@
+"""The training loop: ``train_one_epoch``, ``evaluate`` and ``fit``, with no method known by name.
+
+Model selection follows the SPML protocol: after every epoch the clean-label val mAP is computed; the
+reported number is the test mAP of the checkpoint from the best-val epoch (strictly better wins).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import __version__, paths
+from pipeline.config import derive_seed, parse_dataclass, scoped
+from pipeline.data import EvalSet, Normalizer, TrainSet, load_images, load_instance_maps, pad_instance_classes
+from pipeline.errors import SpmlError
+from pipeline.methods import Method, MethodContext, build_method, get_method_class
+from pipeline.metrics import mean_average_precision
+from pipeline.models import build_model
+from pipeline.progress import progress_bar
+from pipeline.tables import LabelTable, read_label_table, read_observed_table
+
+
+@dataclass
+class TrainConfig:
+    """``params.yaml: train`` (scoped by dataset and model, see :mod:`pipeline.config`)."""
+
+    model: str = "smallcnn"
+    epochs: int = 20
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    lr: float = 3e-3
+    head_lr_mult: float = 1.0  # the 1x1-conv / linear head's lr is lr * head_lr_mult
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw"] = "adam"
+    image_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    strong_num_ops: int = 3  # RandAugment of the strong view
+    strong_magnitude: int = 5
+    deterministic: bool = True  # torch deterministic algorithms (CPU metrics are then reproducible)
+
+
+@dataclass
+class RunConfig:
+    dataset: str
+    method: str
+    seed: int
+    run_seed: int
+    train: TrainConfig
+    model_kwargs: dict[str, Any]
+    method_params: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: int) -> RunConfig:
+    get_method_class(method)  # unknown method names fail first, listing the valid ones
+    train_section = params.get("train") or {}
+    model = scoped(train_section, dataset).get("model", TrainConfig.model)
+    train = parse_dataclass(TrainConfig, scoped(train_section, dataset, model), "train")
+    model_kwargs = dict((params.get("models") or {}).get(train.model) or {})
+    method_params = scoped((params.get("method_params") or {}).get(method), dataset, train.model)
+    return RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), train, model_kwargs, method_params)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _seed_worker(worker_id: int) -> None:
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SpmlError(f"params train.device {name!r} is not a torch device; use auto, cpu or cuda") from None
+
+
+@dataclass
+class RunData:
+    train: TrainSet
+    val: EvalSet
+    test: EvalSet
+    table: LabelTable
+    train_rows: np.ndarray
+
+
+def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool) -> RunData:
+    table = read_label_table(paths.label_table(dataset))
+    observed = read_observed_table(paths.observed_table(dataset))
+    if not np.array_equal(observed.image_id, table.image_id):
+        raise SpmlError(f"{paths.observed_table(dataset)} does not match {paths.label_table(dataset)} row for row; "
+                        f"rerun `spml sample {dataset}`")
+    root = Path(table.meta["image_root"])
+    rows = {split: table.rows(split) for split in ("train", "val", "test")}
+    for split, idx in rows.items():
+        if len(idx) == 0:
+            raise SpmlError(f"label table {paths.label_table(dataset)} has no {split} rows; check params split/data")
+    images = {split: load_images(root, list(table.path[idx]), cfg.image_size, f"{dataset} {split} images")
+              for split, idx in rows.items()}
+    full = torch.from_numpy(table.labels.astype(np.float32))
+    inst = inst_classes = None
+    if instances and "mask_path" in table.extras:
+        tr = rows["train"]
+        inst = load_instance_maps(root, [table.extras["mask_path"][i] for i in tr], cfg.image_size)
+        inst_classes = pad_instance_classes([table.extras["instance_classes"][i] for i in tr])
+    train = TrainSet(images["train"], torch.from_numpy(observed.labels[rows["train"]].astype(np.float32)),
+                     full[rows["train"]], strong, cfg.strong_num_ops, cfg.strong_magnitude, inst, inst_classes)
+    return RunData(train, EvalSet(images["val"], full[rows["val"]]), EvalSet(images["test"], full[rows["test"]]),
+                   table, rows["train"])
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, method: Method) -> torch.optim.Optimizer:
+    groups = model.parameter_groups(cfg.lr, cfg.head_lr_mult) + method.parameter_groups(cfg.lr)
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normalizer, epoch: int,
+                    bar=None, task=None) -> dict[str, float]:
+    model.train()
+    method.on_epoch_start(epoch)
+    total_loss = torch.zeros((), device=normalize.device)
+    log_sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for item in loader:
+        batch = normalize.batch(item)
+        out = method.training_step(model, batch, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(batch, epoch)
+        total_loss += out.loss.detach()
+        for key, value in out.logs.items():
+            log_sums[key] = log_sums.get(key, 0) + value.detach()
+        steps += 1
+        if bar is not None:
+            bar.advance(task)
+    row = {"train_loss": (total_loss / max(steps, 1)).item()}
+    row.update({key: (value / max(steps, 1)).item() for key, value in log_sums.items()})
+    return row
+
+
+@torch.no_grad()
+def predict(model, method: Method, loader, normalize: Normalizer) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    scores, targets = [], []
+    for item in loader:
+        scores.append(torch.sigmoid(method.predict(model, normalize(item["image"])).float()).cpu())
+        targets.append(item["full"])
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+
+
+def evaluate(model, method: Method, loader, normalize: Normalizer):
+    scores, targets = predict(model, method, loader, normalize)
+    return mean_average_precision(targets, scores)
+
+
+def fit(run: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Train one (dataset, method, seed) run and write its outputs into ``out_dir``."""
+    cfg = run.train
+    seed_everything(run.run_seed, cfg.deterministic)
+    device = pick_device(cfg.device)
+    method_cls = get_method_class(run.method)
+    data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances)
+    num_classes = data.table.num_classes
+    model = build_model(cfg.model, num_classes, **run.model_kwargs).to(device)
+
+    generator = torch.Generator().manual_seed(run.run_seed)
+    loader_kwargs = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                         worker_init_fn=_seed_worker, persistent_workers=cfg.num_workers > 0)
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                              drop_last=False, **loader_kwargs)
+    val_loader = DataLoader(data.val, batch_size=cfg.eval_batch_size, **loader_kwargs)
+    test_loader = DataLoader(data.test, batch_size=cfg.eval_batch_size, **loader_kwargs)
+    normalize = Normalizer(device)
+
+    stats = data.table.meta.get("stats", {})
+    ctx = MethodContext(
+        dataset=run.dataset, model=cfg.model, num_classes=num_classes, num_train=len(data.train),
+        epochs=cfg.epochs, steps_per_epoch=len(train_loader),
+        mean_positives=float(stats.get("mean_positives_train", 1.0)),
+        observed_train=data.train.observed.to(device), device=device,
+    )
+    method = build_method(run.method, run.method_params, ctx)
+    optimizer = build_optimizer(cfg, model, method)
+
+    history: list[dict[str, Any]] = []
+    best = {"val_map": -math.inf, "epoch": 0, "model": None, "method": None}
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task(f"{run.dataset}/{run.method}/{run.seed}", total=cfg.epochs * len(train_loader))
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update(train_one_epoch(model, method, train_loader, optimizer, normalize, epoch, bar, task))
+            method.on_epoch_end(epoch, model, train_loader, normalize.batch)
+            row.update(method.epoch_diagnostics())
+            val = evaluate(model, method, val_loader, normalize)
+            row["val_map"] = val.map
+            row["epoch_seconds"] = time.perf_counter() - t0
+            history.append(row)
+            if val.map > best["val_map"]:
+                best = {"val_map": val.map, "epoch": epoch,
+                        "model": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+                        "method": _to_cpu(method.state_dict())}
+            bar.update(task, description=f"{run.dataset}/{run.method}/{run.seed} val mAP {val.map:.2f}")
+
+    model.load_state_dict(best["model"])
+    method.load_state_dict(best["method"])
+    test = evaluate(model, method, test_loader, normalize)
+    metrics = {
+        "dataset": run.dataset, "method": run.method, "model": cfg.model, "seed": run.seed,
+        "val_map": best["val_map"], "test_map": test.map, "best_epoch": best["epoch"],
+        "epochs": cfg.epochs, "train_seconds": time.perf_counter() - started,
+        "test_classes_without_positives": test.classes_without_positives,
+        "class_names": data.table.class_names, "test_per_class_ap": test.per_class_ap,
+        "versions": {"spml_bench": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": str(device),
+    }
+    _write_run(out_dir, run, metrics, history, best)
+    return metrics
+
+
+def _to_cpu(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def _write_run(out_dir: Path, run: RunConfig, metrics, history, best) -> None:
+    import json
+
+    import pandas as pd
+
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
+    torch.save({"model": best["model"], "method": best["method"], "epoch": best["epoch"],
+                "config": run.to_dict()}, out_dir / "best.pt")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a run checkpoint safely (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

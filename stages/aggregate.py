@@ -1,0 +1,30 @@
+"""Stage ``aggregate``: the runs table, the comparison table and the DVC metrics summary in ``reports/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.config import load_params
+from pipeline.errors import SpmlError
+from pipeline.io import atomic_file, write_json, write_text
+from pipeline.report import collect_runs, results_markdown, summary_metrics
+
+
+def grid(params: dict) -> tuple[list[str], list[str], list[int]]:
+    datasets, methods, seeds = params.get("datasets"), params.get("methods"), params.get("seeds")
+    for key, value, kind in (("datasets", datasets, str), ("methods", methods, str), ("seeds", seeds, int)):
+        if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
+            raise SpmlError(f"params {key} must be a non-empty list of {kind.__name__}, got {value!r}")
+    return datasets, methods, seeds
+
+
+def run(params_path: Path = Path("params.yaml"), out_dir: Path = paths.REPORTS) -> Path:
+    datasets, methods, seeds = grid(load_params(params_path))
+    runs = collect_runs(datasets, methods, seeds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out_dir / "runs.csv") as tmp:
+        runs.to_csv(tmp, index=False, float_format="%.4f")
+    write_text(out_dir / "results.md", results_markdown(runs, methods, datasets))
+    write_json(out_dir / "summary.json", summary_metrics(runs))
+    return out_dir

@@ -1,0 +1,25 @@
+"""Stage ``download``: obtain a dataset's raw files into ``data/raw/<dataset>`` (or generate them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.config import load_params
+from pipeline.datasets import get_dataset
+from pipeline.errors import SpmlError
+from pipeline.io import atomic_dir
+
+
+def run(dataset: str, source: Path | None = None, params_path: Path = Path("params.yaml")) -> Path:
+    source_ds = get_dataset(dataset)
+    params = load_params(params_path)
+    data_params = (params.get("data") or {}).get(dataset) or {}
+    if not isinstance(data_params, dict):
+        raise SpmlError(f"params data.{dataset} must be a mapping, got {data_params!r}")
+    if source is not None and not Path(source).exists():
+        raise SpmlError(f"--from {source} does not exist; pass an archive or an extracted folder")
+    target = paths.raw_dir(dataset)
+    with atomic_dir(target) as tmp:
+        source_ds.download(tmp, data_params, Path(source) if source is not None else None)
+    return target
