@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline import paths
@@ -72,7 +71,3 @@ def summary_metrics(runs: pd.DataFrame) -> dict[str, Any]:
             "n": int(len(tm)),
         }
     return out
-
-
-def as_float(value: Any) -> float:
-    return float(np.asarray(value, dtype=float))
