@@ -16,9 +16,23 @@ import torch
 from pipeline.errors import SpmlError, unknown_name
 
 
-class ModelOutput(NamedTuple):
+class _LogitsCam(NamedTuple):
     logits: torch.Tensor
     cam: torch.Tensor
+
+
+class ModelOutput(_LogitsCam):
+    """``(logits, cam)``, plus an optional ``embeddings`` attribute.
+
+    Still a 2-tuple (``logits, cam = model(x)`` keeps working). ``embeddings`` (B, C, d) holds
+    label-wise embeddings for models that have them (Query2Label's decoder outputs, or their
+    L2-normalised projection when the model was built with a projector); None otherwise.
+    """
+
+    def __new__(cls, logits: torch.Tensor, cam: torch.Tensor, embeddings: torch.Tensor | None = None):
+        self = super().__new__(cls, logits, cam)
+        self.embeddings = embeddings
+        return self
 
 
 _REGISTRY: dict[str, Any] = {}
