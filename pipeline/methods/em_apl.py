@@ -1,0 +1,83 @@
+"""EM + APL, entropy maximisation with asymmetric pseudo-labelling of negatives (Zhou et al. 2022).
+
+After every epoch e ≥ W (warm-up), one inference pass over the training set (model.eval(), the train
+loader, as in the official code) picks, per class i, the int(θ·U_i/(E − W)) still-unknown entries with
+the lowest predicted probability, where U_i is the number of unknowns of class i in the *initial*
+observed labels. Those become soft negatives with target s = their probability at labelling time,
+trained with β·BCE(f; s). Labels accumulate over rounds, so about θ of the unknowns are labelled over
+the E − W rounds that affect training (the official round after the last epoch, which changes
+nothing, is skipped). State: the pseudo-label mask and soft targets, keyed by training row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import SpmlError
+from pipeline.methods import StepOutput, register_method
+from pipeline.methods.em import EntropyMaximisation
+from pipeline.methods.losses import apl_quota, em_loss, lowest_k_per_class
+
+
+@register_method("em-apl")
+class EntropyMaximisationAPL(EntropyMaximisation):
+    @dataclass
+    class Params:
+        alpha: float = 0.2  # weight of the entropy term on the remaining unknowns
+        beta: float = 0.02  # weight of the soft pseudo-negative BCE
+        theta: float = 0.9  # fraction of the initial unknowns pseudo-labelled over all rounds
+        warmup: int = 10  # W: the first round runs after epoch W
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        p = self.params
+        if not 1 <= p.warmup < ctx.epochs:
+            raise SpmlError(f"method_params.em-apl.warmup must be in [1, train.epochs) = [1, {ctx.epochs}), "
+                            f"got {p.warmup}")
+        if not 0 <= p.theta <= 1 or p.beta < 0:
+            raise SpmlError(f"method_params.em-apl: theta must be in [0, 1] and beta >= 0, got "
+                            f"theta={p.theta}, beta={p.beta}")
+        self.initial_unknown = (ctx.observed_train <= 0).sum(dim=0)  # U_i (no observed negatives in SPML)
+        self.quota = apl_quota(self.initial_unknown, p.theta, ctx.epochs, p.warmup)
+        shape = ctx.observed_train.shape
+        self.pseudo_mask = torch.zeros(shape, dtype=torch.bool, device=ctx.device)
+        self.pseudo_target = torch.zeros(shape, dtype=torch.float32, device=ctx.device)
+
+    def training_step(self, model, batch, epoch):
+        logits = model(batch.image).logits
+        mask, target = self.pseudo_mask[batch.index], self.pseudo_target[batch.index]
+        with torch.no_grad():
+            # "flagged" = unknowns not (yet) taken as negatives, as IGNORE's ignored entries
+            self.fn_meter.update(~mask, batch.observed, batch.full)
+            self.fn_meter.add_mean("apl_pseudo_negative_error", batch.full, mask & (batch.observed == 0))
+        loss = em_loss(logits, batch.positives, self.params.alpha, mask, target, self.params.beta)
+        return StepOutput(loss, {"apl_labelled_fraction": mask.float().mean()})
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch, model, train_loader, prepare_batch):
+        if epoch < self.params.warmup or epoch >= self.ctx.epochs:
+            return
+        was_training = model.training
+        model.eval()
+        probs = torch.zeros_like(self.pseudo_target)
+        for item in train_loader:
+            batch = prepare_batch(item)
+            probs[batch.index] = torch.sigmoid(self.predict(model, batch.image).float())
+        model.train(was_training)
+        candidates = (self.ctx.observed_train == 0) & ~self.pseudo_mask
+        chosen = lowest_k_per_class(probs, candidates, self.quota)
+        self.pseudo_target[chosen] = probs[chosen]
+        self.pseudo_mask |= chosen
+
+    def state_dict(self):
+        return {"pseudo_mask": self.pseudo_mask, "pseudo_target": self.pseudo_target}
+
+    def load_state_dict(self, state):
+        if "pseudo_mask" in state:
+            self.pseudo_mask.copy_(state["pseudo_mask"].to(self.pseudo_mask.device))
+            self.pseudo_target.copy_(state["pseudo_target"].to(self.pseudo_target.device))
+
+    def describe(self):
+        return {**super().describe(), "pseudo_labels_per_round": int(self.quota.sum())}

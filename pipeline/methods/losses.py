@@ -1,0 +1,180 @@
+"""The baselines' loss formulas as plain functions, exactly as the spec states them.
+
+Two conventions, kept apart on purpose (``/work/shared/specs/baselines.md``, notation):
+
+* **Cole / Zhou** (AN-LS, WAN, EPR, ROLE, EM, APL): probabilities f = σ(z) with the "Cole log"
+  ℓ⁺(p) = −log(p + ε), ℓ⁻(p) = −log(1 − p + ε), ε = 1e-5; the B×C loss matrix is summed and divided
+  by B·C (entries with no loss count as 0 but stay in the denominator).
+* **LargeLossMatters / BoostLU / LAC** (LL-*, BoostLU, PLC): the exact logit BCE, no ε.
+
+Every function takes a (B, C) matrix and returns a scalar unless it says otherwise. Observed labels
+``y`` are the {0, 1} observed-positive matrix (1 = the single observed positive, 0 = unannotated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5  # Cole et al.'s epsilon inside the logs
+
+
+def log_pos(p: torch.Tensor) -> torch.Tensor:
+    """ℓ⁺(p) = −log(p + ε)."""
+    return -torch.log(p + EPS)
+
+
+def log_neg(p: torch.Tensor) -> torch.Tensor:
+    """ℓ⁻(p) = −log(1 − p + ε)."""
+    return -torch.log(1 - p + EPS)
+
+
+def soft_bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Entry-wise BCE(p; t) = t·ℓ⁺(p) + (1 − t)·ℓ⁻(p) (Cole log)."""
+    return target * log_pos(p) + (1 - target) * log_neg(p)
+
+
+def mean_over_entries(matrix: torch.Tensor) -> torch.Tensor:
+    """Σ/(B·C): the sum of the loss matrix over all B·C entries, zeros included."""
+    return matrix.sum() / matrix.numel()
+
+
+# --- Cole et al. 2021 ---------------------------------------------------------------------------------
+
+def an_ls_loss(logits: torch.Tensor, y: torch.Tensor, rho: float) -> torch.Tensor:
+    """AN with symmetric label smoothing: targets 1 − ρ for observed positives and ρ for the rest."""
+    p = torch.sigmoid(logits)
+    pos = (1 - rho) * log_pos(p) + rho * log_neg(p)
+    neg = (1 - rho) * log_neg(p) + rho * log_pos(p)
+    return mean_over_entries(y * pos + (1 - y) * neg)
+
+
+def wan_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Weak AN: the assumed-negative entries weighted by γ (Cole: 1/(C − 1)), positives by 1."""
+    p = torch.sigmoid(logits)
+    return mean_over_entries(y * log_pos(p) + gamma * (1 - y) * log_neg(p))
+
+
+def expected_positive_regulariser(p: torch.Tensor, k: float) -> torch.Tensor:
+    """R(p) = ((1/B) Σ_n Σ_i p_ni − k)² / C²: batch-mean predicted label count against k."""
+    return (p.sum(dim=1).mean() - k) ** 2 / p.shape[1] ** 2
+
+
+def epr_loss(logits: torch.Tensor, y: torch.Tensor, k: float) -> torch.Tensor:
+    """EPR: ℓ⁺ on the observed positives only, Σ/(B·C), plus R(f) with no extra weight."""
+    p = torch.sigmoid(logits)
+    return mean_over_entries(y * log_pos(p)) + expected_positive_regulariser(p, k)
+
+
+def role_loss(f: torch.Tensor, g: torch.Tensor, y: torch.Tensor, k: float) -> torch.Tensor:
+    """ROLE: classifier probabilities f and label estimates g = σ(Θ) of the batch rows.
+
+    entry = ½[y·ℓ⁺(f) + y·ℓ⁺(g)] + ½[BCE(f; sg(g)) + BCE(g; sg(f))] over all B·C entries, Σ/(B·C),
+    plus ½[R(f) + R(g)].
+    """
+    observed_terms = 0.5 * (y * log_pos(f) + y * log_pos(g))
+    cross_terms = 0.5 * (soft_bce(f, g.detach()) + soft_bce(g, f.detach()))
+    regulariser = 0.5 * (expected_positive_regulariser(f, k) + expected_positive_regulariser(g, k))
+    return mean_over_entries(observed_terms + cross_terms) + regulariser
+
+
+# --- Zhou et al. 2022 ---------------------------------------------------------------------------------
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = −[p log(p + ε) + (1 − p) log(1 − p + ε)]."""
+    return p * log_pos(p) + (1 - p) * log_neg(p)
+
+
+def em_loss(logits: torch.Tensor, y: torch.Tensor, alpha: float,
+            pseudo_mask: torch.Tensor | None = None, pseudo_target: torch.Tensor | None = None,
+            beta: float = 0.0) -> torch.Tensor:
+    """EM (+ APL): ℓ⁺(f) on observed positives, −α·H(f) on unknowns, and, for pseudo-labelled
+    entries, β·BCE(f; s) with the soft target s stored at labelling time. Σ/(B·C)."""
+    p = torch.sigmoid(logits)
+    unknown = 1 - y
+    matrix = y * log_pos(p)
+    if pseudo_mask is not None:
+        labelled = pseudo_mask.to(p.dtype) * unknown
+        matrix = matrix + beta * labelled * soft_bce(p, pseudo_target)
+        unknown = unknown - labelled
+    matrix = matrix - alpha * unknown * entropy(p)
+    return mean_over_entries(matrix)
+
+
+def apl_quota(initial_unknown: torch.Tensor, theta: float, epochs: int, warmup: int) -> torch.Tensor:
+    """Per-class pseudo-negatives per round: int(θ · U_i / (E − W)), U_i = initial unknowns of class i."""
+    return torch.floor(theta * initial_unknown.double() / (epochs - warmup)).long()
+
+
+def lowest_k_per_class(probs: torch.Tensor, candidates: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """(N, C) bool: per column i, the ``quota[i]`` candidates with the lowest probability
+    (fewer when fewer candidates remain)."""
+    chosen = torch.zeros_like(candidates)
+    masked = torch.where(candidates, probs, torch.full_like(probs, math.inf))
+    order = masked.argsort(dim=0, stable=True)  # candidates first, lowest probability first
+    take = torch.minimum(quota.to(probs.device), candidates.sum(dim=0))
+    ranks = torch.arange(probs.shape[0], device=probs.device).unsqueeze(1)
+    chosen.scatter_(0, order, ranks < take.unsqueeze(0))
+    return chosen
+
+
+# --- Kim et al. 2022 / 2023 ---------------------------------------------------------------------------
+
+def large_loss_count(entries: int, epoch: int, delta_percent: float, fixed: bool = False) -> int:
+    """k of the LL schedule for a batch of ``entries`` = B·C loss entries in epoch ``epoch`` (from 1).
+
+    Δ is given in percent. LL-R/LL-Ct: k = ceil(B·C·(e − 1)·Δ/100); LL-Cp (``fixed``): k = ceil(B·C·Δ/100)
+    from epoch 2 on. Epoch 1 is plain AN (k = 0). The product is rounded to 9 decimals before the
+    ceiling, so 0.1 + 0.2-style float noise cannot add one entry (the official code's repeated
+    subtraction can; we implement the stated schedule).
+    """
+    if epoch < 2:
+        return 0
+    rate = delta_percent / 100 * (1 if fixed else epoch - 1)
+    return min(entries, math.ceil(round(entries * rate, 9)))
+
+
+def large_loss_mask(loss: torch.Tensor, unobserved: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C) bool: unobserved entries whose loss is ≥ the k-th largest unobserved loss (ties included)."""
+    if k <= 0:
+        return torch.zeros_like(unobserved)
+    ranked = (loss.detach() * unobserved).flatten()
+    tau = torch.topk(ranked, k).values[-1]
+    return unobserved & (loss.detach() >= tau)
+
+
+def boostlu_logits(cam: torch.Tensor, alpha: float) -> torch.Tensor:
+    """BoostLU: positive CAM values × α, then global average pooling → (B, C) logits."""
+    return torch.where(cam > 0, cam * alpha, cam).mean(dim=(2, 3))
+
+
+# --- ASL (Ridnik et al. 2021), under AN -----------------------------------------------------------------
+
+def asl_loss(logits: torch.Tensor, y: torch.Tensor, gamma_pos: float, gamma_neg: float, clip: float,
+             detach_focal_weight: bool = True, reduction: str = "sum") -> torch.Tensor:
+    """−y(1−p)^γ₊ log(max(p, 1e-8)) − (1−y) p_m^γ₋ log(max(1 − p_m, 1e-8)), p_m = max(p − m, 0)."""
+    p = torch.sigmoid(logits)
+    p_m = (p - clip).clamp(min=0) if clip > 0 else p
+    w_pos, w_neg = (1 - p) ** gamma_pos, p_m ** gamma_neg
+    if detach_focal_weight:
+        w_pos, w_neg = w_pos.detach(), w_neg.detach()
+    matrix = -y * w_pos * torch.log(p.clamp(min=1e-8)) - (1 - y) * w_neg * torch.log((1 - p_m).clamp(min=1e-8))
+    return matrix.sum() if reduction == "sum" else matrix.mean()
+
+
+# --- Xie et al. 2022: PLC -----------------------------------------------------------------------------
+
+def plc_targets(weak_logits: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = σ(z_w).detach() + y; confident mask m = [q ≥ τ or q < 1 − τ]; hard target t = [q ≥ τ]."""
+    q = torch.sigmoid(weak_logits.detach()) + y
+    target = q >= tau
+    return target | (q < 1 - tau), target
+
+
+def plc_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """Σ m·BCE_logits(z_s, t) / Σ m over the confident entries (0 when there are none)."""
+    mask, target = plc_targets(weak_logits, y, tau)
+    bce = F.binary_cross_entropy_with_logits(strong_logits, target.to(strong_logits.dtype), reduction="none")
+    return (bce * mask).sum() / mask.sum().clamp(min=1)
