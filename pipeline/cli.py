@@ -59,6 +59,28 @@ def sample(dataset: DatasetArg, params: ParamsOption = Path("params.yaml")):
     err.print(f"wrote {out}")
 
 
+@app.command("import-npy")
+def import_npy(directory: Annotated[Path, typer.Argument(help="folder with formatted_{train,val}_{images,labels}.npy")],
+               name: Annotated[str, typer.Option("--name", help="dataset name to register")],
+               images: Annotated[Optional[Path], typer.Option("--images", help="image root (default DIR)")] = None,
+               classes: Annotated[Optional[Path], typer.Option("--classes", help="class names, one a line")] = None):
+    """Register a dataset given as the field's formatted .npy files (then prepare/sample/train it)."""
+    from stages import import_npy as stage
+
+    out = _run(stage.run, directory, name, images, classes)
+    err.print(f"registered {name}; wrote {out}")
+
+
+@app.command("export-npy")
+def export_npy(dataset: DatasetArg,
+               out_dir: Annotated[Path, typer.Argument(help="folder for formatted_{train,val}_*.npy")]):
+    """Write formatted_{train,val}_{images,labels,labels_obs}.npy from the prepared and sampled tables."""
+    from stages import export_npy as stage
+
+    written = _run(stage.run, dataset, out_dir)
+    err.print(f"wrote {len(written)} files to {out_dir}")
+
+
 @app.command()
 def train(dataset: DatasetArg,
           method: Annotated[str, typer.Argument(help="method name, e.g. an, full, ignore")],

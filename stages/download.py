@@ -17,6 +17,8 @@ def run(dataset: str, source: Path | None = None, params_path: Path = Path("para
     data_params = (params.get("data") or {}).get(dataset) or {}
     if not isinstance(data_params, dict):
         raise SpmlError(f"params data.{dataset} must be a mapping, got {data_params!r}")
+    if source is None and data_params.get("source"):  # params data.<name>.source: a local archive or folder
+        source = Path(str(data_params["source"])).expanduser()
     if source is not None and not Path(source).exists():
         raise SpmlError(f"--from {source} does not exist; pass an archive or an extracted folder")
     target = paths.raw_dir(dataset)

@@ -65,12 +65,20 @@ def _discover() -> None:
 
 
 def dataset_names() -> list[str]:
+    """Built-in sources plus the datasets registered with ``spml import-npy`` (data/imported.json)."""
     _discover()
-    return sorted(_REGISTRY)
+    from pipeline.datasets.imported import read_registry
+
+    return sorted(set(_REGISTRY) | set(read_registry()))
 
 
 def get_dataset(name: str) -> DatasetSource:
     _discover()
     if name not in _REGISTRY:
-        raise unknown_name("dataset", name, list(_REGISTRY))
+        from pipeline.datasets.imported import imported_source
+
+        imported = imported_source(name)
+        if imported is None:
+            raise unknown_name("dataset", name, dataset_names())
+        return imported
     return _REGISTRY[name]()
