@@ -56,8 +56,8 @@ def read_attribute_labels(path: Path, image_ids: list[str]) -> np.ndarray:
     if not path.is_file():
         raise SpmlError(f"annotation file {path} does not exist; {HINT}")
     try:  # extra trailing fields are tolerated: only the first four columns are read
-        frame = pd.read_csv(path, sep=r"\s+", header=None, names=range(8), usecols=range(4), engine="c",
-                            skip_blank_lines=True)
+        frame = pd.read_csv(path, sep=r"\s+", header=None, names=range(8), engine="c", skip_blank_lines=True)
+        frame = frame.iloc[:, :4]
         values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     except (ValueError, pd.errors.ParserError) as exc:
         raise SpmlError(f"{path} has a malformed line ({str(exc).splitlines()[0]}); expected "
