@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import stat
@@ -118,11 +119,16 @@ def _transfer(url: str, part: Path, size: int, label: str) -> None:
             offset, mode = 0, "wb"
         with open(part, mode) as out, progress_bar() as bar:
             task = bar.add_task(f"download {label}", total=size, completed=offset)
-            while block := response.read(CHUNK):
-                out.write(block)
-                bar.advance(task, len(block))
-            out.flush()
-            os.fsync(out.fileno())
+            try:
+                while block := response.read(CHUNK):
+                    out.write(block)
+                    bar.advance(task, len(block))
+            except http.client.IncompleteRead as exc:  # keep what did arrive, for the next resume
+                out.write(exc.partial)
+                raise
+            finally:
+                out.flush()
+                os.fsync(out.fileno())
 
 
 def fetch(archive: Archive, directory: Path, urls: tuple[str, ...] | None = None) -> Path:
@@ -141,7 +147,7 @@ def fetch(archive: Archive, directory: Path, urls: tuple[str, ...] | None = None
         try:
             _transfer(url, part, archive.size, archive.filename)
             break
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
     have = part.stat().st_size if part.exists() else 0
     if have != archive.size:
