@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import copy_repo, tiny_params, write_params
-
-
-def _env() -> dict:
-    env = dict(os.environ, SPML_NO_PROGRESS="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t",
-               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def sh(cwd: Path, *args: str) -> str:
-    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+from tests.helpers import sh, tiny_repo as make_tiny_repo
 
 
 @pytest.fixture
-def tiny_repo(tmp_path) -> Path:
-    repo = copy_repo(tmp_path / "repo")
-    params = tiny_params()
-    params.update(datasets=["synthetic"], methods=["an", "full"], seeds=[0])
-    write_params(repo, params)
-    (repo / "dvc.lock").unlink(missing_ok=True)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny")
-    return repo
+def tiny_repo(tmp_path):
+    return make_tiny_repo(tmp_path / "repo", methods=("an", "full"), seeds=(0,))
 
 
 @pytest.mark.slow
