@@ -105,6 +105,24 @@ def aggregate(params: ParamsOption = Path("params.yaml"),
     err.print(f"wrote {out_dir}/results.md")
 
 
+@app.command("check-lock")
+def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Path(".")):
+    """Fail (exit 1) when dvc.lock does not match the committed code, params and commands.
+
+    Missing data or outputs (a fresh clone without the DVC cache) are not staleness and pass.
+    """
+    from pipeline import freshness
+
+    problems = _run(freshness.check, root)
+    if problems:
+        err.print(f"[red]dvc.lock is stale[/red] ({len(problems)} change(s) not reproduced); "
+                  "run `dvc repro` and commit dvc.lock and reports/:", highlight=False)
+        for problem in problems:
+            err.print(f"  {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    err.print("dvc.lock is fresh: every stage's command, params and source dependencies match.")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 
