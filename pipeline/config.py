@@ -24,7 +24,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from pipeline.errors import SpmlError
 
@@ -43,6 +42,8 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read params.yaml and apply the active preset."""
+    import yaml  # here, not at module level: methods and models import this module on machines without PyYAML
+
     path = Path(path)
     if not path.exists():
         raise SpmlError(f"params file {path} does not exist; run from the repository root or pass --params")

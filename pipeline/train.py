@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import __version__, paths
-from pipeline.config import derive_seed, parse_dataclass, scoped
+from pipeline.config import deep_merge, derive_seed, parse_dataclass, scoped
 from pipeline.data import EvalSet, Normalizer, TrainSet, load_images, load_instance_maps, pad_instance_classes
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, MethodContext, build_method, get_method_class
@@ -66,12 +66,16 @@ class RunConfig:
 
 
 def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: int) -> RunConfig:
-    get_method_class(method)  # unknown method names fail first, listing the valid ones
+    method_cls = get_method_class(method)  # unknown method names fail first, listing the valid ones
     train_section = params.get("train") or {}
     model = scoped(train_section, dataset).get("model", TrainConfig.model)
     train = parse_dataclass(TrainConfig, scoped(train_section, dataset, model), "train")
     model_kwargs = dict((params.get("models") or {}).get(train.model) or {})
-    method_params = scoped((params.get("method_params") or {}).get(method), dataset, train.model)
+    blocks = params.get("method_params") or {}
+    # a variant (e.g. ignore-gap) reads its base method's block first, then its own block overrides it
+    base = getattr(method_cls, "params_base", None)
+    method_params = deep_merge(scoped(blocks.get(base), dataset, train.model) if base else {},
+                               scoped(blocks.get(method), dataset, train.model))
     return RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), train, model_kwargs, method_params)
 
 

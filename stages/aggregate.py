@@ -1,4 +1,5 @@
-"""Stage ``aggregate``: the runs table, the comparison table and the DVC metrics summary in ``reports/``."""
+"""Stage ``aggregate``: the runs table, the comparison table, the DVC metrics summary and the false-negative
+diagnostics (table and figure) in ``reports/``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import load_params
+from pipeline.diagnostics_report import collect_histories, diagnostics_figure, diagnostics_markdown
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_file, write_json, write_text
 from pipeline.report import collect_runs, results_markdown, summary_metrics
@@ -27,4 +29,8 @@ def run(params_path: Path = Path("params.yaml"), out_dir: Path = paths.REPORTS) 
         runs.to_csv(tmp, index=False, float_format="%.4f")
     write_text(out_dir / "results.md", results_markdown(runs, methods, datasets))
     write_json(out_dir / "summary.json", summary_metrics(runs))
+    # false-negative diagnostics of every method that records them (written even when none does)
+    hist = collect_histories(datasets, methods, seeds)
+    write_text(out_dir / "diagnostics.md", diagnostics_markdown(hist))
+    diagnostics_figure(hist, out_dir / "diagnostics.png")
     return out_dir

@@ -81,6 +81,9 @@ class Method:
     name: ClassVar[str] = ""
     needs_strong_view: ClassVar[bool] = False
     needs_instances: ClassVar[bool] = False
+    # a variant of another method (e.g. "ignore-gap" of "ignore") reads method_params.<params_base> first,
+    # then its own block; None: only its own block
+    params_base: ClassVar[str | None] = None
 
     @dataclass
     class Params:
