@@ -252,9 +252,16 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
     assert torch.equal(restored.pseudo_mask, apl.pseudo_mask)
     assert torch.equal(restored.pseudo_target, apl.pseudo_target)
 
-    # diagnostics: "flagged" = unknowns not (yet) taken as negatives
+    # diagnostics: "flagged" = unknowns not (yet) taken as negatives; before any round all are (inactive)
+    restored = build_method("em-apl", {"warmup": 2}, make_ctx(observed, epochs=4))
+    restored.on_epoch_start(1)
+    restored.training_step(StubModel(3), make_batch(logits, observed, full), 1)
+    diag = restored.epoch_diagnostics()
+    assert diag["fn_active"] == 0.0 and diag["fn_precision"] == pytest.approx(diag["fn_base_rate"])
+    apl.on_epoch_start(4)
     apl.training_step(StubModel(3), make_batch(logits, observed, full), 4)
     diag = apl.epoch_diagnostics()
+    assert diag["fn_active"] == 1.0
     assert diag["fn_flagged"] == 5  # 11 unknowns, 6 pseudo-labelled
     assert diag["apl_pseudo_negative_error"] == pytest.approx(sum(full[apl.pseudo_mask]).item() / 6)
 

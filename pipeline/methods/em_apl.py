@@ -45,6 +45,15 @@ class EntropyMaximisationAPL(EntropyMaximisation):
         self.pseudo_mask = torch.zeros(shape, dtype=torch.bool, device=ctx.device)
         self.pseudo_target = torch.zeros(shape, dtype=torch.float32, device=ctx.device)
 
+    def on_epoch_start(self, epoch):
+        self._labelled_this_epoch = bool(self.pseudo_mask.any())
+
+    def epoch_diagnostics(self):
+        out = super().epoch_diagnostics()
+        if out:  # before the first round every unknown is "flagged": mark those epochs inactive for the report
+            out["fn_active"] = float(getattr(self, "_labelled_this_epoch", False))
+        return out
+
     def training_step(self, model, batch, epoch):
         logits = model(batch.image).logits
         mask, target = self.pseudo_mask[batch.index], self.pseudo_target[batch.index]
