@@ -123,6 +123,39 @@ def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Pat
     err.print("dvc.lock is fresh: every stage's command, params and source dependencies match.")
 
 
+@app.command()
+def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; the ratio column is relative to an")] = "an,ignore",
+          model: Annotated[str, typer.Option(help="model name")] = "smallcnn",
+          image_size: Annotated[int, typer.Option(help="square input size")] = 64,
+          batch_size: Annotated[int, typer.Option(help="training batch size")] = 32,
+          steps: Annotated[int, typer.Option(help="timed steps per method")] = 20,
+          warmup: Annotated[int, typer.Option(help="untimed steps per method first")] = 3,
+          device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+          num_classes: Annotated[int, typer.Option(help="classes of the random bench data")] = 20,
+          dataset: Annotated[str, typer.Option(help="dataset whose method_params blocks apply")] = "synthetic",
+          prepare: Annotated[Optional[str], typer.Option(
+              help="DATASET: bench on pipeline.bench_prepare.run(DATASET) data instead of random data")] = None,
+          threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (CPU)")] = None,
+          params: ParamsOption = Path("params.yaml")):
+    """Median training-step time, images/s, ratio to AN and memory of METHODS on one model and batch.
+
+    Also runnable without typer/dvc: python -m pipeline.bench --methods an,ignore."""
+    from pipeline import bench as bench_mod
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+
+    def _bench():
+        try:
+            return bench_mod.run_bench(names, model, image_size, batch_size, steps, warmup, device, num_classes,
+                                       dataset, params, 0, prepare, threads=threads)
+        except bench_mod.BenchError as exc:
+            raise SpmlError(str(exc)) from None
+
+    results = _run(_bench)
+    typer.echo(bench_mod.format_results(results, {"model": model, "image_size": image_size, "batch": batch_size,
+                                                  "steps": steps, "device": bench_mod._device_name(device)}))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 
