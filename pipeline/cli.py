@@ -86,11 +86,20 @@ def train(dataset: DatasetArg,
           method: Annotated[str, typer.Argument(help="method name, e.g. an, full, ignore")],
           seed: Annotated[int, typer.Option(help="training seed")] = 0,
           params: ParamsOption = Path("params.yaml"),
-          out: Annotated[Optional[Path], typer.Option(help="output dir (default runs/DATASET/METHOD/SEED)")] = None):
-    """Train one method on one dataset with one seed; writes metrics, history, config and checkpoint."""
+          out: Annotated[Optional[Path], typer.Option(help="output dir (default runs/DATASET/METHOD/SEED)")] = None,
+          resume: Annotated[bool, typer.Option("--resume/--no-resume",
+                                               help="continue an interrupted run from its last epoch checkpoint")] = True,
+          weights: Annotated[Optional[str], typer.Option(
+              help="ResNet-50 trunk weights: none, imagenet, or a .pth path (SHA-256 checked); "
+                   "overrides models.<model>.weights")] = None):
+    """Train one method on one dataset with one seed; writes metrics, history, config and checkpoint.
+
+    Multi-GPU: torchrun --nproc_per_node N -m pipeline.cli train DATASET METHOD (rank 0 writes)."""
     from stages import train as stage
 
-    metrics = _run(stage.run, dataset, method, seed, params, out)
+    metrics = _run(stage.run, dataset, method, seed, params, out, resume, weights)
+    if metrics is None:
+        return
     err.print(f"{dataset}/{method}/{seed}: val mAP {metrics['val_map']:.2f}, test mAP {metrics['test_map']:.2f} "
               f"(best epoch {metrics['best_epoch']})")
 

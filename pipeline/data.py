@@ -4,6 +4,14 @@ Images are decoded once, resized to the training size and held as a uint8 tensor
 per-sample work left in the loader is a flip and, for the strong view, RandAugment. Normalisation runs
 on the device, on the whole batch. (The official IGNORE code applies RandAugment at full resolution
 before resizing; we apply it to the resized image, which is what makes the in-memory cache possible.)
+
+For the paper's datasets at 448 px the images do not fit in RAM (COCO: ~74 GB of uint8), so
+:func:`cached_images` decodes and resizes them once into ``data/cache/<dataset>/<size>-<key>.npy``, a
+uint8 memory map keyed by the label table's image list, built with a progress bar and moved into place
+atomically; training reads rows from it (:class:`ImageArray`), with decoding off the critical path.
+
+Augmentation is seeded per sample: a loader key ``(row, seed)`` (see :class:`pipeline.runtime.EpochSampler`)
+makes the flips and RandAugment of a sample a function of that seed alone.
 """
 
 from __future__ import annotations
@@ -12,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hashlib
+import os
+
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandAugment
 
 from pipeline.errors import SpmlError
@@ -53,6 +64,84 @@ def load_images(root: Path, rel_paths: list[str], size: int, what: str = "images
     return out
 
 
+def _decode(root: Path, rel: str, size: int) -> np.ndarray:
+    img = _open(root / rel, "RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img).transpose(2, 0, 1)
+
+
+class _DecodeSet(Dataset):
+    def __init__(self, root: Path, rel_paths: list[str], size: int):
+        self.root, self.rel_paths, self.size = root, rel_paths, size
+
+    def __len__(self) -> int:
+        return len(self.rel_paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(_decode(self.root, self.rel_paths[i], self.size)))
+
+
+def cache_key(root: Path, rel_paths: list[str], size: int) -> str:
+    digest = hashlib.sha256(f"{Path(root).resolve()}\n{size}\n".encode())
+    for rel in rel_paths:
+        digest.update(rel.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def cached_images(root: Path, rel_paths: list[str], size: int, cache_dir: Path, what: str = "images",
+                  num_workers: int = 0) -> Path:
+    """Path of a (N, 3, size, size) uint8 .npy of the images, building it once if needed (atomic)."""
+    from pipeline.io import atomic_file
+
+    path = Path(cache_dir) / f"{size}-{cache_key(root, rel_paths, size)}.npy"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # its own generator: building the cache must not move the global RNG (model init follows)
+    loader = DataLoader(_DecodeSet(Path(root), rel_paths, size), batch_size=64, num_workers=num_workers,
+                        generator=torch.Generator())
+    with atomic_file(path) as tmp, progress_bar(transient=True) as bar:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rel_paths), 3, size, size))
+        task = bar.add_task(f"caching {what} at {size} px", total=len(rel_paths))
+        start = 0
+        for block in loader:
+            out[start:start + len(block)] = block.numpy()
+            start += len(block)
+            bar.advance(task, len(block))
+        out.flush()
+        del out
+    return path
+
+
+class ImageArray:
+    """Rows of a cached image .npy, opened lazily (per process) as a read-only memory map.
+
+    ``images[i]`` is a (3, S, S) uint8 tensor; the object pickles as its path, so loader workers
+    started by fork or spawn each map the file themselves instead of copying it.
+    """
+
+    def __init__(self, path: str | os.PathLike, rows: np.ndarray | None = None):
+        self.path = Path(path)
+        self._array = None
+        n = np.load(self.path, mmap_mode="r").shape[0]
+        self.rows = np.arange(n) if rows is None else np.asarray(rows)
+
+    def _open(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._open()[self.rows[i]]))
+
+    def __getstate__(self):
+        return {"path": self.path, "rows": self.rows, "_array": None}
+
+
 def load_instance_maps(root: Path, rel_paths: list[str], size: int) -> torch.Tensor:
     out = torch.empty((len(rel_paths), size, size), dtype=torch.uint8)
     for i, rel in enumerate(rel_paths):
@@ -84,7 +173,15 @@ class TrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, (tuple, list)):  # (row, seed): this sample's augmentation depends on its seed only
+            i, seed = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._item(int(i))
+        return self._item(key)
+
+    def _item(self, i: int) -> dict[str, Any]:
         image = self.images[i]
         flip = bool(torch.rand(()) < 0.5)
         item = {"index": i, "image": image.flip(-1) if flip else image,
@@ -105,8 +202,9 @@ class EvalSet(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.images[i], "full": self.targets[i]}
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i = key[0] if isinstance(key, (tuple, list)) else key
+        return {"index": i, "image": self.images[i], "full": self.targets[i]}
 
 
 @dataclass

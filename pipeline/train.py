@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 
 from pipeline import __version__, paths
 from pipeline.config import deep_merge, derive_seed, parse_dataclass, scoped
-from pipeline.data import EvalSet, Normalizer, TrainSet, load_images, load_instance_maps, pad_instance_classes
+from pipeline import runtime
+from pipeline.data import (EvalSet, ImageArray, Normalizer, TrainSet, cached_images, load_instance_maps,
+                           pad_instance_classes)
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, MethodContext, build_method, get_method_class
 from pipeline.metrics import mean_average_precision
@@ -49,6 +51,14 @@ class TrainConfig:
     strong_num_ops: int = 3  # RandAugment of the strong view
     strong_magnitude: int = 5
     deterministic: bool = True  # torch deterministic algorithms (CPU metrics are then reproducible)
+    # GPU path (see pipeline/runtime.py); all of it is ignored or a no-op on CPU
+    amp: bool = False  # mixed precision (CUDA only)
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16 + GradScaler
+    channels_last: bool = False
+    cudnn_benchmark: bool = True
+    sync_bn: bool = True  # DDP: BatchNorm statistics over all ranks' samples (the global batch)
+    scheduler: Literal["none", "onecycle"] = "none"  # onecycle: OneCycleLR (max_lr = lr), stepped every iteration
+    onecycle_pct_start: float = 0.2
 
 
 @dataclass
@@ -111,7 +121,8 @@ class RunData:
     train_rows: np.ndarray
 
 
-def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool) -> RunData:
+def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
+                  dist: runtime.DistContext | None = None) -> RunData:
     table = read_label_table(paths.label_table(dataset))
     observed = read_observed_table(paths.observed_table(dataset))
     if not np.array_equal(observed.image_id, table.image_id):
@@ -122,8 +133,16 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool)
     for split, idx in rows.items():
         if len(idx) == 0:
             raise SpmlError(f"label table {paths.label_table(dataset)} has no {split} rows; check params split/data")
-    images = {split: load_images(root, list(table.path[idx]), cfg.image_size, f"{dataset} {split} images")
-              for split, idx in rows.items()}
+    # all rows decoded and resized once into data/cache/<dataset>/ (one builder per node under DDP)
+    dist = dist or runtime.DistContext()
+    cache_args = (root, list(table.path), cfg.image_size, paths.DATA / "cache" / dataset, f"{dataset} images",
+                  cfg.num_workers)
+    if dist.local_rank == 0:
+        cache = cached_images(*cache_args)
+    dist.barrier()
+    if dist.local_rank != 0:
+        cache = cached_images(*cache_args)
+    images = {split: ImageArray(cache, idx) for split, idx in rows.items()}
     full = torch.from_numpy(table.labels.astype(np.float32))
     inst = inst_classes = None
     if instances and "mask_path" in table.extras:
@@ -145,7 +164,9 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, method: Method) ->
 
 
 def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normalizer, epoch: int,
-                    bar=None, task=None) -> dict[str, float]:
+                    bar=None, task=None, scheduler=None, scaler=None, amp: torch.dtype | None = None
+                    ) -> dict[str, float]:
+    """One pass over ``loader``; no host-device synchronisation inside the loop (logs stay on the device)."""
     model.train()
     method.on_epoch_start(epoch)
     total_loss = torch.zeros((), device=normalize.device)
@@ -153,14 +174,22 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
     steps = 0
     for item in loader:
         batch = normalize.batch(item)
-        out = method.training_step(model, batch, epoch)
+        with runtime.autocast(normalize.device, amp):
+            out = method.training_step(model, batch, epoch)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        if scaler is not None:  # fp16 only; bf16 needs no loss scaling
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out.loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         method.after_optimizer_step(batch, epoch)
-        total_loss += out.loss.detach()
+        total_loss += out.loss.detach().float()
         for key, value in out.logs.items():
-            log_sums[key] = log_sums.get(key, 0) + value.detach()
+            log_sums[key] = log_sums.get(key, 0) + value.detach().float()
         steps += 1
         if bar is not None:
             bar.advance(task)
@@ -170,38 +199,65 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
 
 
 @torch.no_grad()
-def predict(model, method: Method, loader, normalize: Normalizer) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, method: Method, loader, normalize: Normalizer, amp: torch.dtype | None = None,
+            dist: runtime.DistContext | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and full labels of the whole loader; under DDP gathered from every rank, in row order."""
     model.eval()
-    scores, targets = [], []
+    scores, targets, index = [], [], []
     for item in loader:
-        scores.append(torch.sigmoid(method.predict(model, normalize(item["image"])).float()).cpu())
+        with runtime.autocast(normalize.device, amp):
+            logits = method.predict(model, normalize(item["image"]))
+        scores.append(torch.sigmoid(logits.float()))
         targets.append(item["full"])
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+        if "index" in item:
+            index.append(item["index"])
+    s, t = torch.cat(scores).cpu().numpy(), torch.cat(targets).numpy()
+    if dist is not None and dist.enabled:
+        s, t, idx = runtime.gather_arrays(dist, s, t, torch.cat(index).numpy())
+        order = np.argsort(idx, kind="stable")
+        s, t = s[order], t[order]
+    return s, t
 
 
-def evaluate(model, method: Method, loader, normalize: Normalizer):
-    scores, targets = predict(model, method, loader, normalize)
+def evaluate(model, method: Method, loader, normalize: Normalizer, amp: torch.dtype | None = None,
+             dist: runtime.DistContext | None = None):
+    scores, targets = predict(model, method, loader, normalize, amp, dist)
     return mean_average_precision(targets, scores)
 
 
-def fit(run: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Train one (dataset, method, seed) run and write its outputs into ``out_dir``."""
+def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
+        dist: runtime.DistContext | None = None) -> dict[str, Any]:
+    """Train one (dataset, method, seed) run and write its outputs into ``out_dir`` (rank 0 only).
+
+    With ``resume_dir``, a checkpoint is written there after every epoch and, when one for the same
+    config exists, training continues from it; the directory is removed once the outputs are written.
+    """
     cfg = run.train
+    dist = dist or runtime.DistContext()
     seed_everything(run.run_seed, cfg.deterministic)
     device = pick_device(cfg.device)
+    if device.type == "cuda":
+        if dist.enabled:
+            device = torch.device("cuda", dist.local_rank)
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if cfg.batch_size % dist.world_size:
+        raise SpmlError(f"params train.batch_size {cfg.batch_size} is not divisible by the {dist.world_size} "
+                        "DDP processes; change one of them")
     method_cls = get_method_class(run.method)
-    data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances)
+    data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances, dist)
     num_classes = data.table.num_classes
-    model = build_model(cfg.model, num_classes, **run.model_kwargs).to(device)
 
     generator = torch.Generator().manual_seed(run.run_seed)
     loader_kwargs = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                          worker_init_fn=_seed_worker, persistent_workers=cfg.num_workers > 0)
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                              drop_last=False, **loader_kwargs)
-    val_loader = DataLoader(data.val, batch_size=cfg.eval_batch_size, **loader_kwargs)
-    test_loader = DataLoader(data.test, batch_size=cfg.eval_batch_size, **loader_kwargs)
-    normalize = Normalizer(device)
+    train_sampler = runtime.EpochSampler(len(data.train), run.run_seed, True, dist.rank, dist.world_size)
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=train_sampler,
+                              generator=generator, drop_last=False, **loader_kwargs)
+    val_loader, test_loader = (
+        DataLoader(split, batch_size=cfg.eval_batch_size, **loader_kwargs, generator=torch.Generator(),
+                   sampler=runtime.EpochSampler(len(split), 0, False, dist.rank, dist.world_size))
+        for split in (data.val, data.test))
+    normalize = Normalizer(device, channels_last=cfg.channels_last)
 
     stats = data.table.meta.get("stats", {})
     ctx = MethodContext(
@@ -211,20 +267,56 @@ def fit(run: RunConfig, out_dir: Path) -> dict[str, Any]:
         observed_train=data.train.observed.to(device), device=device,
     )
     method = build_method(run.method, run.method_params, ctx)
+    model = build_model(cfg.model, num_classes, **{**run.model_kwargs, **method.model_kwargs()})
+    if dist.enabled and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model, method)
+    scheduler = runtime.build_scheduler(cfg.scheduler, optimizer, cfg.epochs, len(train_loader),
+                                        cfg.onecycle_pct_start)
+    amp = runtime.amp_dtype(cfg.amp, cfg.amp_dtype, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     history: list[dict[str, Any]] = []
     best = {"val_map": -math.inf, "epoch": 0, "model": None, "method": None}
-    started = time.perf_counter()
+    start_epoch, elapsed = 1, 0.0
+    fingerprint = runtime.config_fingerprint(run.to_dict(), dist.world_size)
+    loaded = runtime.load_resume(resume_dir, fingerprint) if resume_dir is not None else None
+    if loaded is not None:
+        state, best_state = loaded
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        method.load_state_dict(state["method"])
+        history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["train_seconds"]
+        best = {"val_map": state["best_val_map"], "epoch": state["best_epoch"],
+                "model": best_state["model"] if best_state else None,
+                "method": best_state["method"] if best_state else None}
+        runtime.set_rng_state(state["rng"])
+        generator.set_state(state["loader_generator"])
+    train_model = model
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+    started = time.perf_counter() - elapsed
     with progress_bar() as bar:
-        task = bar.add_task(f"{run.dataset}/{run.method}/{run.seed}", total=cfg.epochs * len(train_loader))
-        for epoch in range(1, cfg.epochs + 1):
+        task = bar.add_task(f"{run.dataset}/{run.method}/{run.seed}", total=cfg.epochs * len(train_loader),
+                            completed=(start_epoch - 1) * len(train_loader))
+        for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
+            if dist.enabled:  # rank-distinct dropout / method randomness, reproducible per epoch
+                torch.manual_seed(derive_seed(run.run_seed, dist.rank, epoch))
+            train_sampler.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch}
-            row.update(train_one_epoch(model, method, train_loader, optimizer, normalize, epoch, bar, task))
+            row.update(train_one_epoch(train_model, method, train_loader, optimizer, normalize, epoch, bar, task,
+                                       scheduler, scaler, amp))
             method.on_epoch_end(epoch, model, train_loader, normalize.batch)
             row.update(method.epoch_diagnostics())
-            val = evaluate(model, method, val_loader, normalize)
+            val = evaluate(model, method, val_loader, normalize, amp, dist)
             row["val_map"] = val.map
             row["epoch_seconds"] = time.perf_counter() - t0
             history.append(row)
@@ -232,11 +324,21 @@ def fit(run: RunConfig, out_dir: Path) -> dict[str, Any]:
                 best = {"val_map": val.map, "epoch": epoch,
                         "model": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
                         "method": _to_cpu(method.state_dict())}
+            if resume_dir is not None and dist.is_main:
+                runtime.save_resume(resume_dir, {
+                    "fingerprint": fingerprint, "epoch": epoch, "history": history,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "method": method.state_dict(), "rng": runtime.rng_state(),
+                    "loader_generator": generator.get_state(), "best_val_map": best["val_map"],
+                    "train_seconds": time.perf_counter() - started,
+                }, {"model": best["model"], "method": best["method"]}, best["epoch"])
             bar.update(task, description=f"{run.dataset}/{run.method}/{run.seed} val mAP {val.map:.2f}")
 
     model.load_state_dict(best["model"])
     method.load_state_dict(best["method"])
-    test = evaluate(model, method, test_loader, normalize)
+    test = evaluate(model, method, test_loader, normalize, amp, dist)
     metrics = {
         "dataset": run.dataset, "method": run.method, "model": cfg.model, "seed": run.seed,
         "val_map": best["val_map"], "test_map": test.map, "best_epoch": best["epoch"],
@@ -244,9 +346,13 @@ def fit(run: RunConfig, out_dir: Path) -> dict[str, Any]:
         "test_classes_without_positives": test.classes_without_positives,
         "class_names": data.table.class_names, "test_per_class_ap": test.per_class_ap,
         "versions": {"spml_bench": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "device": str(device),
+        "device": str(device), "world_size": dist.world_size, "amp": str(amp).replace("torch.", "") if amp else "off",
     }
-    _write_run(out_dir, run, metrics, history, best)
+    if dist.is_main:
+        _write_run(out_dir, run, metrics, history, best)
+        if resume_dir is not None:
+            runtime.clear_resume(resume_dir)
+    dist.barrier()
     return metrics
 
 

@@ -96,6 +96,10 @@ class Method:
         self.fn_meter = FalseNegativeMeter(ctx.device)
 
     # --- hooks the training loop calls -------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra model constructor arguments the method needs (e.g. plc-lac's projector on q2l)."""
+        return {}
+
     def parameter_groups(self, lr: float) -> list[dict]:
         """Extra optimised tensors (e.g. ROLE's label table), as optimizer parameter groups."""
         return []

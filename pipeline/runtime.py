@@ -1,0 +1,245 @@
+"""The GPU/long-run side of training: mixed precision, LR schedule, DDP, seeded sampling, resume.
+
+Kept out of :mod:`pipeline.train` so the loop stays short; nothing here knows a method or a model.
+
+* **Seeded sampling** (:class:`EpochSampler`): the order of epoch ``e`` and the augmentation seed of every
+  sample are functions of (run seed, e) only. The dataset augments each sample under its own seed, so
+  results do not depend on the number of loader workers (persistent or not), on which worker draws a
+  sample, or on being resumed, and DDP ranks shard one shared permutation.
+* **DDP** (``torchrun --nproc_per_node N -m pipeline.cli train ...``): the global batch is
+  ``train.batch_size`` split over the ranks; evaluation shards the eval set, gathers every prediction and
+  computes mAP once (identically on every rank); only rank 0 writes outputs.
+* **Resume**: after every epoch, ``runs/.resume/<dataset>/<method>/<seed>/last.pt`` (outside the DVC
+  outputs, which DVC deletes before rerunning a stage; ignored via .dvcignore) holds the model,
+  optimizer, scheduler, grad scaler, method state, RNG states, history and the best epoch so far; the
+  best-so-far weights sit next to it in ``best-e<epoch>.pt``. The checkpoint is keyed by a hash of the run
+  config: a changed config starts from scratch. The directory is removed when the run completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from pipeline import paths
+from pipeline.errors import SpmlError
+
+RESUME_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def env_rank() -> int:
+    """This process's rank under torchrun (0 without it), readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(device_name: str) -> DistContext:
+    """Join the torchrun process group if WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistContext(rank, world, local)
+
+
+def gather_arrays(ctx: DistContext, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Concatenate each array over all ranks (rank order); identity without DDP."""
+    if not ctx.enabled:
+        return arrays
+    parts: list[Any] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(parts, arrays)
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(arrays)))
+
+
+# --------------------------------------------------------------------------------------------------
+# seeded sampling
+
+
+class EpochSampler(Sampler):
+    """Yields ``(row, sample_seed)``; a fresh permutation and fresh per-sample seeds every epoch.
+
+    With ``world_size`` > 1 the permutation is padded (by wrapping, like DistributedSampler) to a
+    multiple of the world size and rank r takes positions r, r + W, ... Without ``shuffle`` the rows
+    come in order (evaluation) and each rank takes a contiguous-stride shard without padding.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        if self.shuffle and self.world_size > 1:
+            total = -(-self.n // self.world_size) * self.world_size
+            order = torch.cat([order, order[: total - self.n]]) if total > self.n else order
+        return order[self.rank::self.world_size], seeds
+
+    def __iter__(self):
+        order, seeds = self._order()
+        for i in order.tolist():
+            yield i, int(seeds[i])
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.n
+        if self.shuffle:
+            return -(-self.n // self.world_size)
+        return len(range(self.rank, self.n, self.world_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# mixed precision and schedule
+
+
+def amp_dtype(enabled: bool, dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. AMP runs on CUDA only (on CPU the flag is ignored)."""
+    if not enabled or device.type != "cuda":
+        return None
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+                    pct_start: float):
+    """``none`` or ``onecycle`` (per-iteration OneCycleLR, max_lr = each group's lr, torch defaults)."""
+    if kind == "none":
+        return None
+    max_lr = [g["lr"] for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs,
+                                               steps_per_epoch=max(steps_per_epoch, 1), pct_start=pct_start)
+
+
+# --------------------------------------------------------------------------------------------------
+# resume checkpoints
+
+
+def resume_dir(dataset: str, method: str, seed: int) -> Path:
+    return paths.RUNS / ".resume" / dataset / method / str(seed)
+
+
+def config_fingerprint(config: dict[str, Any], world_size: int) -> str:
+    text = json.dumps({"config": config, "world_size": world_size, "format": RESUME_FORMAT}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    from pipeline.io import atomic_file
+
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_resume(directory: Path, state: dict[str, Any], best_model: dict | None, best_epoch: int) -> None:
+    """Write ``best-e<best_epoch>.pt`` (if new) then ``last.pt``; both atomic; stale best files removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    best_path = directory / f"best-e{best_epoch}.pt"
+    if best_model is not None and not best_path.exists():
+        _atomic_save(best_model, best_path)
+    _atomic_save({**state, "best_epoch": best_epoch, "format": RESUME_FORMAT}, directory / "last.pt")
+    for stale in directory.glob("best-e*.pt"):
+        if stale != best_path:
+            stale.unlink(missing_ok=True)
+
+
+def load_resume(directory: Path, fingerprint: str) -> tuple[dict[str, Any], dict | None] | None:
+    """The saved state and best-so-far weights, or None if absent or written for another config."""
+    last = directory / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SpmlError(f"resume checkpoint {last} is unreadable ({type(exc).__name__}); delete {directory} "
+                        "or pass --no-resume") from None
+    if state.get("fingerprint") != fingerprint or state.get("format") != RESUME_FORMAT:
+        return None
+    best_path = directory / f"best-e{state['best_epoch']}.pt"
+    best = torch.load(best_path, map_location="cpu", weights_only=True) if best_path.exists() else None
+    if state["best_epoch"] > 0 and best is None:
+        raise SpmlError(f"resume checkpoint {last} points to a missing {best_path.name}; delete {directory} "
+                        "or pass --no-resume")
+    return state, best
+
+
+def clear_resume(directory: Path) -> None:
+    """Remove a run's resume directory and the parents it leaves empty (up to ``.resume``)."""
+    directory = Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    for parent in directory.parents:
+        if parent.name == "" or not parent.exists():
+            break
+        try:
+            parent.rmdir()  # only succeeds while empty
+        except OSError:
+            break
+        if parent.name == ".resume":
+            break

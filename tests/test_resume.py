@@ -1,0 +1,104 @@
+"""A run killed after an epoch checkpoint and resumed ends exactly like an uninterrupted run (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import runtime
+from stages import train as train_stage
+from tests.conftest import tiny_params, write_params
+
+VOLATILE = {"train_seconds", "epoch_seconds"}
+
+
+class Killed(Exception):
+    pass
+
+
+def _params(workspace, epochs: int = 3) -> None:
+    params = tiny_params()
+    params["train"]["default"].update(epochs=epochs, scheduler="onecycle", lr=3e-3)
+    write_params(workspace, params)
+
+
+def _read(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = pd.read_csv(run_dir / "history.csv").drop(columns=["epoch_seconds"])
+    state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    return {k: v for k, v in metrics.items() if k not in VOLATILE}, history, state
+
+
+@pytest.mark.parametrize("method", ["an"])
+def test_killed_then_resumed_equals_uninterrupted(tiny_workspace, monkeypatch, method):
+    _params(tiny_workspace)
+    straight = tiny_workspace / "straight"
+    train_stage.run("synthetic", method, 0, out_dir=straight)
+    assert not (tiny_workspace / ".resume" / "straight").exists()  # removed on completion
+
+    resumed = tiny_workspace / "resumed"
+    resume_dir = train_stage.resume_dir_for("synthetic", method, 0, resumed)
+    original = runtime.save_resume
+
+    def save_then_die(directory, state, best_model, best_epoch):
+        original(directory, state, best_model, best_epoch)
+        if state["epoch"] == 2:
+            raise Killed  # as if the process were killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(runtime, "save_resume", save_then_die)
+    with pytest.raises(Killed):
+        train_stage.run("synthetic", method, 0, out_dir=resumed)
+    assert not resumed.exists()  # nothing half-written
+    assert (resume_dir / "last.pt").exists()
+    assert torch.load(resume_dir / "last.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(runtime, "save_resume", original)
+
+    calls = []
+    real_load = runtime.load_resume
+    monkeypatch.setattr(runtime, "load_resume", lambda *a: calls.append(r := real_load(*a)) or r)
+    train_stage.run("synthetic", method, 0, out_dir=resumed)
+    assert calls and calls[0] is not None  # it did resume rather than start over
+    assert not resume_dir.exists()
+
+    m1, h1, s1 = _read(straight)
+    m2, h2, s2 = _read(resumed)
+    assert m1 == m2
+    pd.testing.assert_frame_equal(h1, h2, check_exact=True)
+    assert len(h1) == 3
+    for key in s1["model"]:
+        assert torch.equal(s1["model"][key], s2["model"][key]), key
+
+
+def test_changed_config_starts_over_and_no_resume_flag(tiny_workspace, monkeypatch):
+    _params(tiny_workspace, epochs=1)
+    out = tiny_workspace / "run"
+    resume_dir = train_stage.resume_dir_for("synthetic", "an", 0, out)
+    original = runtime.save_resume
+
+    def die(directory, state, best_model, best_epoch):
+        original(directory, state, best_model, best_epoch)
+        raise Killed
+
+    monkeypatch.setattr(runtime, "save_resume", die)
+    with pytest.raises(Killed):
+        train_stage.run("synthetic", "an", 0, out_dir=out)
+    monkeypatch.setattr(runtime, "save_resume", original)
+    assert (resume_dir / "last.pt").exists()
+
+    # another config: the checkpoint does not fit and is ignored (a fresh 2-epoch run)
+    _params(tiny_workspace, epochs=2)
+    fingerprint_calls = []
+    real_load = runtime.load_resume
+    monkeypatch.setattr(runtime, "load_resume", lambda *a: fingerprint_calls.append(r := real_load(*a)) or r)
+    metrics = train_stage.run("synthetic", "an", 0, out_dir=out)
+    assert fingerprint_calls == [None] and metrics["epochs"] == 2
+
+    # --no-resume deletes a leftover checkpoint before training
+    resume_dir.mkdir(parents=True)
+    (resume_dir / "last.pt").write_bytes(b"garbage")
+    _params(tiny_workspace, epochs=1)
+    train_stage.run("synthetic", "an", 0, out_dir=out, resume=False)
+    assert not resume_dir.exists()
