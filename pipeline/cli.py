@@ -125,7 +125,7 @@ def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Pat
     problems = _run(freshness.check, root)
     if problems:
         err.print(f"[red]dvc.lock is stale[/red] ({len(problems)} change(s) not reproduced); "
-                  "run `dvc repro` and commit dvc.lock and reports/:", highlight=False)
+                  "run `dvc repro` and commit dvc.lock and reports/:", highlight=False, soft_wrap=True)
         for problem in problems:
             err.print(f"  {problem}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
