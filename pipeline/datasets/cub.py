@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from pipeline.datasets import OfficialSplits, SplitRows, register_dataset
 from pipeline.datasets.formats import find_first, read_lines, require_images
@@ -53,6 +52,8 @@ def _pairs(path: Path, expect: str) -> list[tuple[str, str]]:
 
 def read_attribute_labels(path: Path, image_ids: list[str]) -> np.ndarray:
     """(N, 312) is_present matrix, rows in ``image_ids`` order."""
+    import pandas as pd  # here, not at module level: every stage imports all dataset modules
+
     if not path.is_file():
         raise SpmlError(f"annotation file {path} does not exist; {HINT}")
     try:  # extra trailing fields are tolerated: only the first four columns are read
