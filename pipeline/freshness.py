@@ -87,8 +87,8 @@ def _locked_stages(root: Path) -> set[str]:
     try:
         data = yaml.safe_load(lock.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise SpmlError(f"{lock} is not valid YAML ({exc.__class__.__name__}); regenerate it with `dvc repro`") \
-            from None
+        raise SpmlError(f"{lock} is not valid YAML ({exc.__class__.__name__}); "
+                        "regenerate it with `dvc repro`") from None
     return set((data.get("stages") or {}).keys())
 
 

@@ -18,13 +18,14 @@ EVENTS = {
     "deployment_status", "discussion", "discussion_comment", "fork", "gollum", "issue_comment", "issues",
     "label", "merge_group", "milestone", "page_build", "public", "pull_request", "pull_request_review",
     "pull_request_review_comment", "pull_request_target", "push", "registry_package", "release",
-    "repository_dispatch", "schedule", "status", "watch", "workflow_call", "workflow_dispatch", "workflow_run",
+    "repository_dispatch", "schedule", "status", "watch", "workflow_call", "workflow_dispatch",
+    "workflow_run",
 }
 JOB_KEYS = {"name", "permissions", "needs", "if", "runs-on", "environment", "concurrency", "outputs", "env",
             "defaults", "steps", "timeout-minutes", "strategy", "continue-on-error", "container", "services",
             "uses", "with", "secrets"}
-STEP_KEYS = {"id", "if", "name", "uses", "run", "shell", "with", "env", "continue-on-error", "timeout-minutes",
-             "working-directory"}
+STEP_KEYS = {"id", "if", "name", "uses", "run", "shell", "with", "env", "continue-on-error",
+             "timeout-minutes", "working-directory"}
 ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 USES = re.compile(r"^(\./\S+|docker://\S+|[A-Za-z0-9_.-]+/[A-Za-z0-9_./-]+@[A-Za-z0-9_./-]+)$")
 SCALAR = (str, int, float, bool)

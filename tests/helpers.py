@@ -26,15 +26,17 @@ def tool_env() -> dict:
                GIT_AUTHOR_NAME="spml-test", GIT_AUTHOR_EMAIL="spml-test@example.invalid",
                GIT_COMMITTER_NAME="spml-test", GIT_COMMITTER_EMAIL="spml-test@example.invalid",
                GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0",
-               DVC_GLOBAL_CONFIG_DIR=str(_ISOLATED / "global"), DVC_SYSTEM_CONFIG_DIR=str(_ISOLATED / "system"))
+               DVC_GLOBAL_CONFIG_DIR=str(_ISOLATED / "global"),
+               DVC_SYSTEM_CONFIG_DIR=str(_ISOLATED / "system"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    result = subprocess.run(args, check=False, cwd=cwd, env=tool_env(), capture_output=True, text=True)
     if check:
-        assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        assert result.returncode == 0, \
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
 

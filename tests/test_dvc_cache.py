@@ -86,7 +86,7 @@ def test_team_flow_pull_repro_push_restores_without_training(first):
 
 
 def test_run_cache_restores_stages_missing_from_the_lock(first):
-    """Without a committed dvc.lock (e.g. an uncommitted experiment), `dvc repro --pull` uses the run-cache."""
+    """Without a committed dvc.lock (e.g. an uncommitted experiment) `dvc repro --pull` uses the run-cache."""
     clone = _fresh_clone(first, "run-cache-only")
     (clone / "dvc.lock").unlink()
     shutil.rmtree(clone / "reports")

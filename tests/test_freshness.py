@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.freshness import Stale, classify
-from tests.helpers import run, sh
 from tests.conftest import copy_repo
+from tests.helpers import run, sh
 
 OUTS = ["data/raw/synthetic", "data/prepared/synthetic.parquet", "data/sampled/synthetic.parquet",
         "runs/synthetic/an/0/best.pt", "runs/synthetic/an/0/metrics.json", "reports/results.md"]
@@ -52,7 +52,8 @@ def test_command_params_and_source_changes_are_staleness():
 
 
 def test_a_stage_without_lock_entry_is_reported_once():
-    status = {"train@synthetic-an-0": [{"changed deps": {"pipeline/train.py": "modified", "params.yaml": "new"}}]}
+    status = {"train@synthetic-an-0": [{"changed deps": {"pipeline/train.py": "modified",
+                                                         "params.yaml": "new"}}]}
     assert classify(status, OUTS, STAGES, set(STAGES) - {"train@synthetic-an-0"}) == [
         Stale("train@synthetic-an-0", "not in dvc.lock (never run)")]
 

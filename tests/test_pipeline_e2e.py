@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import sh, tiny_repo as make_tiny_repo
+from tests.helpers import sh
+from tests.helpers import tiny_repo as make_tiny_repo
 
 
 @pytest.fixture
