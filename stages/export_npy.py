@@ -43,8 +43,7 @@ def run(dataset: str, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, array in arrays.items():  # everything is computed before the first file is written
-        with atomic_file(out_dir / name) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
+        with atomic_file(out_dir / name) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, array)
         written.append(out_dir / name)
     return written

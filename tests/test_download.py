@@ -9,6 +9,7 @@ import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -28,16 +29,16 @@ class Handler(BaseHTTPRequestHandler):
     """Serves ``files``; honours ``Range: bytes=N-`` unless ``ignore_range``; the first ``cuts`` responses
     stop after ``cut_at`` bytes and close the connection (a dropped download)."""
 
-    files: dict[str, bytes] = {}
+    files: ClassVar[dict[str, bytes]] = {}
     cuts = 0
     cut_at = 0
     ignore_range = False
-    log: list[tuple[str, str | None, int]] = []
+    log: ClassVar[list[tuple[str, str | None, int]]] = []
 
     def log_message(self, *args):  # keep test output quiet
         pass
 
-    def do_GET(self):  # noqa: N802 - http.server API
+    def do_GET(self):
         data = self.files.get(self.path)
         if data is None:
             self.send_error(404)

@@ -8,8 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from real_fixtures import (
-    COCO_CATEGORIES, COCO_EXPECTED, COCO_TRAIN_ANNS, COCO_TRAIN_IMAGES, CUB_EXPECTED, CUB_IMAGES, VOC_EXPECTED,
-    coco_json, make_coco, make_cub, make_nus, make_voc, positives,
+    COCO_CATEGORIES,
+    COCO_EXPECTED,
+    COCO_TRAIN_ANNS,
+    COCO_TRAIN_IMAGES,
+    CUB_EXPECTED,
+    CUB_IMAGES,
+    VOC_EXPECTED,
+    coco_json,
+    make_coco,
+    make_cub,
+    make_nus,
+    make_voc,
+    positives,
 )
 from typer.testing import CliRunner
 
@@ -72,7 +83,7 @@ def test_voc_rows_labels_and_split(workspace, tmp_path):
         assert paths == [f"{i}.jpg" for i in ids]
     assert Path(table.meta["image_root"]) == Path("data/raw/voc2012/VOCdevkit/VOC2012/JPEGImages")
     # the 80/20 split of the 3 official-train rows follows the community's RandomState(1200) rule
-    train_idx, val_idx = train_val_split(3, 0.2, 1200)
+    _train_idx, val_idx = train_val_split(3, 0.2, 1200)
     rows = table.official_rows("train")
     assert list(np.flatnonzero(table.split[rows] == "val")) == list(val_idx) and len(val_idx) == 1
     assert (table.split[table.official_rows("test")] == "test").all()
@@ -179,7 +190,7 @@ def test_cub_both_layouts(workspace, tmp_path, layout):
     table = prepared("cub")
     assert len(table.class_names) == 312
     assert table.class_names[0] == "has_attr_001::value_1" and table.class_names[311] == "has_attr_312::value_312"
-    paths = dict((i, p) for i, p, _ in CUB_IMAGES)
+    paths = {i: p for i, p, _ in CUB_IMAGES}
     for split in ("train", "test"):
         ids, labels, rel = official(table, split)
         assert ids == CUB_EXPECTED[split][0]
@@ -226,7 +237,7 @@ def test_nuswide_from_formatted_files_reports_missing_images(workspace, tmp_path
     assert report["train"]["missing"] == 3 and report["test"]["missing"] == 0
     assert report["train"]["examples"] == list(arrays["train"][0][:3])
     for split, phase in (("train", "train"), ("test", "val")):
-        ids, labels, paths = official(table, split)
+        _ids, labels, paths = official(table, split)
         assert paths == list(arrays[phase][0])  # file order kept
         assert np.array_equal(labels, arrays[phase][1])  # all-zero rows kept
     assert Path(table.meta["image_root"]) == Path("data/raw/nuswide/Flickr")
