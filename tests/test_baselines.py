@@ -442,3 +442,60 @@ def test_plc_method_adds_an_on_weak_view_and_flags_pseudo_positives():
 def test_bad_hyperparameters_are_refused_naming_the_param(name, params):
     with pytest.raises(SpmlError, match=f"method_params.{name}"):
         build_method(name, params, make_ctx(Y))
+
+
+# --- row-keyed state under DDP (two gloo processes on the CPU) ------------------------------------------
+
+APL_OBSERVED = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+APL_LOGITS = torch.tensor([[0.0, -3.0, 1.0], [-2.0, 0.0, -1.0], [2.0, -0.5, 0.0], [-1.0, 0.5, -4.0],
+                           [0.0, 1.0, 2.0], [-5.0, 0.0, 3.0]])
+
+
+def apl_round(rows_seen: list[int]) -> torch.Tensor:
+    apl = build_method("em-apl", {"warmup": 1, "theta": 0.9}, make_ctx(APL_OBSERVED, epochs=2))
+    index = torch.tensor(rows_seen)
+    loader = [{"index": index, "image": images_with_logits(APL_LOGITS[index]), "observed": APL_OBSERVED[index],
+               "full": APL_OBSERVED[index]}]
+    prepare = lambda item: make_batch(APL_LOGITS[item["index"]], item["observed"], index=item["index"])  # noqa: E731
+    apl.on_epoch_end(1, StubModel(3), loader, prepare)
+    return apl.pseudo_mask
+
+
+def test_apl_never_labels_rows_it_did_not_score():
+    mask = apl_round([0, 1, 2])
+    assert not mask[3:].any() and mask.any()
+
+
+def _ddp_worker(rank: int, port: int, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results[rank] = apl_round([0, 2, 4] if rank == 0 else [1, 3, 5]).tolist()
+        cp = build_method("ll-cp", {}, make_ctx(APL_OBSERVED))
+        cp.flips[rank, rank] = True
+        cp.on_epoch_end(1, None, [], None)
+        results[2 + rank] = cp.flips.nonzero().tolist()
+        role = build_method("role", {"expected_positives": 1.0}, make_ctx(APL_OBSERVED))
+        role.label_logits[rank].sum().backward()  # each rank touches its own row
+        results[4 + rank] = role.label_logits.grad.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_combine_their_shards_into_identical_state():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(port, results), nprocs=2)
+    single = apl_round(list(range(6))).tolist()
+    assert results[0] == results[1] == single  # APL: both ranks see every row's probability
+    assert results[2] == results[3] == [[0, 0], [1, 1]]  # LL-Cp: flips of both ranks
+    expected = torch.zeros(6, 3)
+    expected[:2] = 0.5  # ROLE: Θ's gradient averaged over the ranks, as DDP does for the model
+    assert results[4] == results[5] == expected.tolist()

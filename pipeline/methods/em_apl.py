@@ -19,6 +19,7 @@ from pipeline.errors import SpmlError
 from pipeline.methods import StepOutput, register_method
 from pipeline.methods.em import EntropyMaximisation
 from pipeline.methods.losses import apl_quota, em_loss, lowest_k_per_class
+from pipeline.methods.sync import all_reduce_
 
 
 @register_method("em-apl")
@@ -71,11 +72,17 @@ class EntropyMaximisationAPL(EntropyMaximisation):
         was_training = model.training
         model.eval()
         probs = torch.zeros_like(self.pseudo_target)
+        scored = torch.zeros(len(probs), device=probs.device)
         for item in train_loader:
             batch = prepare_batch(item)
             probs[batch.index] = torch.sigmoid(self.predict(model, batch.image).float())
+            scored[batch.index] = 1.0
         model.train(was_training)
-        candidates = (self.ctx.observed_train == 0) & ~self.pseudo_mask
+        # DDP: each rank scored its shard; sum the shards (a row scored on two ranks is averaged)
+        all_reduce_(probs.mul_(scored.unsqueeze(1)))
+        all_reduce_(scored)
+        probs /= scored.clamp(min=1).unsqueeze(1)
+        candidates = (self.ctx.observed_train == 0) & ~self.pseudo_mask & (scored > 0).unsqueeze(1)
         chosen = lowest_k_per_class(probs, candidates, self.quota)
         self.pseudo_target[chosen] = probs[chosen]
         self.pseudo_mask |= chosen

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, StepOutput
 from pipeline.methods.losses import large_loss_count, large_loss_mask
+from pipeline.methods.sync import all_reduce_
 
 Scheme = Literal["reject", "temporary", "permanent"]
 
@@ -74,6 +75,10 @@ class LargeLossMethod(Method):
             index, large = self._pending
             self.flips[index] |= large
             self._pending = None
+
+    def on_epoch_end(self, epoch, model, train_loader, prepare_batch):
+        if self.scheme == "permanent":  # DDP: each rank flipped rows of its own shard; combine them
+            self.flips |= all_reduce_(self.flips.to(torch.uint8), "max").bool()
 
     def state_dict(self):
         return {"flips": self.flips} if self.scheme == "permanent" else {}

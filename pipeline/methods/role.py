@@ -17,6 +17,7 @@ from pipeline.errors import SpmlError
 from pipeline.methods import Method, StepOutput, register_method
 from pipeline.methods.epr import expected_positives
 from pipeline.methods.losses import role_loss
+from pipeline.methods.sync import average_gradient_hook
 
 
 def _logit(p: float, clip: float = 1e-5) -> float:
@@ -50,6 +51,9 @@ class RegularisedOnlineLabelEstimation(Method):
         if self.params.lr_mult <= 0:
             raise SpmlError(f"method_params.role.lr_mult must be > 0, got {self.params.lr_mult}")
         self.label_logits = torch.nn.Parameter(initial_label_logits(ctx.observed_train).to(ctx.device))
+        # under DDP every rank keeps the whole table; averaging its gradient (as DDP does for the model)
+        # keeps the tables and their Adam moments identical on all ranks
+        self.label_logits.register_hook(average_gradient_hook)
 
     def parameter_groups(self, lr):
         # no weight decay on the estimates, whatever the model's optimizer uses
