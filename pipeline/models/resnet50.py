@@ -26,13 +26,7 @@ def build_resnet_trunk(layers=RESNET50_LAYERS, width_per_group: int = 64, norm_l
                        what: str = "resnet50") -> ResNet:
     """A torchvision ResNet (Bottleneck) whose avgpool and fc are removed; load ImageNet weights on request."""
     trunk = ResNet(Bottleneck, list(layers), width_per_group=width_per_group, norm_layer=norm_layer)
-    state = resolve_weights(weights, weights_sha256)
-    if state is not None and (tuple(layers) != RESNET50_LAYERS or width_per_group != 64):
-        from pipeline.errors import SpmlError
-
-        raise SpmlError(f"{what}: ImageNet weights need the full ResNet-50 (layers {list(RESNET50_LAYERS)}, "
-                        "width_per_group 64); remove the tiny-model params or set weights: none")
-    load_trunk_weights(trunk, state, what)
+    load_trunk_weights(trunk, resolve_weights(weights, weights_sha256), what)
     trunk.avgpool = nn.Identity()
     trunk.fc = nn.Identity()
     return trunk

@@ -79,11 +79,16 @@ def load_trunk_weights(trunk: torch.nn.Module, state: dict | None, what: str) ->
     if state is None:
         return
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = trunk.load_state_dict(state, strict=False)
+    try:
+        result = trunk.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches (e.g. a tiny test trunk given the real file)
+        raise SpmlError(f"{what}: weights do not fit the trunk ({str(exc).splitlines()[-1].strip()}); "
+                        "use the torchvision ResNet-50 IMAGENET1K_V1 file with the default model sizes") from None
     # FrozenBatchNorm2d has no num_batches_tracked buffer; those keys are the only acceptable leftovers
     unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
-    if result.missing_keys or unexpected:
-        missing = ", ".join(result.missing_keys[:3])
+    missing_keys = [k for k in result.missing_keys if not k.startswith("fc.")]  # the classifier is replaced
+    if missing_keys or unexpected:
+        missing = ", ".join(missing_keys[:3])
         extra = ", ".join(unexpected[:3])
         raise SpmlError(f"{what}: weights do not fit the ResNet-50 trunk (missing: {missing or '-'}; unexpected: "
                         f"{extra or '-'}); use the torchvision ResNet-50 IMAGENET1K_V1 file or weights: none")
