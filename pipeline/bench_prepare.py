@@ -12,8 +12,9 @@ short polygons, ~1% crowd RLEs: about 180 MB of JSON) and runs, each in a fresh 
 
 Reported per implementation: wall time of the whole child process (interpreter start and imports
 included) and of the formatting call alone, and the peak resident memory of the child process
-(``getrusage(RUSAGE_SELF).ru_maxrss`` read by the child at its end: the real process peak, interpreter
-and libraries included). The rows, paths and labels of both outputs are asserted identical.
+(``VmHWM`` in ``/proc/self/status``, read by the child at its end: the real process peak, interpreter and
+libraries included; not ``ru_maxrss``, which Linux carries over from the parent across fork + exec, so a
+child of ``spml bench`` (torch imported) would report the parent's RSS). The rows, paths and labels of both outputs are asserted identical.
 
 ``spml bench --prepare coco2014`` calls :func:`run`, which prints the table and returns a
 ``pipeline.bench.BenchData`` made of the first prepared training rows (true labels, community-sampled
@@ -43,6 +44,17 @@ BENCH_ROWS = 512  # rows handed to the training-step benchmark
 OURS = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
+def peak_mb():
+    # VmHWM: this process's own high-water RSS. ru_maxrss is not used: Linux carries it over from the parent
+    # across fork + exec, so a child of a large parent (spml bench imports torch) would report the parent's RSS.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from pathlib import Path
 from stages.prepare import build_label_table
 from pipeline.tables import write_label_table
@@ -51,13 +63,23 @@ t1 = time.perf_counter()
 table = build_label_table("coco2014", raw, {"loader": "arrow", "check_images": False}, 0.2, 1200)
 write_label_table(out / "coco2014.parquet", table)
 t2 = time.perf_counter()
-print(json.dumps({"call_s": t2 - t1, "import_s": t1 - t0,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"call_s": t2 - t1, "import_s": t1 - t0, "peak_mb": peak_mb()}))
 """
 
 COMMUNITY = r"""
 import json, resource, sys, time, io, contextlib
 t0 = time.perf_counter()
+def peak_mb():
+    # VmHWM: this process's own high-water RSS. ru_maxrss is not used: Linux carries it over from the parent
+    # across fork + exec, so a child of a large parent (spml bench imports torch) would report the parent's RSS.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import numpy as np
 from pycocotools.coco import COCO
 raw, out = sys.argv[1], sys.argv[2]
@@ -85,8 +107,7 @@ for phase in ("train", "val"):
     np.save(f"{out}/formatted_{phase}_labels.npy", labels)
     np.save(f"{out}/formatted_{phase}_images.npy", np.array(paths))
 t2 = time.perf_counter()
-print(json.dumps({"call_s": t2 - t1, "import_s": t1 - t0,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"call_s": t2 - t1, "import_s": t1 - t0, "peak_mb": peak_mb()}))
 """
 
 
@@ -191,7 +212,7 @@ def run(dataset: str = "coco2014", seed: int = 0, scale: float = 1.0, workdir: s
         for name, result in (("community (pycocotools + Python loops, .npy)", community),
                              ("ours (spml prepare: arrow JSON + numpy, Parquet)", ours)):
             lines.append(f"{name:<50} {result['wall_s']:>9.2f} {result['call_s']:>9.2f} {result['peak_mb']:>12.0f}")
-        lines.append("rows, paths and labels identical: yes (asserted); peak RSS = getrusage ru_maxrss of each child")
+        lines.append("rows, paths and labels identical: yes (asserted); peak RSS = VmHWM of each child process")
         if not quiet:
             print("\n".join(lines), flush=True)
         return _bench_data(table, seed)

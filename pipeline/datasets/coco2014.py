@@ -63,10 +63,12 @@ def _read_arrow(path: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
     annotation = pa.struct([("image_id", pa.int64()), ("category_id", pa.int64())])
     category = pa.struct([("id", pa.int64()), ("name", pa.string()), ("supercategory", pa.string())])
     schema = pa.schema([("annotations", pa.list_(annotation)), ("categories", pa.list_(category))])
-    try:
+    try:  # the system allocator hands the file-sized buffers back at once (jemalloc's lazy purging may not
+        # under CPU load, which would stack the train and val files' buffers in the peak)
         table = pj.read_json(path, read_options=pj.ReadOptions(block_size=size + 1, use_threads=False),
                              parse_options=pj.ParseOptions(explicit_schema=schema, newlines_in_values=True,
-                                                           unexpected_field_behavior="ignore"))
+                                                           unexpected_field_behavior="ignore"),
+                             memory_pool=pa.system_memory_pool())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
         first = str(exc).splitlines()[0]
         raise SpmlError(f"annotation file {path} is not a valid COCO instances JSON ({first}); {HINT}") from None
