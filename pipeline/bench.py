@@ -15,7 +15,9 @@ process RSS cannot be split between methods that share the process.
 
 This module imports only torch and numpy at module level (the GPU machine has no typer, dvc or
 pycocotools): ``python -m pipeline.bench --methods an,ignore``. Extension points: models and their options
-(``--model``; other issues add AMP / channels_last), and ``--prepare DATASET``, which calls
+(``--model``, ``--model-kwargs`` for tiny variants, ``--weights``: random init unless given, so no download),
+mixed precision (``--amp``: bf16 autocast where the GPU supports it, fp16 otherwise; ignored on CPU) and
+``--channels-last`` (model and batches in NHWC; cudnn.benchmark is on for CUDA), and ``--prepare DATASET``, which calls
 ``pipeline.bench_prepare.run(dataset)`` and benchmarks on the ``BenchData`` it returns (random synthetic
 batches otherwise).
 """
@@ -156,7 +158,10 @@ def _saved_tensor_bytes(step) -> int:
 def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64, batch_size: int = 32,
               steps: int = 20, warmup: int = 3, device: str = "auto", num_classes: int = 20,
               dataset: str = "synthetic", params_path: Path | None = Path("params.yaml"), seed: int = 0,
-              prepare: str | None = None, num_batches: int = 4, threads: int | None = None) -> list[BenchResult]:
+              prepare: str | None = None, num_batches: int = 4, threads: int | None = None,
+              amp: bool = False, channels_last: bool = False, weights: str | None = None,
+              model_kwargs: dict[str, Any] | None = None) -> list[BenchResult]:
+    from pipeline import runtime
     from pipeline.methods import MethodContext, build_method, get_method_class
     from pipeline.models import build_model
 
@@ -188,25 +193,46 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         data = random_data(batch_size * num_batches, num_classes, image_size, seed)
 
     params = _load_params(params_path)
+    extra_kwargs = model_kwargs or {}
     model_kwargs = dict((params.get("models") or {}).get(model) or {})
+    model_kwargs.update(extra_kwargs)
+    if weights is not None:
+        model_kwargs["weights"] = weights
+    elif "weights" in model_kwargs:  # timing needs no pretrained weights (and no download)
+        model_kwargs["weights"] = "none"
+    amp_dtype = runtime.amp_dtype(amp, "auto", dev)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     classes = {name: get_method_class(name) for name in methods}
     strong = any(cls.needs_strong_view for cls in classes.values())
     batches = _batches(data, batch_size, dev, strong, seed)
-    base_model = build_model(model, num_classes, **model_kwargs).to(dev)
+    for b in batches:
+        b.image = b.image.contiguous(memory_format=memory_format)
+        if b.strong is not None:
+            b.strong = b.strong.contiguous(memory_format=memory_format)
 
     runners = []
+    base_models: dict[str, torch.nn.Module] = {}
     for name, cls in classes.items():
-        net = copy.deepcopy(base_model)
         ctx = MethodContext(dataset=dataset, model=model, num_classes=num_classes, num_train=len(data.images),
                             epochs=BENCH_EPOCHS, steps_per_epoch=len(batches), mean_positives=float(
                                 data.full.sum(1).mean()), observed_train=data.observed.to(dev).float(), device=dev)
         method = build_method(name, _method_params(params, cls, dataset, model), ctx)
+        extra = method.model_kwargs()  # a method may need its own model variant (plc-lac: a projector)
+        key = repr(sorted(extra.items()))
+        if key not in base_models:
+            torch.manual_seed(seed)
+            base_models[key] = build_model(model, num_classes, **{**model_kwargs, **extra}).to(
+                dev, memory_format=memory_format)
+        net = copy.deepcopy(base_models[key])
         groups = [g for g in net.parameter_groups(1e-4, 1.0) + method.parameter_groups(1e-4) if g["params"]]
         runners.append((name, net, method, torch.optim.Adam(groups, lr=1e-4)))
 
     def make_step(net, method, optimizer, batch):
         def step():
-            out = method.training_step(net, batch, BENCH_EPOCHS)
+            with runtime.autocast(dev, amp_dtype):
+                out = method.training_step(net, batch, BENCH_EPOCHS)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -287,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--amp", choices=["on", "off"], default="off",
+                   help="mixed precision: bf16 autocast where supported, fp16 otherwise (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC model and batches")
+    p.add_argument("--weights", default=None, help="trunk weights (none, imagenet, PATH); default: random init")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help='extra model arguments, e.g. \'{"layers": [1, 1, 1, 1]}\' for a tiny ResNet')
     p.add_argument("--prepare", default=None, metavar="DATASET",
                    help="benchmark on data from pipeline.bench_prepare.run(DATASET)")
     return p
@@ -296,9 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
+        import json
+
+        extra = json.loads(args.model_kwargs) if args.model_kwargs else None
+        if extra is not None and not isinstance(extra, dict):
+            raise BenchError("--model-kwargs must be a JSON object")
         results = run_bench(methods, args.model, args.image_size, args.batch_size, args.steps, args.warmup,
                             args.device, args.num_classes, args.dataset, args.params, args.seed, args.prepare,
-                            threads=args.threads)
+                            threads=args.threads, amp=args.amp == "on", channels_last=args.channels_last,
+                            weights=args.weights, model_kwargs=extra)
+    except json.JSONDecodeError as exc:
+        print(f"error: --model-kwargs is not valid JSON ({exc})", file=sys.stderr)
+        return 2
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -309,8 +350,18 @@ def main(argv: list[str] | None = None) -> int:
         raise
     print(format_results(results, {"model": args.model, "image_size": args.image_size, "batch": args.batch_size,
                                    "steps": args.steps, "device": results and _device_name(args.device),
+                                   "amp": _amp_name(args.amp == "on", args.device),
+                                   "channels_last": args.channels_last,
                                    "torch": torch.__version__, "threads": torch.get_num_threads()}))
     return 0
+
+
+def _amp_name(amp: bool, device: str) -> str:
+    from pipeline import runtime
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dtype = runtime.amp_dtype(amp, "auto", dev)
+    return str(dtype).replace("torch.", "") if dtype is not None else "off"
 
 
 def _device_name(device: str) -> str:

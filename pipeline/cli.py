@@ -145,6 +145,10 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
           prepare: Annotated[Optional[str], typer.Option(
               help="DATASET: bench on pipeline.bench_prepare.run(DATASET) data instead of random data")] = None,
           threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (CPU)")] = None,
+          amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast where supported (CUDA only)")] = False,
+          channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC model and batches")] = False,
+          weights: Annotated[Optional[str], typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
+          model_kwargs: Annotated[Optional[str], typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
           params: ParamsOption = Path("params.yaml")):
     """Median training-step time, images/s, ratio to AN and memory of METHODS on one model and batch.
 
@@ -154,15 +158,24 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
     names = [m.strip() for m in methods.split(",") if m.strip()]
 
     def _bench():
+        import json
+
+        try:
+            extra = json.loads(model_kwargs) if model_kwargs else None
+        except ValueError as exc:
+            raise SpmlError(f"--model-kwargs is not valid JSON ({exc})") from None
         try:
             return bench_mod.run_bench(names, model, image_size, batch_size, steps, warmup, device, num_classes,
-                                       dataset, params, 0, prepare, threads=threads)
+                                       dataset, params, 0, prepare, threads=threads, amp=amp,
+                                       channels_last=channels_last, weights=weights, model_kwargs=extra)
         except bench_mod.BenchError as exc:
             raise SpmlError(str(exc)) from None
 
     results = _run(_bench)
     typer.echo(bench_mod.format_results(results, {"model": model, "image_size": image_size, "batch": batch_size,
-                                                  "steps": steps, "device": bench_mod._device_name(device)}))
+                                                  "steps": steps, "device": bench_mod._device_name(device),
+                                                  "amp": bench_mod._amp_name(amp, device),
+                                                  "channels_last": channels_last}))
 
 
 def main() -> None:  # pragma: no cover - console entry point
