@@ -114,6 +114,39 @@ def aggregate(params: ParamsOption = Path("params.yaml"),
     err.print(f"wrote {out_dir}/results.md")
 
 
+@app.command()
+def exp(preset: Annotated[str, typer.Argument(help="preset name under `presets:` in params.yaml")],
+        queue: Annotated[bool, typer.Option(help="queue the experiment instead of running it now")] = False,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="print the dvc command only")] = False,
+        params: ParamsOption = Path("params.yaml")):
+    """Run a preset as a DVC experiment: `dvc exp run -S preset=NAME` plus the preset's grid lists.
+
+    DVC's matrix reads datasets/methods/seeds from params.yaml as written, so a preset's grid must be
+    passed with -S as well; this command does both, so every preset is one command.
+    """
+    import json
+    import shlex
+    import subprocess
+
+    import yaml
+
+    from pipeline.config import preset_grid
+
+    def build():
+        if not params.exists():
+            raise SpmlError(f"params file {params} does not exist; run from the repository root")
+        grid = preset_grid(yaml.safe_load(params.read_text()) or {}, preset)
+        cmd = ["dvc", "exp", "run", "-S", f"preset={preset}"]
+        for key, values in grid.items():
+            cmd += ["-S", f"{key}={json.dumps(values).replace(' ', '')}"]
+        return cmd + (["--queue"] if queue else [])
+
+    cmd = _run(build)
+    err.print(shlex.join(cmd), highlight=False, soft_wrap=True)
+    if not dry_run:
+        raise typer.Exit(subprocess.call(cmd))
+
+
 @app.command("check-lock")
 def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Path(".")):
     """Fail (exit 1) when dvc.lock does not match the committed code, params and commands.

@@ -58,8 +58,26 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         presets = params.get("presets") or {}
         if preset not in presets:
             raise SpmlError(f"unknown preset {preset!r}; valid presets: none, {', '.join(sorted(presets))}")
-        params = deep_merge(params, presets[preset])
+        merged = deep_merge(params, presets[preset])
+        # dvc.yaml's matrix reads the grid lists from params.yaml as written, not merged: a preset that
+        # sets a different grid would train one grid and aggregate another.
+        for key in GRID_KEYS:
+            if merged.get(key) != params.get(key):
+                raise SpmlError(f"preset {preset!r} sets {key}={merged.get(key)} but params.yaml has "
+                                f"{key}={params.get(key)} (DVC's grid); run `spml exp {preset}`, which sets both")
+        params = merged
     return params
+
+
+GRID_KEYS = ("datasets", "methods", "seeds")
+
+
+def preset_grid(params: dict[str, Any], preset: str) -> dict[str, list]:
+    """The grid (datasets, methods, seeds) a preset runs: its own lists, else the top-level ones."""
+    presets = params.get("presets") or {}
+    if preset not in presets:
+        raise SpmlError(f"unknown preset {preset!r}; valid presets: {', '.join(sorted(presets))}")
+    return {key: presets[preset].get(key, params.get(key)) for key in GRID_KEYS}
 
 
 def scoped(section: dict | None, dataset: str, model: str | None = None) -> dict[str, Any]:

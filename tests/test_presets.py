@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from pipeline.config import load_params
+from pipeline.config import load_params, preset_grid
 from pipeline.train import resolve_run_config
 from tests.conftest import REPO
 
@@ -17,6 +17,7 @@ PAPER = {"voc2012", "coco2014", "nuswide", "cub"}
 def _params(tmp_path, preset):
     params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
     params["preset"] = preset
+    params.update(preset_grid(params, preset))  # what `spml exp PRESET` passes to DVC with -S
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return load_params(path)
@@ -44,3 +45,25 @@ def test_paper_preset(tmp_path, preset, model, optimizer, scheduler, gamma):
     else:
         assert weights["cub"]["spbc_weight"] == 0.5 and weights["voc2012"]["spbc_weight"] == 0.1
         assert resolve_run_config(params, "voc2012", "an", 0).train.head_lr_mult == 10.0
+
+
+def test_a_preset_whose_grid_differs_from_dvcs_grid_is_refused(tmp_path):
+    params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params["preset"] = "all-methods"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(Exception, match="run `spml exp all-methods`"):
+        load_params(path)
+
+
+def test_spml_exp_passes_the_presets_grid_to_dvc(monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["exp", "paper-resnet50", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "dvc exp run -S preset=paper-resnet50" in result.output
+    assert """'datasets=["voc2012","coco2014","nuswide","cub"]'""" in result.output
+    assert "'seeds=[0]'" in result.output
