@@ -82,6 +82,14 @@ def init_distributed(device_name: str) -> DistContext:
     return DistContext(rank, world, local)
 
 
+def broadcast_buffers(ctx: DistContext, model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics diverge after the last local
+    forward), so all ranks evaluate exactly the model rank 0 saves."""
+    if ctx.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def gather_arrays(ctx: DistContext, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Concatenate each array over all ranks (rank order); identity without DDP."""
     if not ctx.enabled:

@@ -268,7 +268,7 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     )
     method = build_method(run.method, run.method_params, ctx)
     model = build_model(cfg.model, num_classes, **{**run.model_kwargs, **method.model_kwargs()})
-    if dist.enabled and cfg.sync_bn:
+    if dist.enabled and cfg.sync_bn and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model, method)
@@ -316,6 +316,7 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
                                        scheduler, scaler, amp))
             method.on_epoch_end(epoch, model, train_loader, normalize.batch)
             row.update(method.epoch_diagnostics())
+            runtime.broadcast_buffers(dist, model)
             val = evaluate(model, method, val_loader, normalize, amp, dist)
             row["val_map"] = val.map
             row["epoch_seconds"] = time.perf_counter() - t0
