@@ -1,0 +1,137 @@
+"""GPU-path pieces that run on a CPU: seeded sampling and augmentation, the image cache, AMP and schedule."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pipeline import runtime
+from pipeline.config import parse_dataclass
+from pipeline.data import ImageArray, TrainSet, cached_images
+from pipeline.errors import SpmlError
+from pipeline.train import TrainConfig
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_cover_everything():
+    s = runtime.EpochSampler(10, seed=5)
+    s.set_epoch(1)
+    first = list(s)
+    assert sorted(i for i, _ in first) == list(range(10))
+    assert list(s) == first  # same epoch, same order and seeds
+    s.set_epoch(2)
+    assert [i for i, _ in s] != [i for i, _ in first]
+    # two DDP ranks: equal lengths (wrapped padding), together every row
+    s.set_epoch(1)
+    shards = []
+    for rank in (0, 1, 2):
+        r = runtime.EpochSampler(10, seed=5, rank=rank, world_size=3)
+        r.set_epoch(1)
+        shards.append(list(r))
+        assert len(shards[-1]) == len(r) == 4
+    assert {i for shard in shards for i, _ in shard} == set(range(10))
+    seeds = dict(first)
+    assert all(seeds[i] == seed for shard in shards for i, seed in shard)  # a row's seed is rank-independent
+    # evaluation: in order, disjoint, no padding
+    ev = [list(runtime.EpochSampler(7, 0, shuffle=False, rank=r, world_size=2)) for r in (0, 1)]
+    assert sorted(i for shard in ev for i, _ in shard) == list(range(7))
+
+
+def test_augmentation_depends_on_the_sample_seed_only():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.zeros(12, 3)
+    ds = TrainSet(images, labels, labels, strong=True)
+    torch.manual_seed(1)
+    a = ds[(3, 1234)]
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    b = ds[(3, 1234)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["strong"], b["strong"])
+    assert any(not torch.equal(ds[(3, s)]["strong"], a["strong"]) for s in range(5))
+
+    def batches(workers):
+        sampler = runtime.EpochSampler(12, seed=3)
+        sampler.set_epoch(2)
+        loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers, generator=torch.Generator())
+        return [(b["index"], b["image"], b["strong"]) for b in loader]
+
+    for (i0, w0, s0), (i2, w2, s2) in zip(batches(0), batches(2)):
+        assert torch.equal(i0, i2) and torch.equal(w0, w2) and torch.equal(s0, s2)
+
+
+def _write_images(root, n):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        rel = f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / rel)
+        paths.append(rel)
+    return paths
+
+
+def test_image_cache_is_built_once_keyed_and_atomic(tmp_path, monkeypatch):
+    root = tmp_path / "raw"
+    root.mkdir()
+    paths = _write_images(root, 5)
+    cache_dir = tmp_path / "cache"
+    path = cached_images(root, paths, 16, cache_dir)
+    arr = np.load(path, mmap_mode="r")
+    assert arr.shape == (5, 3, 16, 16) and arr.dtype == np.uint8
+    expected = np.asarray(Image.open(root / "img2.png").convert("RGB").resize((16, 16), Image.BILINEAR))
+    assert np.array_equal(arr[2], expected.transpose(2, 0, 1))
+    assert [p.name for p in cache_dir.iterdir()] == [path.name]  # no temporaries left
+
+    import pipeline.data as data_mod
+
+    monkeypatch.setattr(data_mod, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("re-decoded")))
+    assert cached_images(root, paths, 16, cache_dir) == path  # reused, nothing decoded
+    monkeypatch.undo()
+    assert cached_images(root, paths, 24, cache_dir) != path  # another size, another file
+    assert cached_images(root, paths[:4], 16, cache_dir) != path  # another image list, another file
+
+    view = ImageArray(path, np.array([4, 1]))
+    assert len(view) == 2 and torch.equal(view[1], torch.from_numpy(np.array(arr[1])))
+    clone = pickle.loads(pickle.dumps(view))
+    assert len(pickle.dumps(view)) < 2000 and torch.equal(clone[0], view[0])  # pickles as a path
+
+
+def test_broken_image_fails_the_cache_cleanly(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    paths = _write_images(root, 2)
+    (root / "img1.png").write_bytes(b"not an image")
+    with pytest.raises(SpmlError, match="img1.png"):
+        cached_images(root, paths, 8, tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_amp_is_cuda_only_and_onecycle_follows_torch_per_iteration():
+    assert runtime.amp_dtype(True, "auto", torch.device("cpu")) is None
+    assert runtime.amp_dtype(False, "bf16", torch.device("cuda")) is None
+    model = torch.nn.Linear(2, 2)
+    groups = [{"params": [model.weight], "lr": 1e-5}, {"params": [model.bias], "lr": 1e-4}]
+    opt = torch.optim.AdamW(groups, lr=1e-5)
+    assert runtime.build_scheduler("none", opt, 3, 10, 0.2) is None
+    sched = runtime.build_scheduler("onecycle", opt, 3, 10, 0.2)  # 30 iterations, the peak after 20%
+    lrs = []
+    for _ in range(30):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx([1e-5 / 25, 1e-4 / 25])  # div_factor 25
+    peak = max(range(30), key=lambda i: lrs[i][0])
+    assert peak == 5 and lrs[peak] == pytest.approx([1e-5, 1e-4])  # each group peaks at its own lr
+    assert lrs[-1][0] < 1e-5 / 25  # annealed far below the start (final_div_factor 1e4)
+
+
+def test_train_config_validates_the_new_options():
+    cfg = parse_dataclass(TrainConfig, {"scheduler": "onecycle", "amp": True, "channels_last": True}, "train")
+    assert cfg.scheduler == "onecycle" and cfg.amp_dtype == "auto"
+    with pytest.raises(SpmlError, match="train.scheduler"):
+        parse_dataclass(TrainConfig, {"scheduler": "cosine"}, "train")
