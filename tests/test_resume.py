@@ -19,9 +19,19 @@ class Killed(Exception):
     pass
 
 
-def _params(workspace, epochs: int = 3) -> None:
+TINY_Q2L = {"layers": [1, 1, 1, 1], "width_per_group": 4, "hidden_dim": 16, "num_heads": 2,
+            "dim_feedforward": 32, "weights": "none"}
+
+
+def _params(workspace, epochs: int = 3, model: str = "smallcnn") -> None:
     params = tiny_params()
-    params["train"]["default"].update(epochs=epochs, scheduler="onecycle", lr=3e-3)
+    params["train"]["default"].update(epochs=epochs, scheduler="onecycle", lr=3e-3, model=model)
+    params["models"]["q2l"] = TINY_Q2L
+    # plc-lac: the LAC queue is method state carried across the kill; q2l adds dropout (RNG state)
+    params["method_params"]["plc-lac"] = {"default": {"stage1_epochs": 0, "threshold": 0.6, "queue_size": 64,
+                                                      "proj_dim": 8}}
+    if model == "q2l":
+        params["train"]["default"]["batch_size"] = 32
     write_params(workspace, params)
 
 
@@ -32,9 +42,12 @@ def _read(run_dir):
     return {k: v for k, v in metrics.items() if k not in VOLATILE}, history, state
 
 
-@pytest.mark.parametrize("method", ["an"])
-def test_killed_then_resumed_equals_uninterrupted(tiny_workspace, monkeypatch, method):
-    _params(tiny_workspace)
+@pytest.mark.parametrize("method,model,epochs,kill_after", [
+    ("an", "smallcnn", 3, 2),
+    pytest.param("plc-lac", "q2l", 2, 1, marks=pytest.mark.slow),  # ~20 s: a tiny Q2L is still a ResNet-50 trunk
+])
+def test_killed_then_resumed_equals_uninterrupted(tiny_workspace, monkeypatch, method, model, epochs, kill_after):
+    _params(tiny_workspace, epochs=epochs, model=model)
     straight = tiny_workspace / "straight"
     train_stage.run("synthetic", method, 0, out_dir=straight)
     assert not (tiny_workspace / ".resume" / "straight").exists()  # removed on completion
@@ -45,15 +58,15 @@ def test_killed_then_resumed_equals_uninterrupted(tiny_workspace, monkeypatch, m
 
     def save_then_die(directory, state, best_model, best_epoch):
         original(directory, state, best_model, best_epoch)
-        if state["epoch"] == 2:
-            raise Killed  # as if the process were killed right after epoch 2's checkpoint
+        if state["epoch"] == kill_after:
+            raise Killed  # as if the process were killed right after this epoch's checkpoint
 
     monkeypatch.setattr(runtime, "save_resume", save_then_die)
     with pytest.raises(Killed):
         train_stage.run("synthetic", method, 0, out_dir=resumed)
     assert not resumed.exists()  # nothing half-written
     assert (resume_dir / "last.pt").exists()
-    assert torch.load(resume_dir / "last.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(resume_dir / "last.pt", weights_only=False)["epoch"] == kill_after
     monkeypatch.setattr(runtime, "save_resume", original)
 
     calls = []
@@ -67,7 +80,7 @@ def test_killed_then_resumed_equals_uninterrupted(tiny_workspace, monkeypatch, m
     m2, h2, s2 = _read(resumed)
     assert m1 == m2
     pd.testing.assert_frame_equal(h1, h2, check_exact=True)
-    assert len(h1) == 3
+    assert len(h1) == epochs
     for key in s1["model"]:
         assert torch.equal(s1["model"][key], s2["model"][key]), key
 
