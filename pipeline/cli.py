@@ -98,7 +98,9 @@ def train(dataset: DatasetArg,
     from stages import train as stage
 
     metrics = _run(stage.run, dataset, method, seed, params, out, resume, weights)
-    if metrics is None:
+    from pipeline.runtime import env_rank
+
+    if metrics is None or env_rank() != 0:  # under torchrun, rank 0 reports
         return
     err.print(f"{dataset}/{method}/{seed}: val mAP {metrics['val_map']:.2f}, test mAP {metrics['test_map']:.2f} "
               f"(best epoch {metrics['best_epoch']})")
