@@ -16,12 +16,11 @@ makes the flips and RandAugment of a sample a function of that seed alone.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import hashlib
-import os
 
 import numpy as np
 import torch

@@ -137,7 +137,7 @@ class EpochSampler(Sampler):
         if self.world_size == 1:
             return self.n
         if self.shuffle:
-            return -(-self.n // self.world_size)
+            return (self.n + self.world_size - 1) // self.world_size
         return len(range(self.rank, self.n, self.world_size))
 
 
@@ -225,7 +225,7 @@ def load_resume(directory: Path, fingerprint: str) -> tuple[dict[str, Any], dict
         return None
     try:
         state = torch.load(last, map_location="cpu", weights_only=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         raise SpmlError(f"resume checkpoint {last} is unreadable ({type(exc).__name__}); delete {directory} "
                         "or pass --no-resume") from None
     if state.get("fingerprint") != fingerprint or state.get("format") != RESUME_FORMAT:

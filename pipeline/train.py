@@ -20,11 +20,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import __version__, paths
+from pipeline import __version__, paths, runtime
 from pipeline.config import deep_merge, derive_seed, parse_dataclass, scoped
-from pipeline import runtime
-from pipeline.data import (EvalSet, ImageArray, Normalizer, TrainSet, cached_images, load_instance_maps,
-                           pad_instance_classes)
+from pipeline.data import (
+    EvalSet,
+    ImageArray,
+    Normalizer,
+    TrainSet,
+    cached_images,
+    load_instance_maps,
+    pad_instance_classes,
+)
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, MethodContext, build_method, get_method_class
 from pipeline.metrics import mean_average_precision
@@ -248,8 +254,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     num_classes = data.table.num_classes
 
     generator = torch.Generator().manual_seed(run.run_seed)
-    loader_kwargs = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                         worker_init_fn=_seed_worker, persistent_workers=cfg.num_workers > 0)
+    loader_kwargs = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda",
+                     "worker_init_fn": _seed_worker, "persistent_workers": cfg.num_workers > 0}
     train_sampler = runtime.EpochSampler(len(data.train), run.run_seed, True, dist.rank, dist.world_size)
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=train_sampler,
                               generator=generator, drop_last=False, **loader_kwargs)

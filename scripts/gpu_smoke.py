@@ -41,14 +41,14 @@ def _stub_missing(*names: str) -> list[str]:
 STUBBED = _stub_missing("pyarrow", "pyarrow.parquet", "sklearn", "sklearn.metrics", "rich", "rich.console",
                         "rich.progress")
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+from torch.utils.data import DataLoader
 
-from pipeline import runtime  # noqa: E402
-from pipeline.data import EvalSet, Normalizer, TrainSet  # noqa: E402
-from pipeline.methods import MethodContext, build_method  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.train import predict, train_one_epoch  # noqa: E402
+from pipeline import runtime
+from pipeline.data import EvalSet, Normalizer, TrainSet
+from pipeline.methods import MethodContext, build_method
+from pipeline.models import build_model
+from pipeline.train import predict, train_one_epoch
 
 TINY = {"resnet50": {"layers": [1, 1, 1, 1], "width_per_group": 4},
         "q2l": {"layers": [1, 1, 1, 1], "width_per_group": 4, "hidden_dim": 32, "dim_feedforward": 64}}
@@ -108,7 +108,7 @@ def main() -> int:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - t0) / len(loader) * 1000)
-            scores, targets = predict(model, method, DataLoader(EvalSet(images, full), batch_size=args.batch),
+            scores, _ = predict(model, method, DataLoader(EvalSet(images, full), batch_size=args.batch),
                                       norm, amp)
             ok = all(torch.isfinite(torch.tensor(v)) for v in row.values()) and bool(
                 torch.isfinite(torch.from_numpy(scores)).all()) and scores.shape == (n, c)

@@ -35,7 +35,7 @@ def _download_imagenet_v1() -> Path:
     target = hub_checkpoint_path()
     try:
         ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-    except Exception as exc:  # network errors come in many types (URLError, OSError, RuntimeError)
+    except Exception as exc:  # noqa: BLE001 - network errors come in many types (URLError, OSError, RuntimeError)
         raise SpmlError(f"ImageNet weights are not at {target} and the download failed ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); copy {RESNET50_IMAGENET1K_V1_FILE} "
                         "there (or set TORCH_HOME), or pass --weights PATH") from None
@@ -53,7 +53,7 @@ def verified_state_dict(path: str | Path, expected_sha256: str = RESNET50_IMAGEN
                         f"(torchvision ResNet50_Weights.IMAGENET1K_V1); use the right file or set weights_sha256")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unloadable file gets the same advice
         raise SpmlError(f"weights file {path} is not a loadable state dict ({type(exc).__name__}); replace it") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
