@@ -57,7 +57,8 @@ def collect_histories(datasets: list[str], methods: list[str], seeds: list[int],
 
 
 def _active(sub: pd.DataFrame) -> pd.Series:
-    if "fn_active" in sub.columns:
+    """Epochs where the method was flagging: its own ``fn_active`` if it reports one, else flagged > 0."""
+    if "fn_active" in sub.columns and sub["fn_active"].notna().any():
         return sub["fn_active"].fillna(0) > 0
     return sub["fn_flagged"].fillna(0) > 0
 
@@ -124,7 +125,7 @@ def diagnostics_figure(hist: pd.DataFrame, out: Path) -> None:
         for (dataset, method), sub in hist.groupby(["dataset", "method"], sort=False):
             label = f"{dataset}/{method}" if multi else method
             mean = sub.groupby("epoch").mean(numeric_only=True)
-            active = mean.get("fn_active", (mean["fn_flagged"] > 0).astype(float)) > 0
+            active = _active(mean)
             for ax, (col, title) in zip(panels, CURVES):
                 if col in mean.columns:
                     ax.plot(mean.index, mean[col].where(active), marker=".", label=label)
