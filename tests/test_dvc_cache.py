@@ -7,7 +7,6 @@ byte-identical reports. The same trained repository serves the `spml check-lock`
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
