@@ -84,7 +84,7 @@ def test_ignore_loss_normalises_by_kept_entries():
     keep = torch.tensor([[1., 0], [1, 1]])
     exact = (math.log(2) + softplus(-1) + math.log(2)) / 3
     assert approx(ig.ignore_loss(zs, y, keep, "exact"), exact)
-    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    s = lambda x: 1 / (1 + math.exp(-x))
     eps = (-math.log(s(0) + 1e-5) - math.log(1 - s(-1) + 1e-5) - math.log(s(0) + 1e-5)) / 3
     assert approx(ig.ignore_loss(zs, y, keep, "eps"), eps)
     # all kept: the plain AN mean over B*C
@@ -213,8 +213,8 @@ def _reference_loss(method, model, batch, reject_on):
 @pytest.mark.parametrize("warmup_mode", ["code", "an"])
 def test_warmup_switch_and_full_loss(warmup_mode):
     observed = torch.tensor([[1., 0, 0], [0, 0, 1]])
-    params = dict(cam_threshold=0.5, warmup_epochs=1, warmup_mode=warmup_mode, gap_decay=0.5, avg_decay=0.5,
-                  spbc_weight=0.3, reg_weight=0.7, ignore_weight=1.1, loss_form="exact")
+    params = {"cam_threshold": 0.5, "warmup_epochs": 1, "warmup_mode": warmup_mode, "gap_decay": 0.5, "avg_decay": 0.5,
+                  "spbc_weight": 0.3, "reg_weight": 0.7, "ignore_weight": 1.1, "loss_form": "exact"}
     method = build_method("ignore", params, _ctx())
     model = ChannelCAM(3)
     batch = _batch(observed)
@@ -253,7 +253,7 @@ def test_warmup_switch_and_full_loss(warmup_mode):
 
 def test_variants_components():
     observed = torch.tensor([[1., 0, 0], [0, 0, 1]])
-    common = dict(warmup_epochs=0, gap_decay=0.0, avg_decay=0.0, loss_form="exact", reg_weight=0.5)
+    common = {"warmup_epochs": 0, "gap_decay": 0.0, "avg_decay": 0.0, "loss_form": "exact", "reg_weight": 0.5}
     model = ChannelCAM(3)
     batch = _batch(observed)
     y = batch.positives
@@ -268,7 +268,7 @@ def test_variants_components():
 
 
 def test_batch_without_positive_neither_crashes_nor_poisons_tau():
-    method = build_method("ignore", dict(warmup_epochs=0, gap_decay=0.5), _ctx())
+    method = build_method("ignore", {"warmup_epochs": 0, "gap_decay": 0.5}, _ctx())
     model = ChannelCAM(3)
     out = method.training_step(model, _batch(torch.zeros(2, 3)), 1)
     assert torch.isfinite(out.loss) and float(method.tau) == 0.0 and float(method.tau_updates) == 0
@@ -277,7 +277,7 @@ def test_batch_without_positive_neither_crashes_nor_poisons_tau():
 
 
 def test_batchwise_normalisation_runs_in_the_step():
-    method = build_method("ignore", dict(cam_norm="batch", warmup_epochs=0), _ctx())
+    method = build_method("ignore", {"cam_norm": "batch", "warmup_epochs": 0}, _ctx())
     out = method.training_step(ChannelCAM(3), _batch(torch.tensor([[1., 0, 0], [0, 0, 1]])), 1)
     assert torch.isfinite(out.loss)
 
@@ -286,9 +286,9 @@ def test_params_validation_and_state_roundtrip():
     from pipeline.errors import SpmlError
 
     with pytest.raises(SpmlError, match="gap_decay"):
-        build_method("ignore", dict(gap_decay=1.0), _ctx())
+        build_method("ignore", {"gap_decay": 1.0}, _ctx())
     with pytest.raises(SpmlError, match="cam_norm"):
-        build_method("ignore", dict(cam_norm="pixel"), _ctx())
+        build_method("ignore", {"cam_norm": "pixel"}, _ctx())
     m = build_method("ignore", {}, _ctx())
     m.tau = torch.tensor(0.7)
     m2 = build_method("ignore", {}, _ctx())

@@ -238,7 +238,7 @@ def mask_coverage(mask: torch.Tensor, positives: torch.Tensor, instances: torch.
     """
     cls, has_pos = positive_index(positives)
     inst = instances.long()
-    b, k = instance_classes.shape
+    _b, k = instance_classes.shape
     slot = (inst - 1).clamp(0, k - 1).flatten(1)
     pixel_class = instance_classes.gather(1, slot).view_as(inst)
     pixel_class = torch.where(inst > 0, pixel_class, torch.full_like(pixel_class, -1))
