@@ -22,8 +22,9 @@ TMP_MARK = ".tmp-"
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    """A hidden temporary next to ``path``, tagged with this process's id (see remove_stale_temporaries)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}{TMP_MARK}"
+    prefix = f".{path.name}{TMP_MARK}{os.getpid()}-"
     if is_dir:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
     fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
@@ -31,13 +32,32 @@ def _tmp_sibling(path: Path, is_dir: bool) -> Path:
     return Path(name)
 
 
+def _owner_alive(temporary: Path, marker: str) -> bool:
+    pid = temporary.name[len(marker):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries left by a stage that was killed with SIGKILL (nothing else leaves them)."""
+    """Delete temporaries left by a process killed with SIGKILL (nothing else leaves them).
+
+    Temporaries of live processes are kept: two runs may build the same output (e.g. the shared image
+    cache) at once, and the last rename wins with identical content.
+    """
     path = Path(path)
     if not path.parent.exists():
         return
-    for stale in path.parent.glob(f".{path.name}{TMP_MARK}*"):
-        _remove(stale)
+    marker = f".{path.name}{TMP_MARK}"
+    for stale in path.parent.glob(f"{marker}*"):
+        if not _owner_alive(stale, marker):
+            _remove(stale)
 
 
 def _remove(path: Path) -> None:
