@@ -365,7 +365,8 @@ class Ignore(Method):
         meter.add_mean("gap_sp", gap, y)
         meter.add_mean("gap_tn", gap, unannotated * (batch.full <= 0).float())
         meter.add_mean("gap_fn", gap, unannotated * (batch.full > 0).float())
-        meter.add_mean("mask_area", mask, torch.ones_like(mask))
+        area = mask.mean(dim=(1, 2))  # same pixel count per image: the pooled mean is the mean of these
+        meter.add_mean("mask_area", area, torch.ones_like(area))
         meter.set_value("tau", tau)
         if batch.instances is not None and batch.instance_classes is not None:
             kept, w_pos, removed, w_other = mask_coverage(mask, y, batch.instances, batch.instance_classes)
