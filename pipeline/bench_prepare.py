@@ -41,9 +41,8 @@ SHAPES = {  # phase: (images, annotated images, annotations), as in COCO 2014
 }
 BENCH_ROWS = 512  # rows handed to the training-step benchmark
 
-OURS = r"""
-import json, resource, sys, time
-t0 = time.perf_counter()
+PEAK_MB = r"""
+import resource
 def peak_mb():
     # VmHWM: this process's own high-water RSS. ru_maxrss is not used: Linux carries it over from the parent
     # across fork + exec, so a child of a large parent (spml bench imports torch) would report the parent's RSS.
@@ -55,6 +54,11 @@ def peak_mb():
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+OURS = PEAK_MB + r"""
+import json, sys, time
+t0 = time.perf_counter()
 from pathlib import Path
 from stages.prepare import build_label_table
 from pipeline.tables import write_label_table
@@ -66,20 +70,9 @@ t2 = time.perf_counter()
 print(json.dumps({"call_s": t2 - t1, "import_s": t1 - t0, "peak_mb": peak_mb()}))
 """
 
-COMMUNITY = r"""
-import json, resource, sys, time, io, contextlib
+COMMUNITY = PEAK_MB + r"""
+import json, sys, time, io, contextlib
 t0 = time.perf_counter()
-def peak_mb():
-    # VmHWM: this process's own high-water RSS. ru_maxrss is not used: Linux carries it over from the parent
-    # across fork + exec, so a child of a large parent (spml bench imports torch) would report the parent's RSS.
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import numpy as np
 from pycocotools.coco import COCO
 raw, out = sys.argv[1], sys.argv[2]

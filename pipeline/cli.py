@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,7 +32,7 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def download(dataset: DatasetArg,
-             source: Annotated[Optional[Path], typer.Option("--from", help="local archive or extracted folder")] = None,
+             source: Annotated[Path | None, typer.Option("--from", help="local archive or extracted folder")] = None,
              params: ParamsOption = Path("params.yaml")):
     """Download (or generate, or import from --from) a dataset into data/raw/DATASET."""
     from stages import download as stage
@@ -62,8 +62,8 @@ def sample(dataset: DatasetArg, params: ParamsOption = Path("params.yaml")):
 @app.command("import-npy")
 def import_npy(directory: Annotated[Path, typer.Argument(help="folder with formatted_{train,val}_{images,labels}.npy")],
                name: Annotated[str, typer.Option("--name", help="dataset name to register")],
-               images: Annotated[Optional[Path], typer.Option("--images", help="image root (default DIR)")] = None,
-               classes: Annotated[Optional[Path], typer.Option("--classes", help="class names, one a line")] = None):
+               images: Annotated[Path | None, typer.Option("--images", help="image root (default DIR)")] = None,
+               classes: Annotated[Path | None, typer.Option("--classes", help="class names, one a line")] = None):
     """Register a dataset given as the field's formatted .npy files (then prepare/sample/train it)."""
     from stages import import_npy as stage
 
@@ -86,10 +86,10 @@ def train(dataset: DatasetArg,
           method: Annotated[str, typer.Argument(help="method name, e.g. an, full, ignore")],
           seed: Annotated[int, typer.Option(help="training seed")] = 0,
           params: ParamsOption = Path("params.yaml"),
-          out: Annotated[Optional[Path], typer.Option(help="output dir (default runs/DATASET/METHOD/SEED)")] = None,
+          out: Annotated[Path | None, typer.Option(help="output dir (default runs/DATASET/METHOD/SEED)")] = None,
           resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                                help="continue an interrupted run from its last epoch checkpoint")] = True,
-          weights: Annotated[Optional[str], typer.Option(
+          weights: Annotated[str | None, typer.Option(
               help="ResNet-50 trunk weights: none, imagenet, or a .pth path (SHA-256 checked); "
                    "overrides models.<model>.weights")] = None):
     """Train one method on one dataset with one seed; writes metrics, history, config and checkpoint.
@@ -177,13 +177,13 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
           device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
           num_classes: Annotated[int, typer.Option(help="classes of the random bench data")] = 20,
           dataset: Annotated[str, typer.Option(help="dataset whose method_params blocks apply")] = "synthetic",
-          prepare: Annotated[Optional[str], typer.Option(
+          prepare: Annotated[str | None, typer.Option(
               help="DATASET: bench on pipeline.bench_prepare.run(DATASET) data instead of random data")] = None,
-          threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (CPU)")] = None,
+          threads: Annotated[int | None, typer.Option(help="torch intra-op threads (CPU)")] = None,
           amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast where supported (CUDA only)")] = False,
           channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC model and batches")] = False,
-          weights: Annotated[Optional[str], typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
-          model_kwargs: Annotated[Optional[str], typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
+          weights: Annotated[str | None, typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
+          model_kwargs: Annotated[str | None, typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
           params: ParamsOption = Path("params.yaml")):
     """Median training-step time, images/s, ratio to AN and memory of METHODS on one model and batch.
 

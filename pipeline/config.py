@@ -24,7 +24,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.errors import SpmlError
 
 DEFAULT_PARAMS = Path("params.yaml")

@@ -135,7 +135,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def terminate_cleanly() -> None:
     """Turn SIGTERM into SystemExit so ``atomic_*`` contexts delete their temporaries on ``kill``."""
 
-    def _handler(signum, frame):  # noqa: ARG001
+    def _handler(signum, frame):
         raise SystemExit(128 + signum)
 
     with contextlib.suppress(ValueError):  # not in the main thread (e.g. under a test runner)

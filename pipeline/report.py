@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -68,6 +67,6 @@ def summary_metrics(runs: pd.DataFrame) -> dict[str, Any]:
             "test_map_mean": round(float(tm.mean()), 4),
             "test_map_std": round(float(tm.std(ddof=1)), 4) if len(tm) > 1 else 0.0,
             "val_map_mean": round(float(sub.val_map.astype(float).mean()), 4),
-            "n": int(len(tm)),
+            "n": len(tm),
         }
     return out

@@ -72,7 +72,7 @@ def labels_hash(labels: np.ndarray, image_id: np.ndarray) -> str:
 
 
 def _label_column(labels: np.ndarray) -> pa.Array:
-    n, c = labels.shape
+    _, c = labels.shape
     flat = pa.array(np.ascontiguousarray(labels, dtype=np.int8).reshape(-1), type=pa.int8())
     return pa.FixedSizeListArray.from_arrays(flat, c)
 
@@ -101,7 +101,7 @@ def read_table(path: str | Path, label_column: str, what: str, hint: str) -> Lab
         raise SpmlError(f"{what} {path} does not exist; {hint}")
     try:
         arrow = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise SpmlError(f"{what} {path} is not a readable Parquet file ({exc}); {hint}") from None
     required = ("image_id", "path", "official_split", "official_index", "split", label_column)
     missing = [name for name in required if name not in arrow.column_names]

@@ -38,7 +38,7 @@ def build_label_table(dataset: str, raw_dir: Path, data_params: dict, val_fracti
         "split_seed": split_seed,
         "val_fraction": val_fraction,
         "stats": {
-            "num_train": int(len(train_idx)), "num_val": int(len(val_idx)), "num_test": int(n_test),
+            "num_train": len(train_idx), "num_val": len(val_idx), "num_test": int(n_test),
             # k of EPR/ROLE: mean number of true positives per training image
             "mean_positives_train": float(train_rows.sum(1).mean()) if len(train_rows) else 0.0,
             "class_frequency_train": train_rows.mean(0).round(6).tolist() if len(train_rows) else [],

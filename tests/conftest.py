@@ -66,6 +66,16 @@ def tiny_workspace(tiny_data_dir, tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """An empty working directory (cwd) holding only the tiny params.yaml."""
+    work = tmp_path / "work"
+    work.mkdir()
+    write_params(work, tiny_params())
+    monkeypatch.chdir(work)
+    return work
+
+
 def copy_repo(dest: Path) -> Path:
     """Copy the repository's tracked and untracked-but-not-ignored files (a clean-clone stand-in)."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,

@@ -234,7 +234,7 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
                "observed": observed[[3, 0, 4]], "full": full[[3, 0, 4]]},
               {"index": torch.tensor([1, 2]), "image": images_with_logits(logits[[1, 2]]),
                "observed": observed[[1, 2]], "full": full[[1, 2]]}]
-    prepare = lambda item: make_batch(logits[item["index"]], item["observed"], item["full"], item["index"])  # noqa: E731
+    prepare = lambda item: make_batch(logits[item["index"]], item["observed"], item["full"], item["index"])
     apl.on_epoch_end(1, StubModel(3), loader, prepare)  # before W: nothing
     assert not apl.pseudo_mask.any()
     apl.on_epoch_end(2, StubModel(3), loader, prepare)
@@ -368,7 +368,7 @@ def test_boostlu_is_used_at_train_and_test_time_with_ll_r():
     model = StubModel(3)  # CAM = logits + (1, -1; -1, 1): z = 0 -> cells 1,-1,-1,1 -> (5 - 2 + 5)/4 = 2
     method = build_method("boostlu", {"alpha": 5.0, "delta_percent": 0.0}, make_ctx([[1.0, 0, 0]]))
     boosted = method.predict(model, images_with_logits([[0.0, 0.5, -3.0]]))
-    cells = lambda z: [z + 1, z - 1, z - 1, z + 1]  # noqa: E731
+    cells = lambda z: [z + 1, z - 1, z - 1, z + 1]
     expected = [sum(5 * c if c > 0 else c for c in cells(z)) / 4 for z in (0.0, 0.5, -3.0)]
     assert boosted[0].tolist() == pytest.approx(expected)
     loss = method.training_step(model, make_batch([[0.0, 0.5, -3.0]], [[1.0, 0, 0]]), 1).loss.item()
@@ -456,7 +456,7 @@ def apl_round(rows_seen: list[int]) -> torch.Tensor:
     index = torch.tensor(rows_seen)
     loader = [{"index": index, "image": images_with_logits(APL_LOGITS[index]), "observed": APL_OBSERVED[index],
                "full": APL_OBSERVED[index]}]
-    prepare = lambda item: make_batch(APL_LOGITS[item["index"]], item["observed"], index=item["index"])  # noqa: E731
+    prepare = lambda item: make_batch(APL_LOGITS[item["index"]], item["observed"], index=item["index"])
     apl.on_epoch_end(1, StubModel(3), loader, prepare)
     return apl.pseudo_mask
 

@@ -55,7 +55,7 @@ def test_every_baseline_trains_two_epochs(method, run_params, tmp_path):
 
 def test_adding_a_method_is_one_module_and_one_params_entry(run_params, tmp_path, monkeypatch):
     """A toy method in a new module file on the package path, plus its params entry, trains end to end."""
-    import pipeline.methods as methods
+    from pipeline import methods
     from stages import train
 
     package = tmp_path / "plugins"

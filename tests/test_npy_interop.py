@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from real_fixtures import make_coco, make_voc
 from typer.testing import CliRunner
@@ -35,17 +34,6 @@ def community_observed(labels: np.ndarray, seed: int = 1200) -> np.ndarray:
         rng.shuffle(negative)  # consumes draws although num_neg = 0 selects nothing
         observed[i, negative[:0]] = -1
     return observed
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    from conftest import tiny_params, write_params
-
-    work = tmp_path / "work"
-    work.mkdir()
-    write_params(work, tiny_params())
-    monkeypatch.chdir(work)
-    return work
 
 
 def make_formatted(folder: Path, images_root: Path, n_train=40, n_val=16, num_classes=6, seed=1) -> dict:

@@ -34,17 +34,6 @@ from pipeline.tables import read_label_table
 runner = CliRunner(env={"NO_COLOR": "1", "TERM": "dumb"})
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    from conftest import tiny_params, write_params
-
-    work = tmp_path / "work"
-    work.mkdir()
-    write_params(work, tiny_params())
-    monkeypatch.chdir(work)
-    return work
-
-
 def invoke(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result

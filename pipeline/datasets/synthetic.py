@@ -184,7 +184,7 @@ def generate(out_dir: Path, params: dict[str, Any]) -> None:
                 objects = []
                 for k, cls in enumerate(classes):
                     ys, xs = np.nonzero(instances == k + 1)
-                    objects.append({"instance": k + 1, "class": CLASS_NAMES[cls], "area": int(len(xs)),
+                    objects.append({"instance": k + 1, "class": CLASS_NAMES[cls], "area": len(xs),
                                     "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]})
                 records.append({"id": f"{split}_{index:05d}", "split": split, "file": f"{split}/{name}",
                                 "mask": f"{split}/{name}", "objects": objects})

@@ -24,7 +24,7 @@ class FalseNegativeMeter:
         self.reset()
 
     def reset(self) -> None:
-        zeros = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        zeros = lambda: torch.zeros((), dtype=torch.float64, device=self.device)
         self.flagged = zeros()
         self.flagged_fn = zeros()
         self.false_negatives = zeros()
