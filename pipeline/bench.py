@@ -7,7 +7,13 @@ training loop does per batch: ``method.training_step`` + ``zero_grad`` + ``backw
 + ``after_optimizer_step``; data loading and augmentation are not timed. The step runs at the last epoch
 of a notional 10-epoch run, past any warm-up, so methods that reject after a warm-up do so.
 
-Output, one line per method: median ms/step, images/s, ratio of the median to AN's as ``N.NNx``, and memory:
+Host memory: like ``spml train``, the bench first makes glibc's malloc keep freed memory for reuse
+(``runtime.cache_host_memory``; params ``train.host_malloc_cache``); ``--host-malloc system`` times glibc's
+default instead, which page-faults each step's activations in again (it costs IGNORE, with its larger working
+set, relatively more than AN). The header line says which one ran.
+
+Output, one line per method: median ms/step, images/s, ratio of the median to AN's as ``N.NNx``, the median
+minor page faults of the process per step (Unix), and memory:
 on CUDA the peak of ``torch.cuda.max_memory_allocated`` during the method's steps (all models' weights
 included) and the part above the allocation at step start; on CPU the bytes of the tensors autograd saves
 for backward in one step (an estimate of activation memory, measured with saved-tensor hooks), since a
@@ -64,6 +70,8 @@ class BenchResult:
     memory_mib: float | None = None
     memory_step_mib: float | None = None
     memory_kind: str = ""
+    host_malloc: str = ""  # "cache" (runtime.cache_host_memory applied) or "system"
+    page_faults: list[int] = field(default_factory=list)  # minor page faults of the process per timed step
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -160,7 +168,7 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
               dataset: str = "synthetic", params_path: Path | None = Path("params.yaml"), seed: int = 0,
               prepare: str | None = None, num_batches: int = 4, threads: int | None = None,
               amp: bool = False, channels_last: bool = False, weights: str | None = None,
-              model_kwargs: dict[str, Any] | None = None) -> list[BenchResult]:
+              model_kwargs: dict[str, Any] | None = None, host_malloc: str | None = None) -> list[BenchResult]:
     from pipeline import runtime
     from pipeline.methods import MethodContext, build_method, get_method_class
     from pipeline.models import build_model
@@ -193,6 +201,13 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         data = random_data(batch_size * num_batches, num_classes, image_size, seed)
 
     params = _load_params(params_path)
+    if host_malloc is None:  # as training does: params train.host_malloc_cache (default on)
+        from pipeline.config import scoped
+
+        host_malloc = "cache" if scoped(params.get("train"), dataset, model).get("host_malloc_cache", True) else "system"
+    if host_malloc not in ("cache", "system"):
+        raise BenchError(f"--host-malloc {host_malloc!r}: use cache or system")
+    malloc_used = "cache" if host_malloc == "cache" and runtime.cache_host_memory() else "system"
     extra_kwargs = model_kwargs or {}
     model_kwargs = dict((params.get("models") or {}).get(model) or {})
     model_kwargs.update(extra_kwargs)
@@ -239,6 +254,14 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
             method.after_optimizer_step(batch, BENCH_EPOCHS)
         return step
 
+    try:
+        import resource
+
+        def faults() -> int:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # not on Unix
+        faults = None
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -250,7 +273,7 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
             make_step(net, method, opt, batches[i % len(batches)])()
     sync()
 
-    results = {name: BenchResult(name, [], batch_size) for name, *_ in runners}
+    results = {name: BenchResult(name, [], batch_size, host_malloc=malloc_used) for name, *_ in runners}
     for i in range(steps):
         batch = batches[i % len(batches)]
         for name, net, method, opt in runners:
@@ -259,10 +282,13 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
                 start_alloc = torch.cuda.memory_allocated(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
             sync()
+            f0 = faults() if faults else 0
             t0 = time.perf_counter()
             step()
             sync()
             results[name].times_ms.append(1000.0 * (time.perf_counter() - t0))
+            if faults:
+                results[name].page_faults.append(faults() - f0)
             if dev.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(dev)
                 r = results[name]
@@ -294,8 +320,9 @@ def format_results(results: list[BenchResult], header: dict[str, Any] | None = N
             mem = f"saved-for-backward {r.memory_step_mib:.1f} MiB (CPU estimate via autograd saved-tensor hooks)"
         else:
             mem = "memory n/a"
+        faults = f"  {statistics.median(r.page_faults):7.0f} page faults/step" if r.page_faults else ""
         lines.append(f"{r.method:<{width}}  {r.median_ms:8.2f} ms/step  {r.images_per_s:8.1f} img/s  "
-                     f"{ratio:>6} vs an  {mem}")
+                     f"{ratio:>6} vs an{faults}  {mem}")
     return "\n".join(lines)
 
 
@@ -319,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="trunk weights (none, imagenet, PATH); default: random init")
     p.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help='extra model arguments, e.g. \'{"layers": [1, 1, 1, 1]}\' for a tiny ResNet')
+    p.add_argument("--host-malloc", choices=["cache", "system"], default=None,
+                   help="glibc malloc keeps freed memory (cache) or returns it (system); default: params "
+                        "train.host_malloc_cache, on")
     p.add_argument("--prepare", default=None, metavar="DATASET",
                    help="benchmark on data from pipeline.bench_prepare.run(DATASET)")
     return p
@@ -336,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_bench(methods, args.model, args.image_size, args.batch_size, args.steps, args.warmup,
                             args.device, args.num_classes, args.dataset, args.params, args.seed, args.prepare,
                             threads=args.threads, amp=args.amp == "on", channels_last=args.channels_last,
-                            weights=args.weights, model_kwargs=extra)
+                            weights=args.weights, model_kwargs=extra, host_malloc=args.host_malloc)
     except json.JSONDecodeError as exc:
         print(f"error: --model-kwargs is not valid JSON ({exc})", file=sys.stderr)
         return 2
@@ -352,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "steps": args.steps, "device": results and _device_name(args.device),
                                    "amp": _amp_name(args.amp == "on", args.device),
                                    "channels_last": args.channels_last,
+                                   "host_malloc": results[0].host_malloc if results else "",
                                    "torch": torch.__version__, "threads": torch.get_num_threads()}))
     return 0
 

@@ -184,6 +184,9 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
           channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC model and batches")] = False,
           weights: Annotated[str | None, typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
           model_kwargs: Annotated[str | None, typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
+          host_malloc: Annotated[str | None, typer.Option(
+              help="cache: glibc malloc keeps freed memory, as spml train does; system: glibc's default. "
+                   "Default: params train.host_malloc_cache")] = None,
           params: ParamsOption = Path("params.yaml")):
     """Median training-step time, images/s, ratio to AN and memory of METHODS on one model and batch.
 
@@ -202,7 +205,8 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
         try:
             return bench_mod.run_bench(names, model, image_size, batch_size, steps, warmup, device, num_classes,
                                        dataset, params, 0, prepare, threads=threads, amp=amp,
-                                       channels_last=channels_last, weights=weights, model_kwargs=extra)
+                                       channels_last=channels_last, weights=weights, model_kwargs=extra,
+                                       host_malloc=host_malloc)
         except bench_mod.BenchError as exc:
             raise SpmlError(str(exc)) from None
 
@@ -210,7 +214,8 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
     typer.echo(bench_mod.format_results(results, {"model": model, "image_size": image_size, "batch": batch_size,
                                                   "steps": steps, "device": bench_mod._device_name(device),
                                                   "amp": bench_mod._amp_name(amp, device),
-                                                  "channels_last": channels_last}))
+                                                  "channels_last": channels_last,
+                                                  "host_malloc": results[0].host_malloc if results else ""}))
 
 
 def main() -> None:  # pragma: no cover - console entry point

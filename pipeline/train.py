@@ -57,6 +57,7 @@ class TrainConfig:
     strong_num_ops: int = 3  # RandAugment of the strong view
     strong_magnitude: int = 5
     deterministic: bool = True  # torch deterministic algorithms (CPU metrics are then reproducible)
+    host_malloc_cache: bool = True  # glibc malloc keeps freed memory for reuse (runtime.cache_host_memory)
     # GPU path (see pipeline/runtime.py); all of it is ignored or a no-op on CPU
     amp: bool = False  # mixed precision (CUDA only)
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16 + GradScaler
@@ -241,6 +242,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     cfg = run.train
     dist = dist or runtime.DistContext()
     seed_everything(run.run_seed, cfg.deterministic)
+    if cfg.host_malloc_cache:
+        runtime.cache_host_memory()
     device = pick_device(cfg.device)
     if device.type == "cuda":
         if dist.enabled:

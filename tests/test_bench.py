@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from pipeline import bench
+from pipeline import bench, runtime
 from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,8 @@ def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["bench", "--methods", "an,nope"] + TINY)
     assert result.exit_code == 2 and "unknown method 'nope'" in result.output
+    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--host-malloc", "jemalloc"] + TINY)
+    assert result.exit_code == 2 and "--host-malloc 'jemalloc': use cache or system" in result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an", "--prepare", "voc2012"] + TINY)
     if not (REPO / "pipeline" / "bench_prepare.py").exists():
         assert result.exit_code == 2 and "bench_prepare" in result.output
@@ -49,3 +53,28 @@ def test_results_are_relative_to_an():
     rs = [bench.BenchResult("an", [10.0, 12.0, 11.0], 8), bench.BenchResult("ignore", [25.0, 24.0, 26.0], 8)]
     text = bench.format_results(rs)
     assert "2.27x" in text and "727.3 img/s" in text  # 25/11; 8 images in 11 ms
+
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_cached_host_memory_leaves_ignore_steps_without_page_faults(tmp_path):
+    """The synthetic model at its real size (64 px, batch 32): with glibc's defaults IGNORE's step page-faults
+    its activations in again (thousands of faults a step); with the cache, steady-state steps fault ~never."""
+    code = "import sys; from pipeline.bench import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "--methods", "an,ignore", "--steps", "5", "--warmup", "2",
+                          "--device", "cpu", "--threads", "1", "--host-malloc", "cache"], cwd=tmp_path, check=False,
+                         capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "host_malloc=cache" in out.stdout.splitlines()[0]
+    faults = {ln.split()[0]: float(re.search(r"(\d+) page faults/step", ln).group(1))
+              for ln in out.stdout.splitlines()[1:]}
+    assert set(faults) == {"an", "ignore"} and faults["ignore"] < 200, out.stdout
+
+
+def test_cache_host_memory_is_a_no_op_off_glibc(monkeypatch):
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
+    assert runtime.cache_host_memory() is False
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Darwin")
+    assert runtime.cache_host_memory() is False
