@@ -378,13 +378,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-    print(format_results(results, {"model": args.model, "image_size": args.image_size, "batch": args.batch_size,
-                                   "steps": args.steps, "device": results and _device_name(args.device),
-                                   "amp": _amp_name(args.amp == "on", args.device),
-                                   "channels_last": args.channels_last,
-                                   "host_malloc": results[0].host_malloc if results else "",
-                                   "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    print(format_results(results, run_header(results, args.model, args.image_size, args.batch_size, args.steps,
+                                             args.device, args.amp == "on", args.channels_last)))
     return 0
+
+
+def run_header(results: list[BenchResult], model: str, image_size: int, batch_size: int, steps: int, device: str,
+               amp: bool, channels_last: bool) -> dict[str, Any]:
+    """The settings a bench ran with, for the ``# ...`` line above the results."""
+    return {"model": model, "image_size": image_size, "batch": batch_size, "steps": steps,
+            "device": _device_name(device), "amp": _amp_name(amp, device), "channels_last": channels_last,
+            "host_malloc": results[0].host_malloc if results else "",
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def _amp_name(amp: bool, device: str) -> str:

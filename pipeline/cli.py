@@ -211,11 +211,8 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
             raise SpmlError(str(exc)) from None
 
     results = _run(_bench)
-    typer.echo(bench_mod.format_results(results, {"model": model, "image_size": image_size, "batch": batch_size,
-                                                  "steps": steps, "device": bench_mod._device_name(device),
-                                                  "amp": bench_mod._amp_name(amp, device),
-                                                  "channels_last": channels_last,
-                                                  "host_malloc": results[0].host_malloc if results else ""}))
+    typer.echo(bench_mod.format_results(results, bench_mod.run_header(results, model, image_size, batch_size, steps,
+                                                                      device, amp, channels_last)))
 
 
 def main() -> None:  # pragma: no cover - console entry point
