@@ -1,0 +1,173 @@
+"""Strong-view augmentation of PLC + LAC (Xie et al., NeurIPS 2022), without ImageNet normalisation.
+
+Source: the official code ``xiemk/SPML-LAC`` (``lib/dataset/get_dataset.py``: ``CutoutPIL`` and the
+``strong`` pipeline of ``TransformUnlabeled_WS``) and the pip package ``randaugment`` 1.0.2 (jizongFox's
+UDA-style ``RandAugment``) that it imports. This module is a fresh implementation of the same rules; the
+package itself cannot be used because it calls ``np.int`` (removed in numpy 1.24).
+
+Strong view, after the caller's RandomHorizontalFlip + Resize (:func:`lac_strong_view`):
+
+1. :func:`cutout_pil`: one rectangle of ``int(0.5 * side + 0.5)`` per axis around a uniform random centre,
+   clipped to the image, filled with a uniform random RGB colour. The official code draws it with PIL's
+   inclusive ``rectangle`` so an unclipped box is ``2 * (cut // 2) + 1`` pixels wide (225 at 448).
+2. :func:`rand_augment`: 2 ops, each uniform over the 15 of :data:`RA_OPS` with a uniform magnitude in
+   1..9 and applied with probability 0.5, in order. Magnitude ``m`` indexes the package's
+   ``linspace(lo, hi, 10)``; see the op functions for each range.
+3. ColorJitter(0.4, 0.4, 0.4, 0.1) with probability 0.8, then RandomGrayscale(p = 0.2).
+4. A (3, H, W) uint8 tensor (``ToTensor`` of the official code is this divided by 255).
+
+Differences: all randomness comes from torch's global RNG (the originals use python ``random`` and numpy),
+so a sample's view is a function of the torch seed only; the exact random streams therefore differ.
+The official ``CutoutPIL`` swaps width and height when it samples and clips the centre (it reads
+``size[0]`` as the height); that matters only for non-square images, where this module uses the correct
+axes. It also paints the caller's image in place; this module works on a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+FILL = (128, 128, 128)           # the package's fill for shear / translate / rotate
+RA_CUTOUT_FILL = (125, 122, 113)  # the package's Cutout colour (an ImageNet-mean grey)
+NUM_OPS, OP_PROB, MAX_MAGNITUDE = 2, 0.5, 9
+
+_JITTER = transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)
+
+
+def _randint(low: int, high: int) -> int:
+    return int(torch.randint(low, high, ()).item())
+
+
+def _sign() -> int:
+    return 1 if _randint(0, 2) else -1
+
+
+def _level(magnitude: int, lo: float, hi: float) -> float:
+    """``numpy.linspace(lo, hi, 10)[magnitude]``, the package's magnitude table, bit for bit (numpy computes
+    ``k * step + lo`` and pins the end point; e.g. 6 * 0.3 / 9 would differ in the last bit)."""
+    return hi if magnitude == MAX_MAGNITUDE else magnitude * ((hi - lo) / MAX_MAGNITUDE) + lo
+
+
+def _affine(img: Image.Image, coeffs: tuple, resample) -> Image.Image:
+    return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample, fillcolor=FILL)
+
+
+def shear_x(img: Image.Image, magnitude: int) -> Image.Image:
+    return _affine(img, (1, _sign() * _level(magnitude, 0, 0.3), 0, 0, 1, 0), Image.Resampling.BICUBIC)
+
+
+def shear_y(img: Image.Image, magnitude: int) -> Image.Image:
+    return _affine(img, (1, 0, 0, _sign() * _level(magnitude, 0, 0.3), 1, 0), Image.Resampling.BICUBIC)
+
+
+def translate_x(img: Image.Image, magnitude: int) -> Image.Image:
+    # The package passes no resample here, i.e. PIL's default NEAREST (unlike shear's BICUBIC).
+    shift = _sign() * _level(magnitude, 0, 150 / 331) * img.size[0]
+    return _affine(img, (1, 0, shift, 0, 1, 0), Image.Resampling.NEAREST)
+
+
+def translate_y(img: Image.Image, magnitude: int) -> Image.Image:
+    shift = _sign() * _level(magnitude, 0, 150 / 331) * img.size[1]
+    return _affine(img, (1, 0, 0, 0, 1, shift), Image.Resampling.NEAREST)
+
+
+def rotate(img: Image.Image, magnitude: int) -> Image.Image:
+    # No random sign: the package's signed variant is commented out, so it always turns counter-clockwise.
+    # Its RGBA-composite trick equals a NEAREST rotate with a grey fill.
+    return img.rotate(_level(magnitude, 0, 30), resample=Image.Resampling.NEAREST, fillcolor=FILL)
+
+
+def _enhancer(kind) -> Callable[[Image.Image, int], Image.Image]:
+    def op(img: Image.Image, magnitude: int) -> Image.Image:
+        return kind(img).enhance(1 + _sign() * _level(magnitude, 0, 0.9))
+    return op
+
+
+def posterize(img: Image.Image, magnitude: int) -> Image.Image:
+    # round(linspace(8, 4, 10)): bits 8,7,7,6,6,5,5,4,4 for m = 1..9 (m = 1 keeps all 8 bits).
+    return ImageOps.posterize(img, round(_level(magnitude, 8, 4)))
+
+
+def solarize(img: Image.Image, magnitude: int) -> Image.Image:
+    # The threshold stays a float (256 - 256 m / 9) as in the package; PIL inverts pixels >= it.
+    return ImageOps.solarize(img, _level(magnitude, 256, 0))
+
+
+def ra_cutout(img: Image.Image, magnitude: int) -> Image.Image:
+    """The package's Cutout: size round(20 m / 9) px (2..20, absolute, not relative to the image), a
+    square of side 2 * (size // 2) around a uniform centre, clipped, filled with :data:`RA_CUTOUT_FILL`."""
+    half = round(_level(magnitude, 0, 20)) // 2
+    w, h = img.size
+    cx, cy = _randint(0, w), _randint(0, h)
+    out = img.copy()
+    out.paste(RA_CUTOUT_FILL, (max(cx - half, 0), max(cy - half, 0), min(cx + half, w), min(cy + half, h)))
+    return out
+
+
+RA_OPS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
+    # The package's order (the index drawn by :func:`sample_ops`).
+    "Invert": lambda img, m: ImageOps.invert(img),
+    "Cutout": ra_cutout,
+    "Sharpness": _enhancer(ImageEnhance.Sharpness),
+    "AutoContrast": lambda img, m: ImageOps.autocontrast(img),
+    "Posterize": posterize,
+    "ShearX": shear_x,
+    "TranslateX": translate_x,
+    "TranslateY": translate_y,
+    "ShearY": shear_y,
+    "Rotate": rotate,
+    "Equalize": lambda img, m: ImageOps.equalize(img),
+    "Contrast": _enhancer(ImageEnhance.Contrast),
+    "Color": _enhancer(ImageEnhance.Color),
+    "Solarize": solarize,
+    "Brightness": _enhancer(ImageEnhance.Brightness),
+}
+RA_OP_NAMES = tuple(RA_OPS)
+
+
+def sample_ops(num_ops: int = NUM_OPS, p: float = OP_PROB) -> list[tuple[str, int, bool]]:
+    """Draw (op name, magnitude, applied?) for each slot. The package draws one of the 135 x 135 op pairs
+    uniformly, which is the same as independent uniform (op, magnitude) draws per slot."""
+    idx = torch.randint(0, len(RA_OP_NAMES), (num_ops,)).tolist()
+    mags = torch.randint(1, MAX_MAGNITUDE + 1, (num_ops,)).tolist()
+    applied = (torch.rand(num_ops) < p).tolist()
+    return [(RA_OP_NAMES[i], m, a) for i, m, a in zip(idx, mags, applied, strict=True)]
+
+
+def rand_augment(img: Image.Image, num_ops: int = NUM_OPS, p: float = OP_PROB) -> Image.Image:
+    for name, magnitude, applied in sample_ops(num_ops, p):
+        if applied:
+            img = RA_OPS[name](img, magnitude)
+    return img
+
+
+def cutout_pil(img: Image.Image, factor: float = 0.5) -> Image.Image:
+    """The official ``CutoutPIL`` (see the module docstring for the box size and the axis fix)."""
+    w, h = img.size
+    half_w, half_h = int(factor * w + 0.5) // 2, int(factor * h + 0.5) // 2
+    cx, cy = _randint(0, w), _randint(0, h)
+    colour = tuple(torch.randint(0, 256, (3,)).tolist())
+    out = img.copy()
+    # +1 on the far edge: the official box is drawn with PIL's inclusive rectangle.
+    box = (max(cx - half_w, 0), max(cy - half_h, 0), min(cx + half_w + 1, w), min(cy + half_h + 1, h))
+    out.paste(colour, box)
+    return out
+
+
+def lac_strong_view(image: Image.Image, *, p_jitter: float = 0.8, p_gray: float = 0.2) -> torch.Tensor:
+    """The LAC strong view of an already flipped and resized image: a (3, H, W) uint8 tensor.
+
+    ``p_jitter`` / ``p_gray`` default to the official values; they are parameters so tests can force a path.
+    """
+    img = cutout_pil(image.convert("RGB"))
+    img = rand_augment(img)
+    if torch.rand(()) < p_jitter:
+        img = _JITTER(img)
+    if torch.rand(()) < p_gray:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    return TF.pil_to_tensor(img)
