@@ -126,6 +126,7 @@ def exp(preset: Annotated[str, typer.Argument(help="preset name under `presets:`
     DVC's matrix reads datasets/methods/seeds from params.yaml as written, so a preset's grid must be
     passed with -S as well; this command does both, so every preset is one command.
     """
+    import itertools
     import json
     import shlex
     import subprocess
@@ -134,19 +135,44 @@ def exp(preset: Annotated[str, typer.Argument(help="preset name under `presets:`
 
     from pipeline.config import preset_grid
 
-    def build():
+    def build() -> list[list[str]]:
         if not params.exists():
             raise SpmlError(f"params file {params} does not exist; run from the repository root")
-        grid = preset_grid(yaml.safe_load(params.read_text()) or {}, preset)
+        raw = yaml.safe_load(params.read_text()) or {}
+        grid = preset_grid(raw, preset)
         cmd = ["dvc", "exp", "run", "-S", f"preset={preset}"]
         for key, values in grid.items():
             cmd += ["-S", f"{key}={json.dumps(values).replace(' ', '')}"]
-        return cmd + (["--queue"] if queue else [])
+        # a preset with `sweep: {dotted.key: [values]}` is one queued experiment per combination
+        sweep = (raw.get("presets") or {}).get(preset, {}).get("sweep") or {}
+        points = itertools.product(*[[(key, v) for v in values] for key, values in sweep.items()])
+        return [cmd + [arg for key, v in point for arg in ("-S", f"{key}={json.dumps(v)}")]
+                + (["--queue"] if queue or sweep else []) for point in points]
 
-    cmd = _run(build)
-    err.print(shlex.join(cmd), highlight=False, soft_wrap=True)
+    cmds = _run(build)
+    for cmd in cmds:
+        err.print(shlex.join(cmd), highlight=False, soft_wrap=True)
     if not dry_run:
-        raise typer.Exit(subprocess.call(cmd))
+        for cmd in cmds:
+            if code := subprocess.call(cmd):
+                raise typer.Exit(code)
+        if len(cmds) > 1:
+            err.print(f"queued {len(cmds)} experiments; run them with `dvc exp run --run-all`")
+
+
+@app.command()
+def config(dataset: DatasetArg,
+           method: Annotated[str, typer.Argument(help="method name, e.g. ignore")],
+           seed: Annotated[int, typer.Option(help="training seed")] = 0,
+           params: ParamsOption = Path("params.yaml")):
+    """Print the fully resolved run configuration as JSON (what `spml train` records in config.json)."""
+    import json
+
+    from pipeline.config import load_params
+    from pipeline.train import resolve_run_config
+
+    run = _run(lambda: resolve_run_config(load_params(params), dataset, method, seed))
+    typer.echo(json.dumps(run.to_dict(), indent=2))
 
 
 @app.command("check-lock")

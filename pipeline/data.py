@@ -2,8 +2,13 @@
 
 Images are decoded once, resized to the training size and held as a uint8 tensor (N, 3, S, S); the
 per-sample work left in the loader is a flip and, for the strong view, RandAugment. Normalisation runs
-on the device, on the whole batch. (The official IGNORE code applies RandAugment at full resolution
-before resizing; we apply it to the resized image, which is what makes the in-memory cache possible.)
+on the device, on the whole batch.
+
+The strong view follows the official IGNORE code: RandAugment runs on the full-resolution image, *before*
+the resize (its translations are a fraction of the full image, its nearest-neighbour rotations and shears
+act on full-resolution pixels), then the resize and an independent flip. An image stored at the training
+size already (the synthetic data) is the cached array itself, so there the cache is used; any other is
+decoded from its file for the strong view (the weak view still comes from the cache).
 
 For the paper's datasets at 448 px the images do not fit in RAM (COCO: ~74 GB of uint8), so
 :func:`cached_images` decodes and resizes them once into ``data/cache/<dataset>/<size>-<key>.npy``, a
@@ -159,14 +164,21 @@ def pad_instance_classes(instance_classes: list[list[int]]) -> torch.Tensor:
 
 
 class TrainSet(Dataset):
-    """Weak view (random horizontal flip) and, on request, an independent strong view
-    (random horizontal flip + RandAugment)."""
+    """Weak view (random horizontal flip) and, on request, an independent strong view.
+
+    ``augment="standard"``: strong = RandAugment on the full-resolution image (``source``: the image root
+    and each row's file, read when its size differs from the cached one), resize, random flip.
+    ``augment="lac"`` (Xie et al.): strong = random flip of the resized image, then
+    :func:`pipeline.augment.lac_strong_view`.
+    """
 
     def __init__(self, images: torch.Tensor, observed: torch.Tensor, full: torch.Tensor,
                  strong: bool = False, strong_num_ops: int = 3, strong_magnitude: int = 5,
-                 instances: torch.Tensor | None = None, instance_classes: torch.Tensor | None = None):
+                 instances: torch.Tensor | None = None, instance_classes: torch.Tensor | None = None,
+                 source: tuple[Path, list[str]] | None = None, augment: str = "standard"):
         self.images, self.observed, self.full = images, observed, full
         self.instances, self.instance_classes = instances, instance_classes
+        self.source, self.augment = source, augment
         self.randaugment = RandAugment(num_ops=strong_num_ops, magnitude=strong_magnitude) if strong else None
 
     def __len__(self) -> int:
@@ -189,9 +201,33 @@ class TrainSet(Dataset):
             item["instances"] = self.instances[i].flip(-1) if flip else self.instances[i]
             item["instance_classes"] = self.instance_classes[i]
         if self.randaugment is not None:
-            strong = image.flip(-1) if bool(torch.rand(()) < 0.5) else image
-            item["strong"] = self.randaugment(strong)
+            item["strong"] = self._strong(i, image)
         return item
+
+    def _strong(self, i: int, image: torch.Tensor) -> torch.Tensor:
+        if self.augment == "lac":
+            from pipeline.augment import lac_strong_view
+
+            flipped = image.flip(-1) if bool(torch.rand(()) < 0.5) else image
+            return lac_strong_view(Image.fromarray(flipped.permute(1, 2, 0).numpy()))
+        size = tuple(image.shape[-2:])
+        full = self._full_resolution(i, size)
+        if full is None:  # stored at the training size: RandAugment, then the flip, on the cached pixels
+            strong = self.randaugment(image)
+        else:
+            strong = self.randaugment(full).resize(size[::-1], Image.BILINEAR)
+            strong = torch.from_numpy(np.asarray(strong).copy()).permute(2, 0, 1)
+        return strong.flip(-1) if bool(torch.rand(()) < 0.5) else strong
+
+    def _full_resolution(self, i: int, size: tuple[int, int]) -> Image.Image | None:
+        """The row's original image when it is larger or smaller than the training size, else None."""
+        if self.source is None:
+            return None
+        root, rel_paths = self.source
+        with Image.open(root / rel_paths[i]) as probe:  # reads the header only
+            if probe.size == size[::-1]:
+                return None
+        return _open(root / rel_paths[i], "RGB")
 
 
 class EvalSet(Dataset):
@@ -208,14 +244,17 @@ class EvalSet(Dataset):
 
 @dataclass
 class Normalizer:
-    """uint8 images to ImageNet-normalised floats, on the device, for a whole batch at once."""
+    """uint8 images to ImageNet-normalised floats (or to [0, 1] with ``imagenet=False``, Xie et al.'s
+    pipeline), on the device, for a whole batch at once."""
 
     device: torch.device
     channels_last: bool = False
+    imagenet: bool = True
 
     def __post_init__(self):
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.imagenet else ((0.0,) * 3, (1.0,) * 3)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float()

@@ -94,6 +94,15 @@ def broadcast_buffers(ctx: DistContext, model: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
+def broadcast_object(ctx: DistContext, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank; identity without DDP."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_arrays(ctx: DistContext, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Concatenate each array over all ranks (rank order); identity without DDP."""
     if not ctx.enabled:
@@ -286,3 +295,32 @@ def clear_resume(directory: Path) -> None:
             break
         if parent.name == ".resume":
             break
+
+
+# --------------------------------------------------------------------------------------------------
+# weight EMA
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights *and* buffers, updated after every optimizer
+    step (Xie et al.'s ModelEma, decay 0.9997): float entries move by ``decay``, integer ones (BatchNorm's
+    counters) are copied. ``model`` is a frozen copy in eval mode that evaluation can use as a model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        if not 0.0 < decay < 1.0:
+            raise SpmlError(f"params train.weight_ema must be in (0, 1) or null, got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for ema_value, value in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if ema_value.dtype.is_floating_point:
+                ema_value.mul_(self.decay).add_(value.detach(), alpha=1.0 - self.decay)
+            else:
+                ema_value.copy_(value)
+

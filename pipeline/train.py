@@ -66,6 +66,17 @@ class TrainConfig:
     sync_bn: bool = True  # DDP: BatchNorm statistics over all ranks' samples (the global batch)
     scheduler: Literal["none", "onecycle"] = "none"  # onecycle: OneCycleLR (max_lr = lr), stepped every iteration
     onecycle_pct_start: float = 0.2
+    # protocol knobs (params `protocols`: each method's authors' published training protocol)
+    drop_last: bool = False  # drop the last partial training batch
+    eval_drop_last: bool = False  # also drop the last partial val/test batch (Cole et al.'s loaders)
+    # none | no_improvement: stop after the first epoch whose val mAP is not a new best (Zhou et al.) |
+    # drop: stop once val mAP falls more than early_stop_value points below the best (Kim et al.) |
+    # patience: stop once early_stop_value epochs passed without a new best (Xie et al.)
+    early_stop: Literal["none", "no_improvement", "drop", "patience"] = "none"
+    early_stop_value: float = 0.0
+    weight_ema: float | None = None  # decay of an every-step EMA of the weights; each epoch keeps the better
+    augment: Literal["standard", "lac"] = "standard"  # lac: Xie et al.'s views, no ImageNet normalisation
+    init_from: str | None = None  # stage 1: train this method first (same dataset/seed/params), start from its best
 
 
 @dataclass
@@ -74,6 +85,7 @@ class RunConfig:
     method: str
     seed: int
     run_seed: int
+    protocol: str
     train: TrainConfig
     model_kwargs: dict[str, Any]
     method_params: dict[str, Any]
@@ -82,18 +94,38 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+PROTOCOLS = ("unified", "original")
+
+
+def protocol_block(params: dict[str, Any], method: str, base: str | None) -> tuple[str, dict[str, Any]]:
+    """The active protocol's name and its block for ``method`` (a variant falls back to its base's)."""
+    protocol = params.get("protocol", "unified")
+    if protocol not in PROTOCOLS:
+        raise SpmlError(f"params protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    blocks = (params.get("protocols") or {}).get(protocol) or {}
+    block = blocks.get(method, blocks.get(base) if base else None)
+    if protocol == "original" and block is None:
+        raise SpmlError(f"params protocols.original has no block for method {method!r}; add one (docs/protocols.md)")
+    return protocol, block or {}
+
+
 def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: int) -> RunConfig:
+    """The run's full configuration: ``train`` blocks, then the active protocol's block for the method
+    (``protocol: original``: its authors' published protocol), then the method's params."""
     method_cls = get_method_class(method)  # unknown method names fail first, listing the valid ones
+    base = getattr(method_cls, "params_base", None)
     train_section = params.get("train") or {}
     model = scoped(train_section, dataset).get("model", TrainConfig.model)
-    train = parse_dataclass(TrainConfig, scoped(train_section, dataset, model), "train")
+    protocol, proto = protocol_block(params, method, base)
+    train = parse_dataclass(TrainConfig, deep_merge(scoped(train_section, dataset, model),
+                                                    scoped(proto, dataset, model)), f"train ({protocol} protocol)")
     model_kwargs = dict((params.get("models") or {}).get(train.model) or {})
     blocks = params.get("method_params") or {}
     # a variant (e.g. ignore-gap) reads its base method's block first, then its own block overrides it
-    base = getattr(method_cls, "params_base", None)
     method_params = deep_merge(scoped(blocks.get(base), dataset, train.model) if base else {},
                                scoped(blocks.get(method), dataset, train.model))
-    return RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), train, model_kwargs, method_params)
+    return RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), protocol, train, model_kwargs,
+                     method_params)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -157,7 +189,8 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
         inst = load_instance_maps(root, [table.extras["mask_path"][i] for i in tr], cfg.image_size)
         inst_classes = pad_instance_classes([table.extras["instance_classes"][i] for i in tr])
     train = TrainSet(images["train"], torch.from_numpy(observed.labels[rows["train"]].astype(np.float32)),
-                     full[rows["train"]], strong, cfg.strong_num_ops, cfg.strong_magnitude, inst, inst_classes)
+                     full[rows["train"]], strong, cfg.strong_num_ops, cfg.strong_magnitude, inst, inst_classes,
+                     source=(root, [table.path[i] for i in rows["train"]]), augment=cfg.augment)
     return RunData(train, EvalSet(images["val"], full[rows["val"]]), EvalSet(images["test"], full[rows["test"]]),
                    table, rows["train"])
 
@@ -171,8 +204,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, method: Method) ->
 
 
 def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normalizer, epoch: int,
-                    bar=None, task=None, scheduler=None, scaler=None, amp: torch.dtype | None = None
-                    ) -> dict[str, float]:
+                    bar=None, task=None, scheduler=None, scaler=None, amp: torch.dtype | None = None,
+                    ema: runtime.WeightEMA | None = None) -> dict[str, float]:
     """One pass over ``loader``; no host-device synchronisation inside the loop (logs stay on the device)."""
     model.train()
     method.on_epoch_start(epoch)
@@ -194,6 +227,8 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
         if scheduler is not None:
             scheduler.step()
         method.after_optimizer_step(batch, epoch)
+        if ema is not None:
+            ema.update(model)
         total_loss += out.loss.detach().float()
         for key, value in out.logs.items():
             log_sums[key] = log_sums.get(key, 0) + value.detach().float()
@@ -232,12 +267,33 @@ def evaluate(model, method: Method, loader, normalize: Normalizer, amp: torch.dt
     return mean_average_precision(targets, scores)
 
 
+def should_stop(rule: str, value: float, history: list[dict[str, Any]]) -> bool:
+    """The protocol's early-stopping rule, after the last epoch of ``history`` (rows with ``val_map``: the
+    selected model's, and ``val_map_raw``/``val_map_ema`` when a weight EMA runs)."""
+    maps = [row["val_map"] for row in history]
+    if rule == "none" or len(maps) < 2:
+        return False
+    if rule == "no_improvement":  # Zhou et al.: the first epoch that is not a new best ends training
+        return maps[-1] <= max(maps[:-1])
+    if rule == "drop":  # Kim et al.: val mAP more than `value` points below the best so far
+        return max(maps) - maps[-1] > value
+    if rule == "patience":  # Xie et al.: `value` epochs past both the best epoch and the best raw-model epoch,
+        raw = [row.get("val_map_raw", row["val_map"]) for row in history]  # while the EMA is below its best
+        since = len(maps) - 1 - max(int(np.argmax(maps)), int(np.argmax(raw)))
+        ema = [row["val_map_ema"] for row in history if "val_map_ema" in row]
+        return since > value and (not ema or ema[-1] < max(ema))
+    raise SpmlError(f"unknown early-stopping rule {rule!r}")
+
+
 def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
-        dist: runtime.DistContext | None = None) -> dict[str, Any]:
+        dist: runtime.DistContext | None = None, init_model: dict[str, torch.Tensor] | None = None,
+        stage1: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one (dataset, method, seed) run and write its outputs into ``out_dir`` (rank 0 only).
 
     With ``resume_dir``, a checkpoint is written there after every epoch and, when one for the same
     config exists, training continues from it; the directory is removed once the outputs are written.
+    ``init_model``: starting weights (a previous stage's best; keys the model lacks or adds are allowed),
+    ``stage1`` that stage's metrics, recorded in this run's.
     """
     cfg = run.train
     dist = dist or runtime.DistContext()
@@ -261,12 +317,19 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
                      "worker_init_fn": _seed_worker, "persistent_workers": cfg.num_workers > 0}
     train_sampler = runtime.EpochSampler(len(data.train), run.run_seed, True, dist.rank, dist.world_size)
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=train_sampler,
-                              generator=generator, drop_last=False, **loader_kwargs)
+                              generator=generator, drop_last=cfg.drop_last, **loader_kwargs)
     val_loader, test_loader = (
         DataLoader(split, batch_size=cfg.eval_batch_size, **loader_kwargs, generator=torch.Generator(),
-                   sampler=runtime.EpochSampler(len(split), 0, False, dist.rank, dist.world_size))
+                   sampler=runtime.EpochSampler(len(split), 0, False, dist.rank, dist.world_size),
+                   drop_last=cfg.eval_drop_last)
         for split in (data.val, data.test))
-    normalize = Normalizer(device, channels_last=cfg.channels_last)
+    for name, loader, size in (("batch_size", train_loader, cfg.batch_size),
+                               ("eval_batch_size", val_loader, cfg.eval_batch_size),
+                               ("eval_batch_size", test_loader, cfg.eval_batch_size)):
+        if len(loader) == 0:
+            raise SpmlError(f"train.{name} {size} with drop_last leaves no batch of the {len(loader.dataset)} "
+                            "images of a split; lower it")
+    normalize = Normalizer(device, channels_last=cfg.channels_last, imagenet=cfg.augment != "lac")
 
     stats = data.table.meta.get("stats", {})
     ctx = MethodContext(
@@ -279,8 +342,11 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     model = build_model(cfg.model, num_classes, **{**run.model_kwargs, **method.model_kwargs()})
     if dist.enabled and cfg.sync_bn and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if init_model is not None:
+        model.load_state_dict(init_model, strict=False)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model, method)
+    ema = runtime.WeightEMA(model, cfg.weight_ema) if cfg.weight_ema is not None else None
     scheduler = runtime.build_scheduler(cfg.scheduler, optimizer, cfg.epochs, len(train_loader),
                                         cfg.onecycle_pct_start)
     amp = runtime.amp_dtype(cfg.amp, cfg.amp_dtype, device)
@@ -300,6 +366,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         method.load_state_dict(state["method"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
         history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["train_seconds"]
         best = {"val_map": state["best_val_map"], "epoch": state["best_epoch"],
                 "model": best_state["model"] if best_state else None,
@@ -312,28 +380,38 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     started = time.perf_counter() - elapsed
+    stopped = should_stop(cfg.early_stop, cfg.early_stop_value, history) if history else False
     with progress_bar() as bar:
         task = bar.add_task(f"{run.dataset}/{run.method}/{run.seed}", total=cfg.epochs * len(train_loader),
                             completed=(start_epoch - 1) * len(train_loader))
         for epoch in range(start_epoch, cfg.epochs + 1):
+            if stopped:
+                break
             t0 = time.perf_counter()
             if dist.enabled:  # rank-distinct dropout / method randomness, reproducible per epoch
                 torch.manual_seed(derive_seed(run.run_seed, dist.rank, epoch))
             train_sampler.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch}
             row.update(train_one_epoch(train_model, method, train_loader, optimizer, normalize, epoch, bar, task,
-                                       scheduler, scaler, amp))
+                                       scheduler, scaler, amp, ema))
             method.on_epoch_end(epoch, model, train_loader, normalize.batch)
             row.update(method.epoch_diagnostics())
             runtime.broadcast_buffers(dist, model)
             val = evaluate(model, method, val_loader, normalize, amp, dist)
+            selected = model
+            if ema is not None:  # Xie et al.: each epoch keeps the better of the raw and the EMA weights
+                val_ema = evaluate(ema.model, method, val_loader, normalize, amp, dist)
+                row["val_map_raw"], row["val_map_ema"] = val.map, val_ema.map
+                if val_ema.map > val.map:
+                    val, selected = val_ema, ema.model
             row["val_map"] = val.map
             row["epoch_seconds"] = time.perf_counter() - t0
             history.append(row)
             if val.map > best["val_map"]:
                 best = {"val_map": val.map, "epoch": epoch,
-                        "model": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+                        "model": copy.deepcopy({k: v.detach().cpu() for k, v in selected.state_dict().items()}),
                         "method": _to_cpu(method.state_dict())}
+            stopped = should_stop(cfg.early_stop, cfg.early_stop_value, history)
             if resume_dir is not None and dist.is_main:
                 runtime.save_resume(resume_dir, {
                     "fingerprint": fingerprint, "epoch": epoch, "history": history,
@@ -342,6 +420,7 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "method": method.state_dict(), "rng": runtime.rng_state(),
                     "loader_generator": generator.get_state(), "best_val_map": best["val_map"],
+                    "ema": ema.model.state_dict() if ema is not None else None,
                     "train_seconds": time.perf_counter() - started,
                 }, {"model": best["model"], "method": best["method"]}, best["epoch"])
             bar.update(task, description=f"{run.dataset}/{run.method}/{run.seed} val mAP {val.map:.2f}")
@@ -352,10 +431,13 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     metrics = {
         "dataset": run.dataset, "method": run.method, "model": cfg.model, "seed": run.seed,
         "val_map": best["val_map"], "test_map": test.map, "best_epoch": best["epoch"],
-        "epochs": cfg.epochs, "train_seconds": time.perf_counter() - started,
+        "epochs": cfg.epochs, "epochs_run": len(history), "protocol": run.protocol,
+        "train_seconds": time.perf_counter() - started,
         "test_classes_without_positives": test.classes_without_positives,
         "class_names": data.table.class_names, "test_per_class_ap": test.per_class_ap,
         "versions": {"spml_bench": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "stage1": {k: stage1[k] for k in ("method", "val_map", "test_map", "best_epoch", "epochs_run")}
+        if stage1 else None,
         "device": str(device), "world_size": dist.world_size, "amp": str(amp).replace("torch.", "") if amp else "off",
     }
     if dist.is_main:

@@ -227,7 +227,7 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
     observed = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0]])
     full = torch.tensor([[1.0, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [1, 0, 0]])
     # E = 4, W = 2: U = (3, 4, 4), quota int(0.9*U/2) = (1, 1, 1)
-    apl = build_method("em-apl", {"warmup": 2, "theta": 0.9}, make_ctx(observed, epochs=4))
+    apl = build_method("em-apl", {"warmup": 2, "theta": 0.9, "quota_epochs": 4}, make_ctx(observed, epochs=4))
     assert apl.quota.tolist() == [1, 1, 1]
     logits = torch.tensor([[0.0, -3.0, 1.0], [-2.0, 0.0, -1.0], [2.0, -0.5, 0.0], [-1.0, 0.5, -4.0], [0.0, 1.0, 2.0]])
     loader = [{"index": torch.tensor([3, 0, 4]), "image": images_with_logits(logits[[3, 0, 4]]),
@@ -290,8 +290,23 @@ def test_ll_schedule_voc_worked_values(epoch, expected):
 def test_ll_schedule_coco_fixed_and_float_noise():
     assert [L.large_loss_count(1280, e, 0.2) for e in (1, 2, 10)] == [0, 3, 24]  # spec's COCO values
     assert [L.large_loss_count(320, e, 0.1, fixed=True) for e in (1, 2, 5, 10)] == [0, 1, 1, 1]  # LL-Cp
-    assert L.large_loss_count(1000, 10, 0.1) == 9  # 1000·0.001·9 = 9.000000000000002 in floats
     assert L.large_loss_count(10, 30, 50.0) == 10  # never more than the batch
+
+
+@pytest.mark.parametrize("entries,epoch,delta,expected,why", [
+    # the official clean_rate after 9 subtractions of 0.001 leaves 1 - clean_rate = 0.009000000000000008,
+    # so B·C·(1 - clean_rate) = 9.000000000000007 and the ceiling gives 10 (the exact schedule says 9)
+    (1000, 10, 0.1, 10, "9.000000000000007"),
+    # VOC at batch 8 (B·C = 160), Δ = 0.5 %, epoch 6: 1 - clean_rate = 0.025000000000000022 -> 4.0000000000000036
+    (160, 6, 0.5, 5, "4.0000000000000036"),
+    (320, 10, 0.2, 6, "5.760000000000005"),
+])
+def test_ll_schedule_follows_the_official_float_arithmetic(entries, epoch, delta, expected, why):
+    clean_rate = 1.0  # the official per-epoch update, written out: clean_rate -= delta_rel after each epoch
+    for _ in range(epoch - 1):
+        clean_rate -= delta / 100
+    assert repr(entries * (1 - clean_rate)) == why
+    assert L.large_loss_count(entries, epoch, delta) == expected
 
 
 def test_large_loss_mask_includes_ties_and_skips_observed():

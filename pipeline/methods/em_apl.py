@@ -3,7 +3,8 @@
 After every epoch e ≥ W (warm-up), one inference pass over the training set (model.eval(), the train
 loader, as in the official code) picks, per class i, the int(θ·U_i/(E − W)) still-unknown entries with
 the lowest predicted probability, where U_i is the number of unknowns of class i in the *initial*
-observed labels. Those become soft negatives with target s = their probability at labelling time,
+observed labels and E is the official code's epoch count (``quota_epochs``, 10: the quota keeps the
+authors' arithmetic when our protocol trains longer; rounds then go on until the candidates run out). Those become soft negatives with target s = their probability at labelling time,
 trained with β·BCE(f; s). Labels accumulate over rounds, so about θ of the unknowns are labelled over
 the E − W rounds that affect training (the official round after the last epoch, which changes
 nothing, is skipped). State: the pseudo-label mask and soft targets, keyed by training row.
@@ -29,19 +30,20 @@ class EntropyMaximisationAPL(EntropyMaximisation):
         alpha: float = 0.2  # weight of the entropy term on the remaining unknowns
         beta: float = 0.02  # weight of the soft pseudo-negative BCE
         theta: float = 0.9  # fraction of the initial unknowns pseudo-labelled over all rounds
-        warmup: int = 10  # W: the first round runs after epoch W
+        warmup: int = 5  # W: the first round runs after epoch W (VOC's value)
+        quota_epochs: int = 10  # E of the quota: the official code's 10 epochs, whatever train.epochs is
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         p = self.params
-        if not 1 <= p.warmup < ctx.epochs:
-            raise SpmlError(f"method_params.em-apl.warmup must be in [1, train.epochs) = [1, {ctx.epochs}), "
-                            f"got {p.warmup}")
+        if not 1 <= p.warmup < min(ctx.epochs, p.quota_epochs):
+            raise SpmlError(f"method_params.em-apl.warmup must be in [1, min(train.epochs, quota_epochs)) = "
+                            f"[1, {min(ctx.epochs, p.quota_epochs)}), got {p.warmup}")
         if not 0 <= p.theta <= 1 or p.beta < 0:
             raise SpmlError(f"method_params.em-apl: theta must be in [0, 1] and beta >= 0, got "
                             f"theta={p.theta}, beta={p.beta}")
         self.initial_unknown = (ctx.observed_train <= 0).sum(dim=0)  # U_i (no observed negatives in SPML)
-        self.quota = apl_quota(self.initial_unknown, p.theta, ctx.epochs, p.warmup)
+        self.quota = apl_quota(self.initial_unknown, p.theta, p.quota_epochs, p.warmup)
         shape = ctx.observed_train.shape
         self.pseudo_mask = torch.zeros(shape, dtype=torch.bool, device=ctx.device)
         self.pseudo_target = torch.zeros(shape, dtype=torch.float32, device=ctx.device)

@@ -123,17 +123,26 @@ def lowest_k_per_class(probs: torch.Tensor, candidates: torch.Tensor, quota: tor
 # --- Kim et al. 2022 / 2023 ---------------------------------------------------------------------------
 
 def large_loss_count(entries: int, epoch: int, delta_percent: float, fixed: bool = False) -> int:
-    """k of the LL schedule for a batch of ``entries`` = B·C loss entries in epoch ``epoch`` (from 1).
+    """k of the LL schedule for a batch of ``entries`` = B·C loss entries in epoch ``epoch`` (from 1), with
+    the official code's arithmetic, floating point included.
 
-    Δ is given in percent. LL-R/LL-Ct: k = ceil(B·C·(e − 1)·Δ/100); LL-Cp (``fixed``): k = ceil(B·C·Δ/100)
-    from epoch 2 on. Epoch 1 is plain AN (k = 0). The product is rounded to 9 decimals before the
-    ceiling, so 0.1 + 0.2-style float noise cannot add one entry (the official code's repeated
-    subtraction can; we implement the stated schedule).
+    LL-R/LL-Ct: a ``clean_rate`` starts at 1.0 and has Δ/100 subtracted after every epoch; while it is
+    still exactly 1.0 (epoch 1) nothing is selected, else k = ceil(B·C·(1 − clean_rate)). The repeated
+    subtraction leaves float noise (1 − clean_rate = 0.018000000000000002 after Δ = 0.2 nine times), and
+    the ceiling acts on it, as in the official code. LL-Cp (``fixed``, the BoostLU code's intended one):
+    k = ceil(B·C·Δ/100) from epoch 2 on. Never more than the batch's entries.
     """
     if epoch < 2:
         return 0
-    rate = delta_percent / 100 * (1 if fixed else epoch - 1)
-    return min(entries, math.ceil(round(entries * rate, 9)))
+    delta = delta_percent / 100
+    if fixed:
+        return min(entries, math.ceil(entries * delta))
+    clean_rate = 1.0
+    for _ in range(epoch - 1):
+        clean_rate -= delta
+    if clean_rate == 1.0:
+        return 0
+    return min(entries, math.ceil(entries * (1 - clean_rate)))
 
 
 def large_loss_mask(loss: torch.Tensor, unobserved: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""Protocols as data: every paper-preset row resolves to the protocol that docs/protocols.md lists for it,
+and the protocol knobs (early stopping, weight EMA, drop_last, LAC views, two stages) do what they say."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from pipeline.config import load_params, preset_grid
+from pipeline.train import resolve_run_config, should_stop
+from tests.conftest import REPO
+
+FIELDS = ("epochs", "batch_size", "lr", "head_lr_mult", "optimizer", "weight_decay", "scheduler", "drop_last",
+          "eval_drop_last", "early_stop", "early_stop_value", "weight_ema", "augment", "init_from")
+
+
+def _value(text: str):
+    if text == "-":
+        return None
+    return yaml.safe_load(text if not text[0].isdigit() else str(float(text)) if "e" in text else text)
+
+
+def protocol_table() -> list[dict]:
+    """The rows of the protocols table in docs/protocols.md."""
+    lines = (REPO / "docs" / "protocols.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | dataset | model |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        cells["methods"] = [m.strip() for m in cells.pop("method").split(",")]
+        rows.append(cells)
+    return rows
+
+
+def doc_row(rows, method, dataset, model) -> dict:
+    matches = [r for r in rows if method in r["methods"] and r["dataset"] in (dataset, "*")
+               and r["model"] in (model, "*")]
+    assert matches, f"docs/protocols.md has no row for {method} on {dataset}/{model}"
+    return max(matches, key=lambda r: (r["dataset"] != "*") + (r["model"] != "*"))
+
+
+def preset_params(tmp_path, preset: str) -> dict:
+    params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params["preset"] = preset
+    params.update(preset_grid(params, preset))  # what `spml exp PRESET` passes to DVC with -S
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return load_params(path)
+
+
+@pytest.mark.parametrize("preset", ["paper-resnet50", "paper-q2l"])
+def test_every_paper_preset_row_resolves_to_the_documented_protocol(tmp_path, preset):
+    params = preset_params(tmp_path, preset)
+    rows = protocol_table()
+    assert params["protocol"] == "original"
+    checked = 0
+    for dataset in params["datasets"]:
+        for method in params["methods"]:
+            run = resolve_run_config(params, dataset, method, 0)
+            assert run.protocol == "original"
+            row = doc_row(rows, method, dataset, run.train.model)
+            for field in FIELDS:
+                expected = _value(row[field])
+                actual = getattr(run.train, field)
+                if field == "early_stop_value" and expected is None:
+                    continue  # the rule takes no value
+                if isinstance(actual, float) or isinstance(expected, float):
+                    assert actual == pytest.approx(float(expected)), (method, dataset, field)
+                else:
+                    assert actual == expected, (method, dataset, field, actual, expected)
+            assert run.train.amp is False  # fp32 everywhere, as the official code
+            checked += 1
+    assert checked == len(params["datasets"]) * len(params["methods"])
+
+
+def test_every_method_has_an_original_protocol_and_a_docs_row():
+    from pipeline.methods import get_method_class, method_names
+
+    params = load_params(REPO / "params.yaml")
+    rows = protocol_table()
+    documented = {m for r in rows for m in r["methods"]}
+    for name in method_names():
+        base = get_method_class(name).params_base
+        assert name in params["protocols"]["original"] or base in params["protocols"]["original"], name
+        assert name in documented, name
+
+
+def test_default_is_the_unified_protocol_in_fp32():
+    run = resolve_run_config(load_params(REPO / "params.yaml"), "synthetic", "em", 0)
+    assert run.protocol == "unified" and run.train.amp is False and run.train.epochs == 14
+
+
+def test_unknown_protocol_is_a_one_line_error():
+    from pipeline.errors import SpmlError
+
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "authors"
+    with pytest.raises(SpmlError, match="protocol must be one of unified, original"):
+        resolve_run_config(params, "synthetic", "an", 0)
+
+
+def test_cole_grid_is_a_sweep_of_eight_queued_experiments(monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["exp", "cole-grid", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("dvc exp run")]
+    assert len(lines) == 8 and all("--queue" in line for line in lines)
+    assert sum("protocols.original.an.default.lr=1e-05" in line for line in lines) == 2
+    assert sum("protocols.original.an.default.batch_size=8 " in line for line in lines) == 4
+
+
+def test_spml_config_shows_the_official_ignore_defaults(monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["config", "synthetic", "ignore"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.output)
+    assert cfg["method_params"]["cam_norm"] == "batch" and cfg["method_params"]["cam_threshold"] == 0.8
+    assert cfg["train"]["amp"] is False and cfg["protocol"] == "unified"
+    bad = CliRunner().invoke(app, ["config", "synthetic", "no-such-method"])
+    assert bad.exit_code == 2 and "unknown method" in bad.output
+
+
+# ------------------------------------------------------------------------------------ the knobs
+def H(*maps, ema=None):
+    rows = [{"val_map": m} for m in maps]
+    if ema is not None:
+        for row, (raw, e) in zip(rows, ema):
+            row.update(val_map_raw=raw, val_map_ema=e)
+    return rows
+
+
+@pytest.mark.parametrize("rule,value,history,stop", [
+    ("none", 0, H(50, 40, 30), False),
+    ("no_improvement", 0, H(50, 51), False),
+    ("no_improvement", 0, H(50, 51, 51), True),  # a tie is not a new best
+    ("drop", 3, H(50, 48), False),
+    ("drop", 3, H(50, 46.9), True),
+    ("patience", 2, H(50, 49, 49), False),  # 2 epochs since the best: not more than 2
+    ("patience", 2, H(50, 49, 49, 49, ema=[(50, 40), (49, 41), (49, 42), (49, 41)]), True),
+    ("patience", 2, H(50, 49, 49, 49, ema=[(50, 40), (49, 41), (49, 42), (49, 43)]), False),  # EMA at its best
+    ("patience", 2, H(50, 49, 49, 49, ema=[(40, 50), (49, 41), (41, 42), (41, 41)]), False),  # raw best at 2
+])
+def test_early_stopping_rules(rule, value, history, stop):
+    assert should_stop(rule, value, history) is stop
+
+
+def test_weight_ema_tracks_weights_and_copies_counters():
+    from pipeline.runtime import WeightEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, 0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 5
+    ema.update(model)
+    assert torch.allclose(ema.model[0].weight, start + 0.1)
+    assert int(ema.model[1].num_batches_tracked) == 5
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_a_two_stage_run_with_ema_lac_views_and_early_stopping(tiny_workspace):
+    """em started from an `an` stage 1, with every protocol knob on, on the tiny synthetic data."""
+    from stages import train
+
+    params = yaml.safe_load((tiny_workspace / "params.yaml").read_text())
+    params["protocol"] = "original"
+    params["protocols"]["original"]["em"] = {"default": {
+        "epochs": 3, "batch_size": 16, "eval_batch_size": 16, "lr": 3.0e-3, "drop_last": True, "eval_drop_last": True,
+        "early_stop": "no_improvement", "weight_ema": 0.5, "augment": "lac", "init_from": "an"}}
+    params["protocols"]["original"]["an"] = {"default": {"epochs": 2, "batch_size": 16, "lr": 3.0e-3}}
+    (tiny_workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = train.run("synthetic", "em", 0)
+    assert metrics["protocol"] == "original" and metrics["stage1"]["method"] == "an"
+    assert metrics["stage1"]["epochs_run"] == 2 and 2 <= metrics["epochs_run"] <= 3
+    history = (tiny_workspace / "runs/synthetic/em/0/history.csv").read_text()
+    assert "val_map_ema" in history.splitlines()[0]
+    config = json.loads((tiny_workspace / "runs/synthetic/em/0/config.json").read_text())
+    assert config["train"]["init_from"] == "an" and config["train"]["augment"] == "lac"
+    assert not os.path.exists(tiny_workspace / "runs/.resume/synthetic/em/0")
+
+
+# ------------------------------------------------------------------ strong view at full resolution
+def test_strong_view_runs_randaugment_on_the_full_resolution_image_before_the_resize(tmp_path):
+    """The official order: RandAugment(full-resolution PIL image) -> resize -> its own flip."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import RandAugment
+
+    from pipeline.data import TrainSet, load_images
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "native.png")
+    files = ["big.png", "native.png"]
+    cached = load_images(tmp_path, files, 32)
+    train = TrainSet(cached, torch.zeros(2, 3), torch.zeros(2, 3), strong=True, source=(tmp_path, files))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        torch.rand(())  # the weak view's flip comes first
+        full = RandAugment(num_ops=3, magnitude=5)(Image.open(tmp_path / "big.png").convert("RGB"))
+        expected = torch.from_numpy(np.asarray(full.resize((32, 32), Image.BILINEAR)).copy()).permute(2, 0, 1)
+        expected = expected.flip(-1) if bool(torch.rand(()) < 0.5) else expected
+        assert torch.equal(train[(0, seed)]["strong"], expected)
+        # an image stored at the training size augments the cached pixels (identical to its file)
+        torch.manual_seed(seed)
+        torch.rand(())
+        native = RandAugment(num_ops=3, magnitude=5)(cached[1])
+        native = native.flip(-1) if bool(torch.rand(()) < 0.5) else native
+        assert torch.equal(train[(1, seed)]["strong"], native)
+    # resizing first and augmenting after (the old order) gives other pixels
+    torch.manual_seed(0)
+    torch.rand(())
+    resized_first = RandAugment(num_ops=3, magnitude=5)(cached[0])
+    assert not torch.equal(train[(0, 0)]["strong"], resized_first)
