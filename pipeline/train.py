@@ -118,7 +118,7 @@ def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: 
     model = scoped(train_section, dataset).get("model", TrainConfig.model)
     protocol, proto = protocol_block(params, method, base)
     train = parse_dataclass(TrainConfig, deep_merge(scoped(train_section, dataset, model),
-                                                    scoped(proto, dataset, model)), f"train ({protocol} protocol)")
+                                                    scoped(proto, dataset, model)), "train")
     model_kwargs = dict((params.get("models") or {}).get(train.model) or {})
     blocks = params.get("method_params") or {}
     # a variant (e.g. ignore-gap) reads its base method's block first, then its own block overrides it

@@ -467,7 +467,7 @@ APL_LOGITS = torch.tensor([[0.0, -3.0, 1.0], [-2.0, 0.0, -1.0], [2.0, -0.5, 0.0]
 
 
 def apl_round(rows_seen: list[int]) -> torch.Tensor:
-    apl = build_method("em-apl", {"warmup": 1, "theta": 0.9}, make_ctx(APL_OBSERVED, epochs=2))
+    apl = build_method("em-apl", {"warmup": 1, "theta": 0.9, "quota_epochs": 2}, make_ctx(APL_OBSERVED, epochs=2))
     index = torch.tensor(rows_seen)
     loader = [{"index": index, "image": images_with_logits(APL_LOGITS[index]), "observed": APL_OBSERVED[index],
                "full": APL_OBSERVED[index]}]

@@ -48,7 +48,8 @@ def test_paper_preset(tmp_path, preset, model, optimizer, scheduler, gamma):
         assert "plc-lac" in params["methods"]
     else:
         assert weights["cub"]["spbc_weight"] == 0.5 and weights["voc2012"]["spbc_weight"] == 0.1
-        assert resolve_run_config(params, "voc2012", "an", 0).train.head_lr_mult == 10.0
+        assert resolve_run_config(params, "voc2012", "ignore", 0).train.head_lr_mult == 10.0
+        assert resolve_run_config(params, "voc2012", "an", 0).train.head_lr_mult == 1.0  # Cole: one lr
 
 
 def test_a_preset_whose_grid_differs_from_dvcs_grid_is_refused(tmp_path):
