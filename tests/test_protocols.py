@@ -229,3 +229,16 @@ def test_strong_view_runs_randaugment_on_the_full_resolution_image_before_the_re
     torch.rand(())
     resized_first = RandAugment(num_ops=3, magnitude=5)(cached[0])
     assert not torch.equal(train[(0, 0)]["strong"], resized_first)
+
+
+def test_every_preset_names_its_source():
+    """params.yaml: a `# Source:` comment above every preset (or its group), and a docs/ignore.md row."""
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    start = lines.index("presets:")
+    docs = (REPO / "docs" / "ignore.md").read_text()
+    presets = load_params(REPO / "params.yaml")["presets"]
+    for name in presets:
+        at = next(i for i in range(start, len(lines)) if lines[i].startswith(f"  {name}:"))
+        above = [line for line in lines[start:at] if line.startswith("  # Source:")]
+        assert above, f"preset {name} names no source"
+        assert f"`{name}`" in docs or name.startswith("gamma-"), name
