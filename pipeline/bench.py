@@ -407,5 +407,106 @@ def _device_name(device: str) -> str:
     return "cpu"
 
 
+# ------------------------------------------------------------------------- trainings side by side (--parallel)
+
+# The workload of ``spml bench --parallel``: whole tiny trainings, so process start-up, data loading and
+# evaluation count as they do in a grid of cells. A bench setting, deep-merged over the given params.yaml.
+PARALLEL_WORKLOAD: dict[str, Any] = {
+    "data": {"synthetic": {"num_train": 160, "num_test": 40, "image_size": 32, "seed": 0}},
+    "train": {"default": {"model": "smallcnn", "epochs": 2, "batch_size": 16, "image_size": 32, "num_workers": 0,
+                          "threads": None}},
+    "models": {"smallcnn": {"width": 8}},
+}
+
+
+@dataclass
+class ParallelResult:
+    mode: str  # "one after another" or "side by side"
+    wall_s: float
+    threads: list[int]  # torch threads each training used (its metrics.json)
+
+
+def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), threads: int | None = None,
+                       method: str = "an") -> list[ParallelResult]:
+    """Wall time of ``count`` tiny trainings one after another (automatic threads), then side by side with
+    automatic threads, then side by side with ``threads`` each (default: usable CPUs // count) via $SPML_THREADS.
+
+    Runs ``spml`` as subprocesses in a temporary workspace (tiny synthetic data from :data:`PARALLEL_WORKLOAD`).
+    """
+    import contextlib
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from pipeline import runtime
+    from pipeline.config import deep_merge, load_params
+    from pipeline.errors import SpmlError
+
+    if count < 1:
+        raise BenchError(f"--parallel {count}: run at least 1 training")
+    if threads is not None and threads < 1:
+        raise BenchError(f"--threads {threads}: use at least 1 thread")
+    import yaml
+
+    try:
+        params = deep_merge(load_params(params_path), PARALLEL_WORKLOAD)
+    except SpmlError as exc:  # the base params file is missing or invalid
+        raise BenchError(str(exc)) from None
+    share = threads if threads is not None else max(1, runtime.usable_cpus() // count)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+           "SPML_NO_PROGRESS": "1"}
+    env.pop(runtime.THREADS_ENV, None)
+
+    def spml(*args: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env={**env, **(extra_env or {})},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait(procs: list[subprocess.Popen]) -> None:
+        for proc in procs:
+            _, stderr = proc.communicate()
+            if proc.returncode:
+                raise BenchError(f"spml {' '.join(proc.args[3:])} failed: {stderr.strip().splitlines()[-1:]}")
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="spml-bench-parallel-") as tmp:
+        work = Path(tmp)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        from stages import download, prepare, sample
+
+        with contextlib.chdir(work):  # the data stages in this process: three fewer interpreter start-ups
+            for stage in (download, prepare, sample):
+                stage.run("synthetic")
+        wait([spml("train", "synthetic", method, "--out", "runs/warm", "--no-resume", cwd=work)])  # builds the cache
+        modes = [("one after another", False, None), ("side by side", True, None),
+                 ("side by side", True, {runtime.THREADS_ENV: str(share)})]
+        for index, (mode, together, extra_env) in enumerate(modes):
+            outs = [f"runs/{index}-{k}" for k in range(count)]
+            started = time.perf_counter()
+            if together:
+                wait([spml("train", "synthetic", method, "--seed", str(k), "--out", out, "--no-resume", cwd=work,
+                           extra_env=extra_env) for k, out in enumerate(outs)])
+            else:
+                for k, out in enumerate(outs):
+                    wait([spml("train", "synthetic", method, "--seed", str(k), "--out", out, "--no-resume", cwd=work,
+                               extra_env=extra_env)])
+            wall = time.perf_counter() - started
+            used = [json.loads((work / out / "metrics.json").read_text())["threads"] for out in outs]
+            label = f"{mode}, {runtime.THREADS_ENV}={extra_env[runtime.THREADS_ENV]}" if extra_env else f"{mode}, auto"
+            results.append(ParallelResult(label, wall, used))
+    return results
+
+
+def format_parallel(results: list[ParallelResult], count: int) -> str:
+    from pipeline import runtime
+
+    epochs = PARALLEL_WORKLOAD["train"]["default"]["epochs"]
+    lines = [f"# {count} tiny trainings (spml train, {epochs} epochs); usable CPUs {runtime.usable_cpus()}"]
+    for r in results:
+        lines.append(f"{r.mode:<36} wall {r.wall_s:7.2f} s   threads per training {r.threads}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     sys.exit(main())

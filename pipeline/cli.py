@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import SpmlError
 from pipeline.io import terminate_cleanly
@@ -26,7 +27,8 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except SpmlError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message quoting user values ("found [nan]") must not be read as rich markup and vanish
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -188,7 +190,7 @@ def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Pat
         err.print(f"[red]dvc.lock is stale[/red] ({len(problems)} change(s) not reproduced); "
                   "run `dvc repro` and commit dvc.lock and reports/:", highlight=False, soft_wrap=True)
         for problem in problems:
-            err.print(f"  {problem}", highlight=False, soft_wrap=True)
+            err.print(f"  {escape(problem)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     err.print("dvc.lock is fresh: every stage's command, params and source dependencies match.")
 
@@ -213,11 +215,24 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
           host_malloc: Annotated[str | None, typer.Option(
               help="cache: glibc malloc keeps freed memory, as spml train does; system: glibc's default. "
                    "Default: params train.host_malloc_cache")] = None,
+          parallel: Annotated[int | None, typer.Option(
+              help="N: instead, time N tiny whole trainings one after another and side by side (threads each: "
+                   "--threads, default usable CPUs / N)")] = None,
           params: ParamsOption = Path("params.yaml")):
     """Median training-step time, images/s, ratio to AN and memory of METHODS on one model and batch.
 
     Also runnable without typer/dvc: python -m pipeline.bench --methods an,ignore."""
     from pipeline import bench as bench_mod
+
+    if parallel is not None:
+        def _parallel():
+            try:
+                return bench_mod.run_parallel_bench(parallel, params, threads)
+            except bench_mod.BenchError as exc:
+                raise SpmlError(str(exc)) from None
+
+        typer.echo(bench_mod.format_parallel(_run(_parallel), parallel))
+        return
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
 

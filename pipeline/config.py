@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import types
 import typing
 from pathlib import Path
@@ -94,7 +95,41 @@ def scoped(section: dict | None, dataset: str, model: str | None = None) -> dict
     return merged
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric param, declared where the param is: ``lr: Annotated[float, Range(gt=0)]``.
+
+    :func:`parse_dataclass` checks them (and refuses NaN and infinity for every float, bounded or not).
+    """
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def problem(self, value: float) -> str | None:
+        """None if ``value`` is inside the bounds, else what it must be (``'> 0'``, ``'in [0, 1]'``)."""
+        if (self.gt is not None and not value > self.gt) or (self.ge is not None and not value >= self.ge) \
+                or (self.lt is not None and not value < self.lt) or (self.le is not None and not value <= self.le):
+            return self.describe()
+        return None
+
+    def describe(self) -> str:
+        low = f"> {self.gt}" if self.gt is not None else f">= {self.ge}" if self.ge is not None else None
+        high = f"< {self.lt}" if self.lt is not None else f"<= {self.le}" if self.le is not None else None
+        return " and ".join(part for part in (low, high) if part)
+
+
+def _unwrap(annotation: Any) -> tuple[Any, list[Range]]:
+    """``Annotated[T, Range(...)]`` -> (T, [Range(...)]); anything else -> (annotation, [])."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        return base, [e for e in extras if isinstance(e, Range)]
+    return annotation, []
+
+
 def _check_type(value: Any, annotation: Any) -> bool:
+    annotation, _ = _unwrap(annotation)
     origin = typing.get_origin(annotation)
     if annotation is Any:
         return True
@@ -116,18 +151,83 @@ def _check_type(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+def _accepts_float(annotation: Any) -> bool:
+    annotation, _ = _unwrap(annotation)
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts_float(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _float_from_text(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string (it wants ``1.0e-3``); take such text as the float it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _describe(annotation: Any) -> str:
+    annotation, bounds = _unwrap(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        text = f"one of {', '.join(map(str, typing.get_args(annotation)))}"
+    elif origin in (typing.Union, types.UnionType):
+        text = " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    elif annotation is type(None):
+        text = "null"
+    else:
+        text = getattr(annotation, "__name__", str(annotation))
+    return f"{text} {' and '.join(b.describe() for b in bounds)}" if bounds else text
+
+
+def _check_value(value: Any, annotation: Any, name: str) -> Any:
+    """``value`` converted (int -> float, float text -> float) and checked against type and bounds."""
+    if _accepts_float(annotation) and not _check_type(value, annotation):
+        value = _float_from_text(value)
+    if not _check_type(value, annotation):
+        raise SpmlError(f"params {name} must be {_describe(annotation)}, got {value!r}")
+    if isinstance(value, float) or (_accepts_float(annotation) and isinstance(value, int)
+                                    and not isinstance(value, bool)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise SpmlError(f"params {name} must be a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+        raise SpmlError(f"params {name} must hold finite numbers, got {value!r}")
+    base, bounds = _unwrap(annotation)
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # Optional[Annotated[...]]: its own bounds
+        for arg in typing.get_args(base):
+            if value is not None and _check_type(value, arg):
+                bounds = bounds + _unwrap(arg)[1]
+                break
+    if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+        for bound in bounds:
+            problem = bound.problem(value)
+            if problem:
+                raise SpmlError(f"params {name} must be {problem}, got {value!r}")
+    return value
+
+
 def parse_dataclass(cls: type, values: dict[str, Any], where: str):
-    """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types with one line."""
+    """Build dataclass ``cls`` from ``values`` with one-line errors: unknown keys, missing keys (every field
+    without a default must be given), wrong types, out-of-range values (``Annotated[..., Range(...)]``)."""
+    if not isinstance(values, dict):
+        raise SpmlError(f"params {where} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SpmlError(f"unknown params {', '.join(f'{where}.{k}' for k in unknown)}; valid: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        if not _check_type(value, hints[name]):
-            expected = getattr(hints[name], "__name__", str(hints[name]))
-            raise SpmlError(f"params {where}.{name} must be {expected}, got {value!r}")
-    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        names = ", ".join(f"{where}.{k}" for k in missing)
+        raise SpmlError(f"params {names} {'is' if len(missing) == 1 else 'are'} missing; "
+                        f"add {'it' if len(missing) == 1 else 'them'} to params.yaml")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    converted = {name: _check_value(value, hints[name], f"{where}.{name}") for name, value in values.items()}
     return cls(**converted)
 
 

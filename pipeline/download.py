@@ -311,4 +311,7 @@ def obtain(archives: list[Archive], dataset: str, raw_dir: Path, source: Path | 
             verify_file(path, archive.size, archive.md5)
             safe_extract(path, raw_dir)
         return
+    if not any(path.is_file() for path in source.rglob("*")):
+        raise SpmlError(f"--from {source} is an empty folder (no files); pass the folder the dataset was extracted "
+                        f"to, or one of the official archives {sorted(by_name)}")
     link_tree(source, raw_dir, f"{dataset} files")

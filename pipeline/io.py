@@ -25,11 +25,29 @@ def _tmp_sibling(path: Path, is_dir: bool) -> Path:
     """A hidden temporary next to ``path``, tagged with this process's id (see remove_stale_temporaries)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}{TMP_MARK}{os.getpid()}-"
+    # mkstemp/mkdtemp create 0600/0700 whatever the umask; the renamed output must get the mode a plain
+    # open()/mkdir() would have given it (0666/0777 minus the umask), or other users cannot read our outputs
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+        return tmp
     fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(name)
+
+
+def current_umask() -> int:
+    """The process umask: from /proc on Linux, else by setting and restoring it (racy only with threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _owner_alive(temporary: Path, marker: str) -> bool:
@@ -67,17 +85,36 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, deepest first (a failed write removes them again)."""
+    missing, parent = [], path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there meanwhile) or already gone
+            return
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces ``path``, on any error it is deleted."""
     path = Path(path)
     remove_stale_temporaries(path)
+    created = _missing_parents(path)
     tmp = _tmp_sibling(path, is_dir=False)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
+        _remove_empty(created)
         raise
 
 
@@ -86,6 +123,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces the directory ``path`` as a whole."""
     path = Path(path)
     remove_stale_temporaries(path)
+    created = _missing_parents(path)
     tmp = _tmp_sibling(path, is_dir=True)
     try:
         yield tmp
@@ -99,6 +137,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
+        _remove_empty(created)
         raise
 
 

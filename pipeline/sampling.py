@@ -7,7 +7,31 @@ Both follow Cole et al. (CVPR 2021, ``preproc/generate_observed_labels.py`` and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated
+
 import numpy as np
+
+from pipeline.config import Range
+
+SEED_MAX = 2**32 - 1  # numpy RandomState seeds are 32-bit
+
+
+@dataclass
+class SplitParams:
+    """``params.yaml: split`` (stage ``prepare``)."""
+
+    val_fraction: Annotated[float, Range(gt=0, lt=1)]  # both train and val need rows
+    seed: Annotated[int, Range(ge=0, le=SEED_MAX)]
+
+
+@dataclass
+class SampleParams:
+    """``params.yaml: sample`` (stage ``sample``)."""
+
+    seed: Annotated[int, Range(ge=0, le=SEED_MAX)]
+    num_positives: Annotated[int, Range(ge=1)]  # single positive: 1; 0 would observe nothing
+    num_negatives: Annotated[int, Range(ge=0)]
 
 PROCEDURE = "cole2021: fresh RandomState(seed) per official split; per row shuffle positives then negatives"
 

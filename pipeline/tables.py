@@ -71,6 +71,34 @@ def labels_hash(labels: np.ndarray, image_id: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+# values a label column may hold: full labels are 0/1, observed labels -1 (observed negative), 0 or 1
+LABEL_VALUES = {"labels": (0, 1), "observed": (-1, 0, 1)}
+NUM_EXAMPLES = 5
+
+
+def check_labels(labels: np.ndarray, image_id: np.ndarray, split: np.ndarray, label_column: str, what: str,
+                 hint: str) -> None:
+    """Refuse values outside :data:`LABEL_VALUES` and, for full labels, a split with no positive at all.
+
+    Single rows without a positive exist in the community's files (sampling observes nothing there), but a
+    split without any makes single-positive training observe nothing (train) or mAP undefined (val/test).
+    """
+    allowed = LABEL_VALUES[label_column]
+    bad = ~np.isin(labels, allowed)
+    if bad.any():
+        values = np.unique(labels[bad])[:NUM_EXAMPLES].tolist()
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise SpmlError(f"{what} has {label_column} values {values} (allowed: {', '.join(map(str, allowed))}) in "
+                        f"{len(rows):,} rows, e.g. {', '.join(map(str, image_id[rows[:NUM_EXAMPLES]]))}; {hint}")
+    if label_column != "labels":
+        return
+    for name in SPLITS:
+        rows = np.flatnonzero(split == name)
+        if len(rows) and not (labels[rows] == 1).any():
+            raise SpmlError(f"{what}: its {len(rows):,} {name} rows have no positive label at all; "
+                            f"single-positive learning needs positives; {hint}")
+
+
 def _label_column(labels: np.ndarray) -> pa.Array:
     _, c = labels.shape
     flat = pa.array(np.ascontiguousarray(labels, dtype=np.int8).reshape(-1), type=pa.int8())
@@ -118,14 +146,17 @@ def read_table(path: str | Path, label_column: str, what: str, hint: str) -> Lab
     if num_classes != len(meta["class_names"]):
         raise SpmlError(f"{what} {path} has {num_classes} label columns but "
                         f"{len(meta['class_names'])} class names; {hint}")
-    labels = column.flatten().to_numpy(zero_copy_only=False).astype(np.int8).reshape(-1, num_classes)
+    raw_labels = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, num_classes)
+    image_id = np.asarray(arrow.column("image_id").to_pylist(), dtype=object)
     split = np.asarray(arrow.column("split").to_pylist(), dtype=object)
     bad = set(split) - set(SPLITS)
     if bad:
         raise SpmlError(f"{what} {path} has unknown split values {sorted(bad)}; {hint}")
+    check_labels(raw_labels, image_id, split, label_column, f"{what} {path}", hint)
+    labels = raw_labels.astype(np.int8)
     extras = {name: arrow.column(name).to_pylist() for name in arrow.column_names if name not in required}
     return LabelTable(
-        image_id=np.asarray(arrow.column("image_id").to_pylist(), dtype=object),
+        image_id=image_id,
         path=np.asarray(arrow.column("path").to_pylist(), dtype=object),
         official_split=np.asarray(arrow.column("official_split").to_pylist(), dtype=object),
         official_index=arrow.column("official_index").to_numpy(),
@@ -141,6 +172,8 @@ def read_label_table(path: str | Path) -> LabelTable:
 
 
 def write_label_table(path: str | Path, table: LabelTable) -> None:
+    check_labels(table.labels, table.image_id, table.split, "labels", f"label table of {table.meta.get('dataset')}",
+                 "fix the dataset's labels, then rerun `spml prepare`")
     write_table(path, table, "labels")
 
 

@@ -14,14 +14,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline import __version__, paths, runtime
-from pipeline.config import deep_merge, derive_seed, parse_dataclass, scoped
+from pipeline.config import Range, deep_merge, derive_seed, parse_dataclass, scoped
 from pipeline.data import (
     EvalSet,
     ImageArray,
@@ -34,49 +34,56 @@ from pipeline.data import (
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, MethodContext, build_method, get_method_class
 from pipeline.metrics import mean_average_precision
-from pipeline.models import build_model
+from pipeline.models import build_model, model_names, parse_model_params
 from pipeline.progress import progress_bar
 from pipeline.tables import LabelTable, read_label_table, read_observed_table
+
+# The smallest input: every trunk downsamples by 8 or more, and a CAM needs at least 2x2 maps (smallcnn).
+MIN_IMAGE_SIZE = 16
 
 
 @dataclass
 class TrainConfig:
-    """``params.yaml: train`` (scoped by dataset and model, see :mod:`pipeline.config`)."""
+    """``params.yaml: train`` (scoped by dataset and model, see :mod:`pipeline.config`).
 
-    model: str = "smallcnn"
-    epochs: int = 20
-    batch_size: int = 32
-    eval_batch_size: int = 256
-    lr: float = 3e-3
-    head_lr_mult: float = 1.0  # the 1x1-conv / linear head's lr is lr * head_lr_mult
-    weight_decay: float = 0.0
-    optimizer: Literal["adam", "adamw"] = "adam"
-    image_size: int = 64
-    num_workers: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu
-    strong_num_ops: int = 3  # RandAugment of the strong view
-    strong_magnitude: int = 5
-    deterministic: bool = True  # torch deterministic algorithms (CPU metrics are then reproducible)
-    host_malloc_cache: bool = True  # glibc malloc keeps freed memory for reuse (runtime.cache_host_memory)
+    No defaults here: params.yaml holds every value, and a missing key is an error naming it.
+    """
+
+    model: str
+    epochs: Annotated[int, Range(ge=1)]
+    batch_size: Annotated[int, Range(ge=1)]
+    eval_batch_size: Annotated[int, Range(ge=1)]
+    lr: Annotated[float, Range(gt=0)]
+    head_lr_mult: Annotated[float, Range(ge=0)]  # the 1x1-conv / linear head's lr is lr * head_lr_mult
+    weight_decay: Annotated[float, Range(ge=0)]
+    optimizer: Literal["adam", "adamw"]
+    image_size: Annotated[int, Range(ge=MIN_IMAGE_SIZE)]
+    num_workers: Annotated[int, Range(ge=0)]
+    device: str  # auto: cuda if available, else cpu
+    strong_num_ops: Annotated[int, Range(ge=0)]  # RandAugment of the strong view
+    strong_magnitude: Annotated[int, Range(ge=0, le=30)]  # RandAugment's 31 magnitude bins: 0..30
+    deterministic: bool  # torch deterministic algorithms (CPU metrics are then reproducible)
+    host_malloc_cache: bool  # glibc malloc keeps freed memory for reuse (runtime.cache_host_memory)
+    threads: Annotated[int, Range(ge=1)] | None  # torch intra-op threads; None: runtime.torch_threads decides
     # GPU path (see pipeline/runtime.py); all of it is ignored or a no-op on CPU
-    amp: bool = False  # mixed precision (CUDA only)
-    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16 + GradScaler
-    channels_last: bool = False
-    cudnn_benchmark: bool = True
-    sync_bn: bool = True  # DDP: BatchNorm statistics over all ranks' samples (the global batch)
-    scheduler: Literal["none", "onecycle"] = "none"  # onecycle: OneCycleLR (max_lr = lr), stepped every iteration
-    onecycle_pct_start: float = 0.2
+    amp: bool  # mixed precision (CUDA only)
+    amp_dtype: Literal["auto", "bf16", "fp16"]  # auto: bf16 where supported, else fp16 + GradScaler
+    channels_last: bool
+    cudnn_benchmark: bool
+    sync_bn: bool  # DDP: BatchNorm statistics over all ranks' samples (the global batch)
+    scheduler: Literal["none", "onecycle"]  # onecycle: OneCycleLR (max_lr = lr), stepped every iteration
+    onecycle_pct_start: Annotated[float, Range(gt=0, lt=1)]
     # protocol knobs (params `protocols`: each method's authors' published training protocol)
-    drop_last: bool = False  # drop the last partial training batch
-    eval_drop_last: bool = False  # also drop the last partial val/test batch (Cole et al.'s loaders)
+    drop_last: bool  # drop the last partial training batch
+    eval_drop_last: bool  # also drop the last partial val/test batch (Cole et al.'s loaders)
     # none | no_improvement: stop after the first epoch whose val mAP is not a new best (Zhou et al.) |
     # drop: stop once val mAP falls more than early_stop_value points below the best (Kim et al.) |
     # patience: stop once early_stop_value epochs passed without a new best (Xie et al.)
-    early_stop: Literal["none", "no_improvement", "drop", "patience"] = "none"
-    early_stop_value: float = 0.0
-    weight_ema: float | None = None  # decay of an every-step EMA of the weights; each epoch keeps the better
-    augment: Literal["standard", "lac"] = "standard"  # lac: Xie et al.'s views, no ImageNet normalisation
-    init_from: str | None = None  # stage 1: train this method first (same dataset/seed/params), start from its best
+    early_stop: Literal["none", "no_improvement", "drop", "patience"]
+    early_stop_value: Annotated[float, Range(ge=0)]
+    weight_ema: Annotated[float, Range(gt=0, lt=1)] | None  # decay of an every-step EMA of the weights
+    augment: Literal["standard", "lac"]  # lac: Xie et al.'s views, no ImageNet normalisation
+    init_from: str | None  # stage 1: train this method first (same dataset/seed/params), start from its best
 
 
 @dataclass
@@ -115,11 +122,15 @@ def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: 
     method_cls = get_method_class(method)  # unknown method names fail first, listing the valid ones
     base = getattr(method_cls, "params_base", None)
     train_section = params.get("train") or {}
-    model = scoped(train_section, dataset).get("model", TrainConfig.model)
+    model = scoped(train_section, dataset).get("model")
+    if model is None:
+        raise SpmlError("params train.model is missing; add it to params.yaml")
+    if not isinstance(model, str):
+        raise SpmlError(f"params train.model must be one of {', '.join(model_names())}, got {model!r}")
     protocol, proto = protocol_block(params, method, base)
     train = parse_dataclass(TrainConfig, deep_merge(scoped(train_section, dataset, model),
                                                     scoped(proto, dataset, model)), "train")
-    model_kwargs = dict((params.get("models") or {}).get(train.model) or {})
+    model_kwargs = parse_model_params(train.model, (params.get("models") or {}).get(train.model))
     blocks = params.get("method_params") or {}
     # a variant (e.g. ignore-gap) reads its base method's block first, then its own block overrides it
     method_params = deep_merge(scoped(blocks.get(base), dataset, train.model) if base else {},
@@ -174,8 +185,8 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
             raise SpmlError(f"label table {paths.label_table(dataset)} has no {split} rows; check params split/data")
     # all rows decoded and resized once into data/cache/<dataset>/ (one builder per node under DDP)
     dist = dist or runtime.DistContext()
-    cache_args = (root, list(table.path), cfg.image_size, paths.DATA / "cache" / dataset, f"{dataset} images",
-                  cfg.num_workers)
+    cache_args = (root, list(table.path), cfg.image_size, paths.DATA / "cache" / dataset,
+                  table.meta["provenance"]["labels_sha256"], f"{dataset} images", cfg.num_workers)
     if dist.local_rank == 0:
         cache = cached_images(*cache_args)
     dist.barrier()
@@ -297,6 +308,7 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     """
     cfg = run.train
     dist = dist or runtime.DistContext()
+    torch.set_num_threads(runtime.torch_threads(cfg.threads))  # before any work (see runtime.torch_threads)
     seed_everything(run.run_seed, cfg.deterministic)
     if cfg.host_malloc_cache:
         runtime.cache_host_memory()
@@ -438,7 +450,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
         "versions": {"spml_bench": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "stage1": {k: stage1[k] for k in ("method", "val_map", "test_map", "best_epoch", "epochs_run")}
         if stage1 else None,
-        "device": str(device), "world_size": dist.world_size, "amp": str(amp).replace("torch.", "") if amp else "off",
+        "device": str(device), "threads": torch.get_num_threads(), "world_size": dist.world_size,
+        "amp": str(amp).replace("torch.", "") if amp else "off",
     }
     if dist.is_main:
         _write_run(out_dir, run, metrics, history, best)

@@ -23,5 +23,10 @@ def run(dataset: str, source: Path | None = None, params_path: Path = Path("para
         raise SpmlError(f"--from {source} does not exist; pass an archive or an extracted folder")
     target = paths.raw_dir(dataset)
     with atomic_dir(target) as tmp:
-        source_ds.download(tmp, data_params, Path(source) if source is not None else None)
+        try:
+            source_ds.download(tmp, data_params, Path(source) if source is not None else None)
+        except SpmlError as exc:
+            # the user never sees our temporary folder: name what it mirrors (a linked --from folder) or becomes
+            shown = source if source is not None and Path(source).is_dir() else target
+            raise SpmlError(str(exc).replace(str(tmp), str(shown))) from None
     return target

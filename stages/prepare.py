@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
-from pipeline.config import load_params
+from pipeline.config import load_params, parse_dataclass
 from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
-from pipeline.sampling import train_val_split
+from pipeline.sampling import SplitParams, train_val_split
 from pipeline.tables import LabelTable, labels_hash, write_label_table
 
 
@@ -60,16 +60,11 @@ def build_label_table(dataset: str, raw_dir: Path, data_params: dict, val_fracti
 def run(dataset: str, params_path: Path = Path("params.yaml")) -> Path:
     get_dataset(dataset)  # unknown names fail before anything else
     params = load_params(params_path)
-    split = params.get("split") or {}
-    val_fraction, split_seed = split.get("val_fraction", 0.2), split.get("seed", 1200)
-    if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise SpmlError(f"params split.val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    if not isinstance(split_seed, int):
-        raise SpmlError(f"params split.seed must be an integer, got {split_seed!r}")
+    split = parse_dataclass(SplitParams, params.get("split") or {}, "split")
     raw = paths.raw_dir(dataset)
     if not raw.exists():
         raise SpmlError(f"{raw} does not exist; run `spml download {dataset}` first")
-    table = build_label_table(dataset, raw, (params.get("data") or {}).get(dataset) or {}, float(val_fraction), split_seed)
+    table = build_label_table(dataset, raw, (params.get("data") or {}).get(dataset) or {}, split.val_fraction, split.seed)
     out = paths.label_table(dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_label_table(out, table)

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
-from pipeline.config import load_params
+from pipeline.config import load_params, parse_dataclass
 from pipeline.datasets import get_dataset
-from pipeline.errors import SpmlError
-from pipeline.sampling import PROCEDURE, sample_observed_labels
+from pipeline.sampling import PROCEDURE, SampleParams, sample_observed_labels
 from pipeline.tables import LabelTable, read_label_table, write_observed_table
 
 
-def observe(table: LabelTable, seed: int, num_positives: int = 1, num_negatives: int = 0) -> LabelTable:
+def observe(table: LabelTable, seed: int, num_positives: int, num_negatives: int) -> LabelTable:
     """Observed labels for every row; each official split is sampled on its own, in official order."""
     observed = np.zeros_like(table.labels)
     for official_split in ("train", "test"):
@@ -37,13 +36,9 @@ def observe(table: LabelTable, seed: int, num_positives: int = 1, num_negatives:
 
 def run(dataset: str, params_path: Path = Path("params.yaml")) -> Path:
     get_dataset(dataset)
-    params = load_params(params_path).get("sample") or {}
-    seed, num_pos, num_neg = params.get("seed", 1200), params.get("num_positives", 1), params.get("num_negatives", 0)
-    for key, value in (("seed", seed), ("num_positives", num_pos), ("num_negatives", num_neg)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise SpmlError(f"params sample.{key} must be a non-negative integer, got {value!r}")
+    params = parse_dataclass(SampleParams, load_params(params_path).get("sample") or {}, "sample")
     table = read_label_table(paths.label_table(dataset))
     out = paths.observed_table(dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_observed_table(out, observe(table, seed, num_pos, num_neg))
+    write_observed_table(out, observe(table, params.seed, params.num_positives, params.num_negatives))
     return out

@@ -80,7 +80,7 @@ def test_image_cache_is_built_once_keyed_and_atomic(tmp_path, monkeypatch):
     root.mkdir()
     paths = _write_images(root, 5)
     cache_dir = tmp_path / "cache"
-    path = cached_images(root, paths, 16, cache_dir)
+    path = cached_images(root, paths, 16, cache_dir, "src")
     arr = np.load(path, mmap_mode="r")
     assert arr.shape == (5, 3, 16, 16) and arr.dtype == np.uint8
     expected = np.asarray(Image.open(root / "img2.png").convert("RGB").resize((16, 16), Image.BILINEAR))
@@ -90,10 +90,10 @@ def test_image_cache_is_built_once_keyed_and_atomic(tmp_path, monkeypatch):
     import pipeline.data as data_mod
 
     monkeypatch.setattr(data_mod, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("re-decoded")))
-    assert cached_images(root, paths, 16, cache_dir) == path  # reused, nothing decoded
+    assert cached_images(root, paths, 16, cache_dir, "src") == path  # reused, nothing decoded
     monkeypatch.undo()
-    assert cached_images(root, paths, 24, cache_dir) != path  # another size, another file
-    assert cached_images(root, paths[:4], 16, cache_dir) != path  # another image list, another file
+    assert cached_images(root, paths, 24, cache_dir, "src") != path  # another size, another file
+    assert cached_images(root, paths[:4], 16, cache_dir, "src") != path  # another image list, another file
 
     view = ImageArray(path, np.array([4, 1]))
     assert len(view) == 2 and torch.equal(view[1], torch.from_numpy(np.array(arr[1])))
@@ -107,7 +107,7 @@ def test_broken_image_fails_the_cache_cleanly(tmp_path):
     paths = _write_images(root, 2)
     (root / "img1.png").write_bytes(b"not an image")
     with pytest.raises(SpmlError, match="img1.png"):
-        cached_images(root, paths, 8, tmp_path / "cache")
+        cached_images(root, paths, 8, tmp_path / "cache", "src")
     assert not any((tmp_path / "cache").iterdir())
 
 
@@ -131,7 +131,10 @@ def test_amp_is_cuda_only_and_onecycle_follows_torch_per_iteration():
 
 
 def test_train_config_validates_the_new_options():
-    cfg = parse_dataclass(TrainConfig, {"scheduler": "onecycle", "amp": True, "channels_last": True}, "train")
+    from tests.conftest import tiny_params
+
+    train = tiny_params()["train"]["default"]
+    cfg = parse_dataclass(TrainConfig, {**train, "scheduler": "onecycle", "amp": True, "channels_last": True}, "train")
     assert cfg.scheduler == "onecycle" and cfg.amp_dtype == "auto"
     with pytest.raises(SpmlError, match="train.scheduler"):
-        parse_dataclass(TrainConfig, {"scheduler": "cosine"}, "train")
+        parse_dataclass(TrainConfig, {**train, "scheduler": "cosine"}, "train")

@@ -3,18 +3,19 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets.synthetic import CLASS_NAMES, DEFAULTS, SHAPES, generate
+from pipeline.datasets.synthetic import CLASS_NAMES, SHAPES, generate
 from pipeline.tables import read_label_table
+from tests.conftest import tiny_params
 
 
 def test_twenty_shape_classes_and_enough_positives_per_image():
     assert len(CLASS_NAMES) == 20 == len(SHAPES)
-    probs = np.array(DEFAULTS["objects_per_image"])
+    probs = np.array(tiny_params()["data"]["synthetic"]["objects_per_image"])
     assert (np.arange(1, len(probs) + 1) * probs).sum() >= 2.2  # expected objects (distinct classes) per image
 
 
 def test_generation_is_seeded(tmp_path):
-    params = {"num_train": 6, "num_test": 2, "image_size": 32, "seed": 7}
+    params = {**tiny_params()["data"]["synthetic"], "num_train": 6, "num_test": 2, "image_size": 32, "seed": 7}
     generate(tmp_path / "a", params)
     generate(tmp_path / "b", params)
     a, b = (json.loads((tmp_path / d / "annotations.json").read_text()) for d in "ab")

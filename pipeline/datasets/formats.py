@@ -81,6 +81,12 @@ def _load_npy(path: Path, hint: str) -> np.ndarray:
         raise SpmlError(f"{path} is not a valid .npy file ({exc}); {hint}") from None
 
 
+def _relative_inside(name: str) -> bool:
+    """True for a path that stays under its root: not empty, not absolute (POSIX or Windows), no '..' part."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith(("/", "\\")) and ":" not in parts[0] and ".." not in parts
+
+
 def read_formatted(directory: Path, hint: str) -> tuple[dict[str, SplitRows], int, str]:
     """Read ``formatted_{train,val}_{images,labels}.npy``: rows per official split, #classes, label dtype."""
     rows: dict[str, SplitRows] = {}
@@ -90,9 +96,18 @@ def read_formatted(directory: Path, hint: str) -> tuple[dict[str, SplitRows], in
         images, labels = _load_npy(images_file, hint), _load_npy(labels_file, hint)
         if images.ndim != 1 or images.dtype.kind not in "US":
             raise SpmlError(f"{images_file} must be a 1-D array of image paths, got {images.dtype} {images.shape}")
+        if images.shape[0] == 0:
+            raise SpmlError(f"{images_file} lists no images (0 rows); {hint}")
         if labels.ndim != 2 or labels.shape[0] != images.shape[0]:
             raise SpmlError(f"{labels_file} must be an (N, C) matrix with N = {images.shape[0]} rows (one per image "
                             f"in {images_file.name}), got shape {labels.shape}")
+        if labels.shape[1] == 0:
+            raise SpmlError(f"{labels_file} has 0 classes (shape {labels.shape}); it needs one column per class")
+        outside = [name for name in images.astype(str).tolist() if not _relative_inside(name)]
+        if outside:
+            raise SpmlError(f"{images_file} has {len(outside):,} image paths that are absolute or leave the image "
+                            f"root with '..' (e.g. {', '.join(outside[:NUM_EXAMPLES])}); paths must be relative "
+                            "to --images and stay inside it")
         if labels.size and not np.isin(labels, (0, 1)).all():
             bad = np.unique(labels[~np.isin(labels, (0, 1))])[:5]
             raise SpmlError(f"{labels_file} must hold only 0/1 labels, found {bad.tolist()}")

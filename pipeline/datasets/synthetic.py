@@ -14,13 +14,16 @@ Layout written by ``download`` (nothing is fetched):
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
 
+from pipeline.config import Range, parse_dataclass
 from pipeline.datasets import OfficialSplits, SplitRows, register_dataset
 from pipeline.errors import SpmlError
 from pipeline.progress import progress_bar
@@ -71,32 +74,36 @@ SHAPES: dict[str, Any] = {
 }
 CLASS_NAMES = list(SHAPES)
 
-DEFAULTS: dict[str, Any] = {
-    "num_train": 4000,
-    "num_test": 1000,
-    "image_size": 64,
-    "seed": 0,
-    "objects_per_image": [0.10, 0.30, 0.35, 0.25],  # P(1 object), ..., P(4 objects)
-    "frequency_decay": 0.8,  # class c drawn with weight (c + 1) ** -decay, after a seeded shuffle
-    "cooccurrence_pairs": 5,  # number of class pairs that tend to appear together
-    "cooccurrence_prob": 0.5,
-    "object_size": [0.28, 0.46],  # object diameter as a fraction of the image side
-    "min_visible": 0.6,  # an object must keep this fraction of its pixels after occlusion
-}
+# The smallest image: objects are 28-46 % of the side, and the training trunks need 16 px (train.MIN_IMAGE_SIZE).
+MIN_IMAGE_SIZE = 16
+
+
+@dataclass
+class SyntheticParams:
+    """``params.yaml: data.synthetic``; no defaults here, params.yaml holds every value."""
+
+    num_train: Annotated[int, Range(ge=2)]  # official-train images; `prepare` splits them into train and val
+    num_test: Annotated[int, Range(ge=1)]
+    image_size: Annotated[int, Range(ge=MIN_IMAGE_SIZE)]
+    seed: Annotated[int, Range(ge=0)]
+    objects_per_image: list[float]  # P(1 object), ..., P(k objects); k <= 20 classes
+    frequency_decay: Annotated[float, Range(ge=0)]  # class c drawn with weight (c + 1) ** -decay, after a shuffle
+    cooccurrence_pairs: Annotated[int, Range(ge=0, le=len(SHAPES) // 2)]  # class pairs that tend to co-occur
+    cooccurrence_prob: Annotated[float, Range(ge=0, le=1)]
+    object_size: list[float]  # [min, max] object diameter as a fraction of the image side
+    min_visible: Annotated[float, Range(ge=0, le=1)]  # fraction of an object's pixels that must stay visible
 
 
 def _params(params: dict[str, Any]) -> dict[str, Any]:
-    merged = {**DEFAULTS, **(params or {})}
-    unknown = set(merged) - set(DEFAULTS)
-    if unknown:
-        raise SpmlError(f"unknown synthetic dataset params {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    for key in ("num_train", "num_test", "image_size", "seed", "cooccurrence_pairs"):
-        if not isinstance(merged[key], int) or isinstance(merged[key], bool) or merged[key] < 0:
-            raise SpmlError(f"params data.synthetic.{key} must be a non-negative integer, got {merged[key]!r}")
-    probs = merged["objects_per_image"]
-    if not isinstance(probs, list) or not probs or abs(sum(probs) - 1) > 1e-6 or len(probs) > len(SHAPES):
-        raise SpmlError("params data.synthetic.objects_per_image must be a list of probabilities summing to 1")
-    return merged
+    p = parse_dataclass(SyntheticParams, params if params is not None else {}, "data.synthetic")
+    probs = p.objects_per_image
+    if not probs or len(probs) > len(SHAPES) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+        raise SpmlError(f"params data.synthetic.objects_per_image must be 1 to {len(SHAPES)} non-negative "
+                        f"probabilities summing to 1, got {probs!r}")
+    if len(p.object_size) != 2 or not 0 < p.object_size[0] <= p.object_size[1] <= 1:
+        raise SpmlError(f"params data.synthetic.object_size must be [min, max] with 0 < min <= max <= 1, "
+                        f"got {p.object_size!r}")
+    return dataclasses.asdict(p)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

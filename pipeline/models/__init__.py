@@ -7,12 +7,14 @@ image with it). ``parameter_groups(lr, head_lr_mult)`` returns optimizer groups 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from typing import Any, NamedTuple
 
 import torch
 
+from pipeline.config import parse_dataclass
 from pipeline.errors import SpmlError, unknown_name
 
 
@@ -55,6 +57,21 @@ def _discover() -> None:
 def model_names() -> list[str]:
     _discover()
     return sorted(_REGISTRY)
+
+
+def parse_model_params(name: str, values: dict[str, Any] | None) -> dict[str, Any]:
+    """``params.yaml: models.<name>`` checked against the model's ``Params`` dataclass (types, ranges, missing
+    keys; see :func:`pipeline.config.parse_dataclass`); a model without one takes its block as given."""
+    _discover()
+    if name not in _REGISTRY:
+        raise unknown_name("model", name, list(_REGISTRY))
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise SpmlError(f"params models.{name} must be a mapping, got {values!r}")
+    params_cls = getattr(_REGISTRY[name], "Params", None)
+    if params_cls is None:
+        return dict(values)
+    return dataclasses.asdict(parse_dataclass(params_cls, values, f"models.{name}"))
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> torch.nn.Module:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated
+
 import torch
 from torch import nn
 
+from pipeline.config import Range
 from pipeline.models import ModelOutput, register_model
 
 
@@ -19,6 +23,12 @@ class SmallCNN(nn.Module):
     The CAM is the raw 1x1-conv output A = W*F + b, and logits are its spatial mean, exactly the
     ResNet_1x1 head of the IGNORE code at a size that trains on a CPU in seconds per epoch.
     """
+
+    @dataclass
+    class Params:
+        """``params.yaml: models.smallcnn`` (``cam_boost`` is set by a method, BoostLU, not by params)."""
+
+        width: Annotated[int, Range(ge=1)]  # channels of the first block (the trunk widens to 6 * width)
 
     def __init__(self, num_classes: int, width: int = 24, cam_boost: float = 1.0):
         super().__init__()
