@@ -299,8 +299,12 @@ def test_params_validation_and_state_roundtrip():
 def test_variant_reads_base_params_block():
     from pipeline.train import resolve_run_config
 
-    params = {"method_params": {"ignore": {"default": {"cam_threshold": 0.3}, "smallcnn": {"reg_weight": 0.2}},
-                                "ignore-gap": {"default": {"reg_weight": 0.9}}}}
+    from pipeline.config import load_params
+    from tests.conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    params["method_params"] = {"ignore": {"default": {"cam_threshold": 0.3}, "smallcnn": {"reg_weight": 0.2}},
+                               "ignore-gap": {"default": {"reg_weight": 0.9}}}
     cfg = resolve_run_config(params, "synthetic", "ignore-gap", 0)
     assert cfg.method_params == {"cam_threshold": 0.3, "reg_weight": 0.9}
 
