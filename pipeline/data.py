@@ -91,12 +91,12 @@ def cache_key(root: Path, rel_paths: list[str], size: int) -> str:
 def cached_images(root: Path, rel_paths: list[str], size: int, cache_dir: Path, what: str = "images",
                   num_workers: int = 0) -> Path:
     """Path of a (N, 3, size, size) uint8 .npy of the images, building it once if needed (atomic)."""
-    from pipeline.io import atomic_file
+    from pipeline.io import atomic_file, ensure_dir
 
     path = Path(cache_dir) / f"{size}-{cache_key(root, rel_paths, size)}.npy"
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     # its own generator: building the cache must not move the global RNG (model init follows)
     loader = DataLoader(_DecodeSet(Path(root), rel_paths, size), batch_size=64, num_workers=num_workers,
                         generator=torch.Generator())

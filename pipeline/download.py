@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import SpmlError
+from pipeline.io import ensure_dir
 from pipeline.progress import progress_bar
 
 CHUNK = 1 << 20
@@ -135,7 +136,7 @@ def _transfer(url: str, part: Path, size: int, label: str) -> None:
 
 def fetch(archive: Archive, directory: Path, urls: tuple[str, ...] | None = None) -> Path:
     """Download ``archive`` into ``directory`` (resuming a ``.part``), verify it and return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_dir(directory)
     dest = directory / archive.filename
     if _is_verified(dest, archive):
         return dest

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,16 +272,38 @@ def load_resume(directory: Path, fingerprint: str) -> tuple[dict[str, Any], dict
     return state, best
 
 
-def clear_resume(directory: Path) -> None:
-    """Remove a run's resume directory and the parents it leaves empty (up to ``.resume``)."""
+def _is_resume_file(name: str) -> bool:
+    """last.pt, best-e<N>.pt, or an atomic temporary of one of them (pipeline.io)."""
+    from pipeline.io import TMP_MARK
+
+    if name.startswith(".") and TMP_MARK in name:
+        name = name[1:name.index(TMP_MARK)]
+    return name == "last.pt" or (name.startswith("best-e") and name.endswith(".pt") and name[6:-3].isdigit())
+
+
+def foreign_resume_files(directory: Path) -> list[str]:
+    """Names in ``directory`` that are not resume checkpoints (sorted); [] if it does not exist."""
     directory = Path(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    for parent in directory.parents:
-        if parent.name == "" or not parent.exists():
+    if not directory.is_dir():
+        return []
+    return sorted(entry.name for entry in directory.iterdir() if not (entry.is_file() and _is_resume_file(entry.name)))
+
+
+def clear_resume(directory: Path) -> None:
+    """Remove a run's resume checkpoints, then the folders they leave empty (up to ``.resume``).
+
+    Only our own files are deleted: a folder that also holds anything else is left with it."""
+    directory = Path(directory)
+    if directory.is_dir() and not directory.is_symlink():
+        for entry in directory.iterdir():
+            if entry.is_file() and _is_resume_file(entry.name):
+                entry.unlink(missing_ok=True)
+    for folder in (directory, *directory.parents):
+        if folder.name == "" or folder.is_symlink() or not folder.is_dir():
             break
         try:
-            parent.rmdir()  # only succeeds while empty
+            folder.rmdir()  # only succeeds while empty
         except OSError:
             break
-        if parent.name == ".resume":
+        if folder.name == ".resume":
             break

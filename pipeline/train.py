@@ -38,6 +38,8 @@ from pipeline.models import build_model
 from pipeline.progress import progress_bar
 from pipeline.tables import LabelTable, read_label_table, read_observed_table
 
+RUN_FILES = ("metrics.json", "config.json", "history.csv", "best.pt")  # what fit writes into a run folder
+
 
 @dataclass
 class TrainConfig:

@@ -10,6 +10,7 @@ from pipeline import paths
 from pipeline.config import load_params
 from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
+from pipeline.io import ensure_dir
 from pipeline.sampling import PROCEDURE, sample_observed_labels
 from pipeline.tables import LabelTable, read_label_table, write_observed_table
 
@@ -44,6 +45,6 @@ def run(dataset: str, params_path: Path = Path("params.yaml")) -> Path:
             raise SpmlError(f"params sample.{key} must be a non-negative integer, got {value!r}")
     table = read_label_table(paths.label_table(dataset))
     out = paths.observed_table(dataset)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     write_observed_table(out, observe(table, seed, num_pos, num_neg))
     return out
