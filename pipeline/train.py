@@ -291,7 +291,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     history: list[dict[str, Any]] = []
     best = {"val_map": -math.inf, "epoch": 0, "model": None, "method": None}
     start_epoch, elapsed = 1, 0.0
-    fingerprint = runtime.config_fingerprint(run.to_dict(), dist.world_size)
+    fingerprint = runtime.run_fingerprint(run.to_dict(), dist.world_size,
+                                          [paths.label_table(run.dataset), paths.observed_table(run.dataset)])
     loaded = runtime.load_resume(resume_dir, fingerprint) if resume_dir is not None else None
     if loaded is not None:
         state, best_state = loaded

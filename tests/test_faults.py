@@ -9,13 +9,16 @@ import os
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from test_download import archive_for, server  # noqa: F401 - `server` is a fixture used below
 from typer.testing import CliRunner
 
 from pipeline import runtime
 from pipeline.cli import app
 from pipeline.io import write_json
+from stages import sample as sample_stage
 from stages import train as train_stage
 from tests.conftest import tiny_params, write_params
 
@@ -138,6 +141,97 @@ def test_p01_clear_resume_removes_only_checkpoints(tmp_path):
     assert runtime.foreign_resume_files(folder) == ["best-notes.pt", "keep.txt"]
     runtime.clear_resume(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["best-notes.pt", "keep.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------- p03
+
+
+def _kill_after_first_epoch(monkeypatch, workspace: Path, out: Path) -> Path:
+    original = runtime.save_resume
+
+    def save_then_die(directory, state, best_model, best_epoch):
+        original(directory, state, best_model, best_epoch)
+        raise Killed  # as if the process were killed right after epoch 1's checkpoint
+
+    monkeypatch.setattr(runtime, "save_resume", save_then_die)
+    with pytest.raises(Killed):
+        train_stage.run("synthetic", "an", 0, out_dir=out)
+    monkeypatch.setattr(runtime, "save_resume", original)
+    resume_dir = train_stage.resume_dir_for("synthetic", "an", 0, out)
+    assert (resume_dir / "last.pt").exists()
+    return resume_dir
+
+
+def _read_run(folder: Path):
+    metrics = {k: v for k, v in json.loads((folder / "metrics.json").read_text()).items() if k not in VOLATILE}
+    return metrics, pd.read_csv(folder / "history.csv").drop(columns=["epoch_seconds"])
+
+
+def test_p03_resume_discarded_after_resampling(tiny_workspace, monkeypatch, capsys):
+    params = set_params(tiny_workspace, epochs=2)
+    out = tiny_workspace / "run"
+    resume_dir = _kill_after_first_epoch(monkeypatch, tiny_workspace, out)
+    sampled = Path("data/sampled/synthetic.parquet")
+    old = sampled.read_bytes()
+    params["sample"]["seed"] = 7
+    write_params(tiny_workspace, params)
+    sample_stage.run("synthetic")
+    assert sampled.read_bytes() != old  # other observed labels: the checkpoint was trained on stale ones
+    capsys.readouterr()
+
+    loads = []
+    real_load = runtime.load_resume
+    monkeypatch.setattr(runtime, "load_resume", lambda *a: loads.append(r := real_load(*a)) or r)
+    train_stage.run("synthetic", "an", 0, out_dir=out)
+    notice = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice:")]
+    assert loads == [None]
+    assert len(notice) == 1 and "input tables (data/sampled/synthetic.parquet)" in notice[0]
+    assert str(resume_dir / "last.pt") in notice[0]
+    assert not resume_dir.exists()
+
+    fresh = tiny_workspace / "fresh"
+    train_stage.run("synthetic", "an", 0, out_dir=fresh)
+    (m1, h1), (m2, h2) = _read_run(out), _read_run(fresh)
+    assert m1 == m2
+    pd.testing.assert_frame_equal(h1, h2, check_exact=True)
+
+
+@pytest.mark.parametrize("change, words", [
+    ("code", "the code (pipeline/)"),
+    ("config", "the run config"),
+    ("format", "the checkpoint format"),
+])
+def test_p03_resume_fingerprint_covers_code_config_and_format(tiny_workspace, monkeypatch, capsys, change, words):
+    set_params(tiny_workspace, epochs=2)
+    out = tiny_workspace / "run"
+    resume_dir = _kill_after_first_epoch(monkeypatch, tiny_workspace, out)
+    if change == "code":
+        monkeypatch.setattr(runtime, "code_fingerprint", lambda: "another-version")
+    elif change == "config":
+        set_params(tiny_workspace, epochs=2, lr=1e-3)
+    else:  # a checkpoint written by the previous format, keyed by the config alone
+        state = torch.load(resume_dir / "last.pt", weights_only=False)
+        torch.save({**state, "fingerprint": state["fingerprint"]["config"], "format": 1}, resume_dir / "last.pt")
+    capsys.readouterr()
+    loads = []
+    real_load = runtime.load_resume
+    monkeypatch.setattr(runtime, "load_resume", lambda *a: loads.append(r := real_load(*a)) or r)
+    train_stage.run("synthetic", "an", 0, out_dir=out)
+    assert loads == [None]
+    assert words in capsys.readouterr().err
+
+
+def test_p03_unchanged_run_still_resumes(tiny_workspace, monkeypatch, capsys):
+    set_params(tiny_workspace, epochs=2)
+    out = tiny_workspace / "run"
+    _kill_after_first_epoch(monkeypatch, tiny_workspace, out)
+    loads = []
+    real_load = runtime.load_resume
+    monkeypatch.setattr(runtime, "load_resume", lambda *a: loads.append(r := real_load(*a)) or r)
+    capsys.readouterr()
+    train_stage.run("synthetic", "an", 0, out_dir=out)
+    assert loads and loads[0] is not None and loads[0][0]["epoch"] == 1
+    assert "notice:" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- p09
