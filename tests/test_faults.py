@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from test_download import archive_for, server  # noqa: F401 - `server` is a fixture used below
 from typer.testing import CliRunner
 
@@ -232,6 +233,89 @@ def test_p03_unchanged_run_still_resumes(tiny_workspace, monkeypatch, capsys):
     train_stage.run("synthetic", "an", 0, out_dir=out)
     assert loads and loads[0] is not None and loads[0][0]["epoch"] == 1
     assert "notice:" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- p04
+
+
+@pytest.mark.parametrize("lr, max_loss, fragment", [
+    (1.0e4, 1.0e6, "(train.max_loss 1e+06)"),  # finite blow-up: losses reach ~1e18 at this lr
+    (1.0e30, None, "loss nan"),                  # non-finite: it used to reach scikit-learn as a traceback
+])
+def test_p04_divergence_stops_with_epoch_and_step(tiny_workspace, lr, max_loss, fragment):
+    set_params(tiny_workspace, epochs=2, lr=lr, max_loss=max_loss)
+    before = tree(tiny_workspace)
+    result = invoke("train", "synthetic", "an")
+    text = assert_one_line_error(result, "training diverged at epoch 1, step ", fragment, "lower train.lr")
+    assert "of 6:" in text  # 96 train rows / batch 16
+    assert not [p for p in Path("runs").rglob("*") if p.is_file()]  # no metrics, no checkpoint
+    assert {k: v for k, v in tree(tiny_workspace).items() if not k.startswith(("runs", "data/cache"))} == before
+
+
+def test_p04_non_finite_scores_at_evaluation(tiny_workspace, monkeypatch):
+    import numpy as np
+
+    from pipeline import train as train_mod
+
+    set_params(tiny_workspace, epochs=1)
+    real_predict = train_mod.predict
+
+    def nan_predict(*args, **kwargs):
+        scores, targets = real_predict(*args, **kwargs)
+        scores[3, 2] = np.nan
+        return scores, targets
+
+    monkeypatch.setattr(train_mod, "predict", nan_predict)
+    result = invoke("train", "synthetic", "an")
+    assert_one_line_error(result, "training diverged at epoch 1, val evaluation", "1 of 24 images")
+    assert not [p for p in Path("runs").rglob("*") if p.is_file()]
+
+
+def test_p04_divergence_check_adds_no_host_sync_per_step(tiny_workspace, monkeypatch):
+    """Host reads of tensors by the loop and the method in train_one_epoch do not grow with the number of
+    steps (one divergence check per epoch). Not counted: the sampler and loader (host-side data by design)
+    and torch's CPU Adam reading its CPU step counter; none of them is a device sync."""
+    import sys
+
+    from pipeline import train as train_mod
+
+    counts = []
+    inside = [False]
+    real_epoch = train_mod.train_one_epoch
+    package = Path(train_mod.__file__).parent
+    watched = (str(package / "train.py"), str(package / "methods"))
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            if inside[0] and sys._getframe(1).f_code.co_filename.startswith(watched):
+                counts[-1] += 1
+            return real(self, *args)
+        return read
+
+    def wrapped_epoch(*args, **kwargs):
+        counts.append(0)
+        inside[0] = True
+        try:
+            return real_epoch(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):  # every way to read a value on the host
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(train_mod, "train_one_epoch", wrapped_epoch)
+    for batch_size in (48, 8):  # 2 and 12 steps
+        set_params(tiny_workspace, epochs=1, batch_size=batch_size)
+        train_stage.run("synthetic", "an", 0, out_dir=tiny_workspace / f"b{batch_size}")
+    assert len(counts) == 2 and counts[0] == counts[1] and 2 <= counts[0] <= 4
+
+
+def test_p04_max_loss_is_validated_and_in_params_yaml(tiny_workspace):
+    repo_params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert repo_params["train"]["default"]["max_loss"] == 1.0e6
+    set_params(tiny_workspace, max_loss=-1.0)
+    assert_one_line_error(invoke("train", "synthetic", "an"), "params train.max_loss must be a positive number")
 
 
 # ---------------------------------------------------------------------------------------------------- p09
