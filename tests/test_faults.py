@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from real_fixtures import make_voc
 from test_download import archive_for, server  # noqa: F401 - `server` is a fixture used below
 from typer.testing import CliRunner
 
@@ -316,6 +317,54 @@ def test_p04_max_loss_is_validated_and_in_params_yaml(tiny_workspace):
     assert repo_params["train"]["default"]["max_loss"] == 1.0e6
     set_params(tiny_workspace, max_loss=-1.0)
     assert_one_line_error(invoke("train", "synthetic", "an"), "params train.max_loss must be a positive number")
+
+
+# ---------------------------------------------------------------------------------------------------- p08
+
+
+@pytest.fixture
+def voc_folder(tmp_path, monkeypatch):
+    """An extracted VOC folder (to pass to --from) and a workspace as cwd; returns (folder, outside file)."""
+    folder = tmp_path / "voc"
+    make_voc(folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_params(work, tiny_params())
+    monkeypatch.chdir(work)
+    return folder, secret
+
+
+@pytest.mark.parametrize("name, target, fragment", [
+    ("escape.txt", "SECRET", "points outside the folder"),
+    ("loop", "..", "points outside the folder"),
+    ("VOCdevkit/up", "..", "link cycle"),
+    ("self", ".", "link cycle"),
+    ("a", "b", "link cycle"),  # a -> b -> a
+    ("dangling.jpg", "nothing-here.jpg", "points to nothing"),
+])
+def test_p08_download_from_folder_refuses_links_leaving_it(voc_folder, name, target, fragment):
+    folder, secret = voc_folder
+    link = folder / name
+    link.symlink_to(secret if target == "SECRET" else target)
+    if name == "a":
+        (folder / "b").symlink_to("a")
+    result = invoke("download", "voc2012", "--from", folder)
+    assert_one_line_error(result, f"the link {link}", fragment)
+    assert not Path("data/raw/voc2012").exists() and not list(Path("data/raw").glob(".*tmp-*"))
+    assert secret.stat().st_nlink == 1  # never hard-linked into data/raw
+
+
+def test_p08_links_inside_the_folder_are_followed(voc_folder):
+    folder, _ = voc_folder
+    main = folder / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main"
+    (folder / "VOCdevkit" / "alias-main").symlink_to(main, target_is_directory=True)
+    (folder / "VOCdevkit" / "cat.txt").symlink_to(main / "cat_train.txt")
+    assert invoke("download", "voc2012", "--from", folder).exit_code == 0
+    raw = Path("data/raw/voc2012/VOCdevkit")
+    assert (raw / "cat.txt").read_bytes() == (main / "cat_train.txt").read_bytes()
+    assert (raw / "alias-main" / "dog_val.txt").is_file() and not (raw / "cat.txt").is_symlink()
 
 
 # ---------------------------------------------------------------------------------------------------- p09
