@@ -4,10 +4,12 @@ state reused. Tests are named after their point (p01, p03, ...)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 import pytest
@@ -19,6 +21,9 @@ from typer.testing import CliRunner
 
 from pipeline import runtime
 from pipeline.cli import app
+from pipeline.datasets import coco2014, cub, voc2012
+from pipeline.download import fetch
+from pipeline.errors import SpmlError
 from pipeline.io import write_json
 from stages import sample as sample_stage
 from stages import train as train_stage
@@ -442,3 +447,42 @@ def test_p09_write_json_refuses_nan_and_writes_nothing(tmp_path):
         write_json(tmp_path / "summary.json", {"x": float("nan")})
     assert list(tmp_path.iterdir()) == []
 
+
+# ---------------------------------------------------------------------------------------------------- p12
+
+# Hosts (and path prefixes) specs/datasets.md reports dead: CUB's vision.caltech.edu, the SPML Box link, the
+# NUS-WIDE urls host. Its VOC section lists host.robots.ox.ac.uk (301 to thor.robots.ox.ac.uk), thor and
+# data.pjreddie.com as the places to fetch from; pjreddie.com/media/files is only named as the mirror's older
+# form and is reported dead or slow, so it must not come back either.
+DEAD = {"www.vision.caltech.edu": "/", "caltech.box.com": "/", "dl.nextcenter.org": "/",
+        "pjreddie.com": "/media/files/"}
+
+
+@pytest.mark.parametrize("module", [voc2012, coco2014, cub])
+def test_p12_mirror_lists_name_no_dead_host(module):
+    for archive in module.ARCHIVES:
+        assert archive.urls and len(set(archive.urls)) == len(archive.urls)
+        for url in archive.urls:
+            parsed = urlparse(url)
+            assert not parsed.path.startswith(DEAD.get(parsed.hostname, "\0")), url
+            assert parsed.path.rstrip("/").endswith(archive.filename.split("?")[0]) or "?download" in url, url
+        assert len(archive.md5) == 32 and int(archive.md5, 16) >= 0
+
+
+def test_p12_voc_mirrors_match_the_spec():
+    hosts = [urlparse(u).hostname for u in voc2012.ARCHIVES[0].urls]
+    assert hosts == ["host.robots.ox.ac.uk", "thor.robots.ox.ac.uk", "data.pjreddie.com"]
+    assert voc2012.ARCHIVES[0].md5 == "6cd6e144f989b92b3379bac3b3de84fd"
+
+
+def test_p12_every_mirror_goes_through_the_one_md5_check(server, tmp_path):  # noqa: F811 - fixture
+    """A dead first mirror and a second one serving other bytes of the right size: refused, nothing kept."""
+    good = os.urandom(5000)
+    archive = archive_for(server, "VOCtrainval_11-May-2012.tar", good)
+    server.files["/mirror/VOCtrainval_11-May-2012.tar"] = bytes(reversed(good))
+    mirrors = (f"{server.base}/dead/VOCtrainval_11-May-2012.tar", f"{server.base}/mirror/VOCtrainval_11-May-2012.tar")
+    with pytest.raises(SpmlError, match=f"checksum mismatch .* expected {archive.md5}"):
+        fetch(archive, tmp_path, mirrors)
+    assert not (tmp_path / archive.filename).exists()
+    assert hashlib.md5(fetch(archive, tmp_path / "ok", mirrors[:1] + archive.urls).read_bytes()).hexdigest() \
+        == archive.md5
