@@ -47,8 +47,15 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise SpmlError(f"params file {path} does not exist; run from the repository root or pass --params")
+    if path.is_dir():
+        raise SpmlError(f"params file {path} is a folder; pass the params.yaml file itself")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpmlError(f"params file {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+                        "pass a readable YAML file") from None
+    try:
+        params = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise SpmlError(f"params file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(params, dict):

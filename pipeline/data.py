@@ -116,13 +116,13 @@ def cached_images(root: Path, rel_paths: list[str], size: int, cache_dir: Path, 
     ``<size>-<names>-<content>.npy`` (see :func:`cache_key`); once a new one is in place, the caches of the
     same images with an older content are deleted (regenerated data would otherwise pile up).
     """
-    from pipeline.io import TMP_MARK, atomic_file
+    from pipeline.io import TMP_MARK, atomic_file, ensure_dir
 
     names_key, content_key = cache_key(root, rel_paths, size, source_hash)
     path = Path(cache_dir) / f"{size}-{names_key}-{content_key}.npy"
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     # its own generator: building the cache must not move the global RNG (model init follows)
     loader = DataLoader(_DecodeSet(Path(root), rel_paths, size), batch_size=64, num_workers=num_workers,
                         generator=torch.Generator())

@@ -9,13 +9,15 @@
   outside the target folder: absolute paths, ``..`` components, symlinks or hard links pointing outside,
   device files. A truncated or corrupt archive is reported as one :class:`SpmlError` naming the file.
 * :func:`link_tree` imports an already-extracted folder by hard-linking every file (copying only where
-  the source is on another filesystem). Hard links take no space and no time per byte, keep working if
+  the source is on another filesystem). Symlinks are followed only while they stay inside the folder,
+  as for archive members. Hard links take no space and no time per byte, keep working if
   the user later moves or deletes the original folder, and DVC hashes them like ordinary files; a
   symlink would tie ``data/raw`` to wherever the user's copy happens to live.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import SpmlError
+from pipeline.io import ensure_dir
 from pipeline.progress import progress_bar
 
 CHUNK = 1 << 20
@@ -135,7 +138,7 @@ def _transfer(url: str, part: Path, size: int, label: str) -> None:
 
 def fetch(archive: Archive, directory: Path, urls: tuple[str, ...] | None = None) -> Path:
     """Download ``archive`` into ``directory`` (resuming a ``.part``), verify it and return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_dir(directory)
     dest = directory / archive.filename
     if _is_verified(dest, archive):
         return dest
@@ -250,26 +253,64 @@ def safe_extract(archive: Path, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------- local folders
 
 
+def _real(path: Path, source: Path) -> Path:
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except OSError as exc:  # ELOOP (a cycle) or ENOENT (dangling)
+        what = "is part of a link cycle" if exc.errno == errno.ELOOP else "points to nothing"
+        raise SpmlError(f"--from {source}: the link {path} -> {os.readlink(path)} {what}; remove or fix "
+                        "it") from None
+
+
+def _tree_files(source: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """(relative path, real file) of every file under ``source`` and every relative folder, following
+    symlinks only while they stay inside ``source`` (the rules of :func:`safe_extract`: a link that
+    leaves the folder, a link cycle, a dangling link or a special file is one SpmlError naming it)."""
+    root = Path(os.path.realpath(source))
+    files: list[tuple[Path, Path]] = []
+    folders: list[Path] = []
+
+    def visit(folder: Path, rel: Path, open_folders: tuple[Path, ...]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            shown = source / rel / entry.name
+            real = Path(entry.path)
+            if entry.is_symlink():
+                real = _real(real, source)
+                if real != root and root not in real.parents:
+                    raise SpmlError(f"--from {source}: the link {shown} -> {os.readlink(entry.path)} points "
+                                    "outside the folder; refusing to import it (copy the target in instead)")
+                if real in open_folders:
+                    raise SpmlError(f"--from {source}: the link {shown} -> {os.readlink(entry.path)} is a "
+                                    "link cycle (it points to a folder that holds it); remove it")
+            if real.is_dir():
+                folders.append(rel / entry.name)
+                visit(real, rel / entry.name, (*open_folders, real))
+            elif real.is_file():
+                files.append((rel / entry.name, real))
+            else:
+                raise SpmlError(f"--from {source}: {shown} is a special file (device, fifo or socket); "
+                                "refusing to import it")
+
+    visit(root, Path(), (root,))
+    return files, folders
+
+
 def link_tree(source: Path, target: Path, what: str = "files") -> int:
     """Mirror ``source`` into ``target`` with hard links (copy across filesystems); returns the file count."""
     source = Path(source)
-    files = []
-    for root, _dirs, names in os.walk(source, followlinks=True):
-        files.extend(Path(root) / name for name in names)
+    files, folders = _tree_files(source)  # every link is checked before anything is written
     with progress_bar() as bar:
         task = bar.add_task(f"linking {what}", total=len(files))
-        for path in files:
-            dest = target / path.relative_to(source)
+        for rel, real in files:
+            dest = target / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            real = path.resolve()
             try:
                 os.link(real, dest)
             except OSError:
                 shutil.copy2(real, dest)
             bar.advance(task)
-    for root, dirs, _names in os.walk(source, followlinks=True):  # keep empty folders too
-        for name in dirs:
-            (target / Path(root, name).relative_to(source)).mkdir(parents=True, exist_ok=True)
+    for rel in folders:  # keep empty folders too
+        (target / rel).mkdir(parents=True, exist_ok=True)
     return len(files)
 
 

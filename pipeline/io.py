@@ -18,20 +18,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import SpmlError
+
 TMP_MARK = ".tmp-"
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
-    """A hidden temporary next to ``path``, tagged with this process's id (see remove_stale_temporaries)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A hidden temporary next to ``path``, tagged with this process's id (see remove_stale_temporaries).
+
+    An unwritable place (a read-only folder, a parent that is a file) is a user error, reported before
+    anything is computed into the temporary."""
     prefix = f".{path.name}{TMP_MARK}{os.getpid()}-"
-    # mkstemp/mkdtemp create 0600/0700 whatever the umask; the renamed output must get the mode a plain
-    # open()/mkdir() would have given it (0666/0777 minus the umask), or other users cannot read our outputs
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())
-        return tmp
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+            # mkstemp/mkdtemp create 0600/0700 whatever the umask; the renamed output must get the mode a
+            # plain open()/mkdir() would have given it (0666/0777 minus the umask), or others cannot read it
+            os.chmod(tmp, 0o777 & ~current_umask())
+            return tmp
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    except OSError as exc:
+        raise SpmlError(f"cannot write {path}: {unwritable_reason(path, exc)}; choose another place or make "
+                        "it writable") from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
     finally:
@@ -48,6 +57,25 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents); an unwritable place is one SpmlError line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpmlError(f"cannot create folder {path}: {unwritable_reason(path / '_', exc)}; choose another "
+                        "place or make it writable") from None
+    return path
+
+
+def unwritable_reason(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be created, in words: the ancestor that is a file, else the OS's reason."""
+    for parent in Path(path).parents:
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+    return exc.strerror or type(exc).__name__
 
 
 def _owner_alive(temporary: Path, marker: str) -> bool:
@@ -122,6 +150,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces the directory ``path`` as a whole."""
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise SpmlError(f"{path} exists and is not a folder; move it away or choose another output folder")
     remove_stale_temporaries(path)
     created = _missing_parents(path)
     tmp = _tmp_sibling(path, is_dir=True)
@@ -143,7 +173,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+        # allow_nan=False: NaN/Infinity are not JSON; callers turn them into null or refuse them first
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

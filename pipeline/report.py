@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -14,6 +16,30 @@ RUN_COLUMNS = ["dataset", "method", "model", "seed", "val_map", "test_map", "bes
                "train_seconds", "test_classes_without_positives"]
 
 
+NUMERIC_COLUMNS = ("seed", "val_map", "test_map", "best_epoch", "epochs", "train_seconds",
+                   "test_classes_without_positives")
+
+
+def read_run_metrics(path: Path) -> dict[str, Any]:
+    """One run's metrics.json, checked: valid JSON, every RUN_COLUMNS key, finite numbers."""
+    redo = "rerun its `spml train` (or delete the file)"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SpmlError(f"{path} is not readable JSON ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                        f"it is truncated or corrupt: {redo}") from None
+    if not isinstance(metrics, dict):
+        raise SpmlError(f"{path} must hold a JSON object, got {type(metrics).__name__}; {redo}")
+    for key in RUN_COLUMNS:
+        if key not in metrics:
+            raise SpmlError(f"{path} has no key {key!r}; {redo}")
+        value = metrics[key]
+        if key in NUMERIC_COLUMNS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                       or not math.isfinite(value)):
+            raise SpmlError(f"{path} key {key!r} is {value!r}, not a finite number; {redo}")
+    return metrics
+
+
 def collect_runs(datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
     rows = []
     for dataset in datasets:
@@ -22,9 +48,10 @@ def collect_runs(datasets: list[str], methods: list[str], seeds: list[int]) -> p
                 path = paths.run_dir(dataset, method, seed) / "metrics.json"
                 if not path.exists():
                     raise SpmlError(f"{path} does not exist; run `spml train {dataset} {method} --seed {seed}`")
-                metrics = json.loads(path.read_text())
-                rows.append({key: metrics.get(key) for key in RUN_COLUMNS}
-                            | {"torch": metrics.get("versions", {}).get("torch")})
+                metrics = read_run_metrics(path)
+                versions = metrics.get("versions")
+                rows.append({key: metrics[key] for key in RUN_COLUMNS}
+                            | {"torch": versions.get("torch") if isinstance(versions, dict) else None})
     return pd.DataFrame(rows)
 
 

@@ -12,8 +12,10 @@ Kept out of :mod:`pipeline.train` so the loop stays short; nothing here knows a 
 * **Resume**: after every epoch, ``runs/.resume/<dataset>/<method>/<seed>/last.pt`` (outside the DVC
   outputs, which DVC deletes before rerunning a stage; ignored via .dvcignore) holds the model,
   optimizer, scheduler, grad scaler, method state, RNG states, history and the best epoch so far; the
-  best-so-far weights sit next to it in ``best-e<epoch>.pt``. The checkpoint is keyed by a hash of the run
-  config: a changed config starts from scratch. The directory is removed when the run completes.
+  best-so-far weights sit next to it in ``best-e<epoch>.pt``. The checkpoint is keyed by everything the run
+  depends on (:func:`run_fingerprint`): the resolved config, the SHA-256 of the input tables and a hash of
+  the code; when any of it changed, the checkpoint is discarded with a notice on stderr and the run starts
+  from scratch. The directory is removed when the run completes.
 * **Host memory** (:func:`cache_host_memory`): glibc's malloc is told to keep freed memory for reuse, as
   the CUDA caching allocator does on the GPU, instead of handing it back to the kernel after every step.
 """
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
 import platform
 import random
-import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,8 @@ from torch.utils.data import Sampler
 from pipeline import paths
 from pipeline.errors import SpmlError
 
-RESUME_FORMAT = 1
+RESUME_FORMAT = 2  # 2: fingerprint = {config, inputs, code} (1: a hash of the config only)
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +285,46 @@ def config_fingerprint(config: dict[str, Any], world_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the ``pipeline`` package's source files (names and bytes), i.e. the training code."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(f"{path.relative_to(PACKAGE_DIR).as_posix()}\n".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(config: dict[str, Any], world_size: int, inputs: list[Path]) -> dict[str, Any]:
+    """What a resume checkpoint must match: the config (and world size), each input file's SHA-256, the code."""
+    from pipeline.io import sha256_file
+
+    return {"config": config_fingerprint(config, world_size),
+            "inputs": {str(path): sha256_file(path) for path in inputs},
+            "code": code_fingerprint()}
+
+
+def _changes(saved: Any, current: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's fingerprint and the current one, in words."""
+    if not isinstance(saved, dict) or set(saved) != set(current):
+        return ["the checkpoint format"]
+    changed = []
+    if saved["config"] != current["config"]:
+        changed.append("the run config")
+    if saved["inputs"] != current["inputs"]:
+        names = sorted(k for k in set(saved["inputs"]) | set(current["inputs"])
+                       if saved["inputs"].get(k) != current["inputs"].get(k))
+        changed.append(f"the input tables ({', '.join(names)})")
+    if saved["code"] != current["code"]:
+        changed.append("the code (pipeline/)")
+    return changed
+
+
+def notice(message: str) -> None:
+    """One line on stderr (rank 0 only under torchrun) for something the user should know but need not fix."""
+    if env_rank() == 0:
+        print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -315,8 +359,9 @@ def save_resume(directory: Path, state: dict[str, Any], best_model: dict | None,
             stale.unlink(missing_ok=True)
 
 
-def load_resume(directory: Path, fingerprint: str) -> tuple[dict[str, Any], dict | None] | None:
-    """The saved state and best-so-far weights, or None if absent or written for another config."""
+def load_resume(directory: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dict | None] | None:
+    """The saved state and best-so-far weights, or None if absent or written for another run (config,
+    input tables or code; :func:`run_fingerprint`), which is then said on stderr."""
     last = directory / "last.pt"
     if not last.exists():
         return None
@@ -325,7 +370,11 @@ def load_resume(directory: Path, fingerprint: str) -> tuple[dict[str, Any], dict
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         raise SpmlError(f"resume checkpoint {last} is unreadable ({type(exc).__name__}); delete {directory} "
                         "or pass --no-resume") from None
-    if state.get("fingerprint") != fingerprint or state.get("format") != RESUME_FORMAT:
+    changed = _changes(state.get("fingerprint"), fingerprint) if state.get("format") == RESUME_FORMAT else [
+        "the checkpoint format"]
+    if changed:
+        notice(f"discarding the resume checkpoint {last}: {' and '.join(changed)} changed since it was written; "
+               "training from scratch")
         return None
     best_path = directory / f"best-e{state['best_epoch']}.pt"
     best = torch.load(best_path, map_location="cpu", weights_only=True) if best_path.exists() else None
@@ -335,18 +384,40 @@ def load_resume(directory: Path, fingerprint: str) -> tuple[dict[str, Any], dict
     return state, best
 
 
-def clear_resume(directory: Path) -> None:
-    """Remove a run's resume directory and the parents it leaves empty (up to ``.resume``)."""
+def _is_resume_file(name: str) -> bool:
+    """last.pt, best-e<N>.pt, or an atomic temporary of one of them (pipeline.io)."""
+    from pipeline.io import TMP_MARK
+
+    if name.startswith(".") and TMP_MARK in name:
+        name = name[1:name.index(TMP_MARK)]
+    return name == "last.pt" or (name.startswith("best-e") and name.endswith(".pt") and name[6:-3].isdigit())
+
+
+def foreign_resume_files(directory: Path) -> list[str]:
+    """Names in ``directory`` that are not resume checkpoints (sorted); [] if it does not exist."""
     directory = Path(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    for parent in directory.parents:
-        if parent.name == "" or not parent.exists():
+    if not directory.is_dir():
+        return []
+    return sorted(entry.name for entry in directory.iterdir() if not (entry.is_file() and _is_resume_file(entry.name)))
+
+
+def clear_resume(directory: Path) -> None:
+    """Remove a run's resume checkpoints, then the folders they leave empty (up to ``.resume``).
+
+    Only our own files are deleted: a folder that also holds anything else is left with it."""
+    directory = Path(directory)
+    if directory.is_dir() and not directory.is_symlink():
+        for entry in directory.iterdir():
+            if entry.is_file() and _is_resume_file(entry.name):
+                entry.unlink(missing_ok=True)
+    for folder in (directory, *directory.parents):
+        if folder.name == "" or folder.is_symlink() or not folder.is_dir():
             break
         try:
-            parent.rmdir()  # only succeeds while empty
+            folder.rmdir()  # only succeeds while empty
         except OSError:
             break
-        if parent.name == ".resume":
+        if folder.name == ".resume":
             break
 
 

@@ -40,6 +40,7 @@ from pipeline.tables import LabelTable, read_label_table, read_observed_table
 
 # The smallest input: every trunk downsamples by 8 or more, and a CAM needs at least 2x2 maps (smallcnn).
 MIN_IMAGE_SIZE = 16
+RUN_FILES = ("metrics.json", "config.json", "history.csv", "best.pt")  # what fit writes into a run folder
 
 
 @dataclass
@@ -65,6 +66,8 @@ class TrainConfig:
     deterministic: bool  # torch deterministic algorithms (CPU metrics are then reproducible)
     host_malloc_cache: bool  # glibc malloc keeps freed memory for reuse (runtime.cache_host_memory)
     threads: Annotated[int, Range(ge=1)] | None  # torch intra-op threads; None: runtime.torch_threads decides
+    # a step loss above this (or any non-finite one) stops the run as diverged; None: only non-finite losses
+    max_loss: Annotated[float, Range(gt=0)] | None
     # GPU path (see pipeline/runtime.py); all of it is ignored or a no-op on CPU
     amp: bool  # mixed precision (CUDA only)
     amp_dtype: Literal["auto", "bf16", "fp16"]  # auto: bf16 where supported, else fp16 + GradScaler
@@ -214,13 +217,34 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, method: Method) ->
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class DivergedError(SpmlError):
+    """The loss or the scores became non-finite (or the loss passed ``train.max_loss``)."""
+
+
+def diverged(epoch: int, where: str, what: str) -> DivergedError:
+    return DivergedError(f"training diverged at epoch {epoch}, {where}: {what}; lower train.lr (or raise "
+                         "train.max_loss if such losses are expected); no metrics were written")
+
+
+def _first_bad_step(loss: torch.Tensor, max_loss: float | None) -> torch.Tensor:
+    """A device-side bool: the loss is non-finite or above ``max_loss`` (no host sync)."""
+    bad = ~torch.isfinite(loss)
+    return bad if max_loss is None else bad | (loss.abs() > max_loss)
+
+
 def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normalizer, epoch: int,
                     bar=None, task=None, scheduler=None, scaler=None, amp: torch.dtype | None = None,
-                    ema: runtime.WeightEMA | None = None) -> dict[str, float]:
-    """One pass over ``loader``; no host-device synchronisation inside the loop (logs stay on the device)."""
+                    ema: runtime.WeightEMA | None = None, max_loss: float | None = None) -> dict[str, float]:
+    """One pass over ``loader``; no host-device synchronisation inside the loop (logs stay on the device).
+
+    Divergence is recorded on the device (the first bad step and its loss) and raised once, at the end of
+    the epoch, as :class:`DivergedError`: a non-finite loss, or one above ``max_loss`` if that is set."""
     model.train()
     method.on_epoch_start(epoch)
     total_loss = torch.zeros((), device=normalize.device)
+    no_step = torch.iinfo(torch.int64).max
+    first_bad = torch.full((), no_step, dtype=torch.int64, device=normalize.device)
+    bad_loss = torch.zeros((), device=normalize.device)
     log_sums: dict[str, torch.Tensor] = {}
     steps = 0
     for item in loader:
@@ -240,12 +264,21 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
         method.after_optimizer_step(batch, epoch)
         if ema is not None:
             ema.update(model)
-        total_loss += out.loss.detach().float()
+        loss = out.loss.detach().float()
+        newly_bad = _first_bad_step(loss, max_loss) & (first_bad == no_step)
+        first_bad = torch.where(newly_bad, steps, first_bad)
+        bad_loss = torch.where(newly_bad, loss, bad_loss)
+        total_loss += loss
         for key, value in out.logs.items():
             log_sums[key] = log_sums.get(key, 0) + value.detach().float()
         steps += 1
         if bar is not None:
             bar.advance(task)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # one collective per epoch
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+    if (step := int(first_bad.item())) != no_step:
+        limit = "" if max_loss is None else f" (train.max_loss {max_loss:g})"
+        raise diverged(epoch, f"step {step + 1} of {steps}", f"loss {float(bad_loss.item()):.4g}{limit}")
     row = {"train_loss": (total_loss / max(steps, 1)).item()}
     row.update({key: (value / max(steps, 1)).item() for key, value in log_sums.items()})
     return row
@@ -273,8 +306,12 @@ def predict(model, method: Method, loader, normalize: Normalizer, amp: torch.dty
 
 
 def evaluate(model, method: Method, loader, normalize: Normalizer, amp: torch.dtype | None = None,
-             dist: runtime.DistContext | None = None):
+             dist: runtime.DistContext | None = None, epoch: int | None = None, split: str = "val"):
     scores, targets = predict(model, method, loader, normalize, amp, dist)
+    if not np.isfinite(scores).all():  # a NaN would otherwise reach scikit-learn as a traceback
+        bad = int((~np.isfinite(scores)).any(axis=1).sum())
+        where = f"{split} evaluation" if epoch is None else f"{split} evaluation after its last step"
+        raise diverged(epoch or 0, where, f"{bad} of {len(scores)} images got non-finite scores")
     return mean_average_precision(targets, scores)
 
 
@@ -302,7 +339,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     """Train one (dataset, method, seed) run and write its outputs into ``out_dir`` (rank 0 only).
 
     With ``resume_dir``, a checkpoint is written there after every epoch and, when one for the same
-    config exists, training continues from it; the directory is removed once the outputs are written.
+    config, input tables and code exists, training continues from it; the directory is removed once the
+    outputs are written. A diverged run (:class:`DivergedError`) writes nothing.
     ``init_model``: starting weights (a previous stage's best; keys the model lacks or adds are allowed),
     ``stage1`` that stage's metrics, recorded in this run's.
     """
@@ -367,7 +405,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     history: list[dict[str, Any]] = []
     best = {"val_map": -math.inf, "epoch": 0, "model": None, "method": None}
     start_epoch, elapsed = 1, 0.0
-    fingerprint = runtime.config_fingerprint(run.to_dict(), dist.world_size)
+    fingerprint = runtime.run_fingerprint(run.to_dict(), dist.world_size,
+                                          [paths.label_table(run.dataset), paths.observed_table(run.dataset)])
     loaded = runtime.load_resume(resume_dir, fingerprint) if resume_dir is not None else None
     if loaded is not None:
         state, best_state = loaded
@@ -405,14 +444,14 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
             train_sampler.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch}
             row.update(train_one_epoch(train_model, method, train_loader, optimizer, normalize, epoch, bar, task,
-                                       scheduler, scaler, amp, ema))
+                                       scheduler, scaler, amp, ema, cfg.max_loss))
             method.on_epoch_end(epoch, model, train_loader, normalize.batch)
             row.update(method.epoch_diagnostics())
             runtime.broadcast_buffers(dist, model)
-            val = evaluate(model, method, val_loader, normalize, amp, dist)
+            val = evaluate(model, method, val_loader, normalize, amp, dist, epoch)
             selected = model
             if ema is not None:  # Xie et al.: each epoch keeps the better of the raw and the EMA weights
-                val_ema = evaluate(ema.model, method, val_loader, normalize, amp, dist)
+                val_ema = evaluate(ema.model, method, val_loader, normalize, amp, dist, epoch)
                 row["val_map_raw"], row["val_map_ema"] = val.map, val_ema.map
                 if val_ema.map > val.map:
                     val, selected = val_ema, ema.model
@@ -439,7 +478,7 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
 
     model.load_state_dict(best["model"])
     method.load_state_dict(best["method"])
-    test = evaluate(model, method, test_loader, normalize, amp, dist)
+    test = evaluate(model, method, test_loader, normalize, amp, dist, best["epoch"], "test")
     metrics = {
         "dataset": run.dataset, "method": run.method, "model": cfg.model, "seed": run.seed,
         "val_map": best["val_map"], "test_map": test.map, "best_epoch": best["epoch"],

@@ -9,7 +9,7 @@ from pipeline import paths
 from pipeline.config import load_params
 from pipeline.diagnostics_report import collect_histories, diagnostics_figure, diagnostics_markdown
 from pipeline.errors import SpmlError
-from pipeline.io import atomic_file, write_json, write_text
+from pipeline.io import atomic_file, ensure_dir, write_json, write_text
 from pipeline.report import collect_runs, results_markdown, summary_metrics
 
 
@@ -24,7 +24,7 @@ def grid(params: dict) -> tuple[list[str], list[str], list[int]]:
 def run(params_path: Path = Path("params.yaml"), out_dir: Path = paths.REPORTS) -> Path:
     datasets, methods, seeds = grid(load_params(params_path))
     runs = collect_runs(datasets, methods, seeds)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(out_dir)
     with atomic_file(out_dir / "runs.csv") as tmp:
         runs.to_csv(tmp, index=False, float_format="%.4f")
     write_text(out_dir / "results.md", results_markdown(runs, methods, datasets))

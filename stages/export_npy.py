@@ -16,7 +16,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
-from pipeline.io import atomic_file
+from pipeline.io import atomic_file, ensure_dir
 from pipeline.tables import read_label_table, read_observed_table
 
 PHASES = {"train": "train", "val": "test"}  # file phase -> our official split
@@ -39,8 +39,7 @@ def run(dataset: str, out_dir: Path) -> list[Path]:
         arrays[f"formatted_{phase}_images.npy"] = np.asarray(table.path[rows].tolist(), dtype=str)
         arrays[f"formatted_{phase}_labels.npy"] = table.labels[rows].astype(dtype)
         arrays[f"formatted_{phase}_labels_obs.npy"] = observed.labels[rows].astype(dtype)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(out_dir)
     written = []
     for name, array in arrays.items():  # everything is computed before the first file is written
         with atomic_file(out_dir / name) as tmp, open(tmp, "wb") as handle:

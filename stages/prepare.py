@@ -10,6 +10,7 @@ from pipeline import paths
 from pipeline.config import load_params, parse_dataclass
 from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
+from pipeline.io import ensure_dir
 from pipeline.sampling import SplitParams, train_val_split
 from pipeline.tables import LabelTable, labels_hash, write_label_table
 
@@ -64,8 +65,9 @@ def run(dataset: str, params_path: Path = Path("params.yaml")) -> Path:
     raw = paths.raw_dir(dataset)
     if not raw.exists():
         raise SpmlError(f"{raw} does not exist; run `spml download {dataset}` first")
-    table = build_label_table(dataset, raw, (params.get("data") or {}).get(dataset) or {}, split.val_fraction, split.seed)
     out = paths.label_table(dataset)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)  # an unwritable data/ fails before the table is built
+    table = build_label_table(dataset, raw, (params.get("data") or {}).get(dataset) or {}, split.val_fraction,
+                              split.seed)
     write_label_table(out, table)
     return out

@@ -1,8 +1,15 @@
-"""Stage ``train``: one (dataset, method, seed) run into ``runs/<dataset>/<method>/<seed>/``."""
+"""Stage ``train``: one (dataset, method, seed) run into ``runs/<dataset>/<method>/<seed>/``.
+
+The output folder is replaced as a whole, so it must be ours: absent, empty, or a run folder (only the
+files below, with our ``config.json``). Anything else (a user's folder, a file, the project or one of its
+ancestors) is refused before training starts; nothing of the user's is ever deleted.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,14 +22,74 @@ from pipeline.config import load_params
 from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
-from pipeline.train import fit, resolve_run_config
+from pipeline.train import RUN_FILES, fit, resolve_run_config
+
+# config.json of a run holds these keys (pipeline.train.RunConfig); together with "only run files"
+# this is what marks a folder as ours
+RUN_CONFIG_KEYS = {"dataset", "method", "seed", "run_seed", "train", "model_kwargs", "method_params"}
 
 
 def resume_dir_for(dataset: str, method: str, seed: int, out_dir: Path | None) -> Path:
     """runs/.resume/<dataset>/<method>/<seed> (outside DVC's outputs), or <out>/../.resume/<name> for --out."""
     if out_dir is None:
         return runtime.resume_dir(dataset, method, seed)
-    return Path(out_dir).parent / ".resume" / Path(out_dir).name
+    out_dir = Path(os.path.abspath(out_dir))  # `--out .` or `--out x/..` have no usable name otherwise
+    return out_dir.parent / ".resume" / out_dir.name
+
+
+def is_run_folder(folder: Path) -> bool:
+    """True if ``folder`` holds only run files and its config.json is a run config."""
+    names = {entry.name for entry in folder.iterdir()}
+    if not names <= set(RUN_FILES) or "config.json" not in names:
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and RUN_CONFIG_KEYS <= set(config)
+
+
+def check_out_dir(out_dir: Path, params_path: Path) -> None:
+    """Refuse an output folder that replacing would lose user files (see the module docstring)."""
+    where = Path(os.path.abspath(out_dir))
+    real = where.resolve()
+    for protected, what in ((Path.cwd().resolve(), "the current folder"),
+                            (Path(params_path).resolve().parent, f"the project folder of {params_path}")):
+        if real == protected or real in protected.parents:
+            raise SpmlError(f"output folder {out_dir} is {what} or one of its ancestors; pass a new or empty "
+                            "folder, e.g. --out runs/try")
+    for parent in where.parents:  # `--out somefile/sub`: say so now, not after training
+        if parent.exists():
+            if not parent.is_dir():
+                raise SpmlError(f"cannot write {out_dir}: {parent} is a file, not a folder; choose another place")
+            break
+    if where.is_symlink():
+        raise SpmlError(f"output folder {out_dir} is a symlink; pass the folder itself (a new or empty one)")
+    if where.exists() and not where.is_dir():
+        raise SpmlError(f"output folder {out_dir} is an existing file; pass a new or empty folder")
+    if where.is_dir() and any(where.iterdir()) and not is_run_folder(where):
+        names = sorted(entry.name for entry in where.iterdir())
+        foreign = [n for n in names if n not in RUN_FILES] or [f"{n} (not our config)" for n in names
+                                                               if n == "config.json"] or names
+        raise SpmlError(f"output folder {out_dir} holds files that are not a run's ({', '.join(foreign[:3])}); "
+                        f"a run folder holds only {', '.join(RUN_FILES)}: pass a new or empty folder, or move "
+                        "them away")
+
+
+def check_resume_dir(resume_dir: Path) -> None:
+    """The resume folder may only hold our checkpoints: it is rewritten every epoch and removed at the end."""
+    if resume_dir.is_symlink() or (resume_dir.exists() and not resume_dir.is_dir()):
+        raise SpmlError(f"resume folder {resume_dir} exists and is not a folder; move it away or pass another --out")
+    for parent in resume_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SpmlError(f"cannot keep the resume checkpoint in {resume_dir}: {parent} is a file; "
+                                "move it away or pass another --out")
+            break
+    foreign = runtime.foreign_resume_files(resume_dir)
+    if foreign:
+        raise SpmlError(f"resume folder {resume_dir} holds files that are not resume checkpoints "
+                        f"({', '.join(foreign[:3])}); move them away or pass another --out")
 
 
 def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.yaml"),
@@ -36,7 +103,9 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     if weights is not None:
         run_cfg.model_kwargs["weights"] = weights
     target = out_dir or paths.run_dir(dataset, method, seed)
+    check_out_dir(target, params_path)
     resume_dir = resume_dir_for(dataset, method, seed, out_dir)
+    check_resume_dir(resume_dir)
     if not resume:
         runtime.clear_resume(resume_dir)
     dist = runtime.init_distributed(run_cfg.train.device)
@@ -50,8 +119,12 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
                 if stage1_cfg.train.init_from is not None:
                     raise SpmlError(f"train.init_from of {method!r} names {run_cfg.train.init_from!r}, which has an "
                                     "init_from itself; chain at most two stages")
+                stage1_resume = resume_dir.with_name(f"{resume_dir.name}.stage1")  # its own checkpoints
+                check_resume_dir(stage1_resume)
+                if not resume:
+                    runtime.clear_resume(stage1_resume)
                 stage1_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                stage1 = fit(stage1_cfg, stage1_dir, resume_dir / "stage1", dist)
+                stage1 = fit(stage1_cfg, stage1_dir, stage1_resume, dist)
                 init_model = torch.load(stage1_dir / "best.pt", map_location="cpu", weights_only=True)["model"] \
                     if dist.is_main else None
                 init_model = runtime.broadcast_object(dist, init_model)
