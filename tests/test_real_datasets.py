@@ -98,7 +98,7 @@ def test_voc_bad_input(workspace, tmp_path):
 
 def test_voc_from_folder_that_is_not_voc(workspace, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(invoke("download", "voc2012", "--from", tmp_path / "empty"), "ImageSets/Main not found")
+    assert_one_line_error(invoke("download", "voc2012", "--from", tmp_path / "empty"), "is an empty folder")
     assert not Path("data/raw/voc2012").exists()
 
 
