@@ -190,7 +190,7 @@ def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Pat
         err.print(f"[red]dvc.lock is stale[/red] ({len(problems)} change(s) not reproduced); "
                   "run `dvc repro` and commit dvc.lock and reports/:", highlight=False, soft_wrap=True)
         for problem in problems:
-            err.print(f"  {escape(problem)}", highlight=False, soft_wrap=True)
+            err.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     err.print("dvc.lock is fresh: every stage's command, params and source dependencies match.")
 
