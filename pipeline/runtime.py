@@ -163,9 +163,12 @@ class EpochSampler(Sampler):
 
 
 def amp_dtype(enabled: bool, dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AMP runs on CUDA only (on CPU the flag is ignored)."""
-    if not enabled or device.type != "cuda":
+    """The autocast dtype, or None for fp32. On CPU only an explicit ``bf16`` autocasts (to measure its effect
+    where there is no GPU; ``auto``, e.g. a GPU preset run on a CPU machine, stays fp32)."""
+    if not enabled:
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if dtype == "bf16" and device.type == "cpu" else None
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

@@ -111,8 +111,11 @@ def test_broken_image_fails_the_cache_cleanly(tmp_path):
     assert not any((tmp_path / "cache").iterdir())
 
 
-def test_amp_is_cuda_only_and_onecycle_follows_torch_per_iteration():
+def test_amp_is_opt_in_and_onecycle_follows_torch_per_iteration():
     assert runtime.amp_dtype(True, "auto", torch.device("cpu")) is None
+    assert runtime.amp_dtype(True, "fp16", torch.device("cpu")) is None
+    assert runtime.amp_dtype(True, "bf16", torch.device("cpu")) is torch.bfloat16  # explicit CPU bf16
+    assert runtime.amp_dtype(False, "bf16", torch.device("cpu")) is None
     assert runtime.amp_dtype(False, "bf16", torch.device("cuda")) is None
     model = torch.nn.Linear(2, 2)
     groups = [{"params": [model.weight], "lr": 1e-5}, {"params": [model.bias], "lr": 1e-4}]
