@@ -69,7 +69,7 @@ class TrainConfig:
     # a step loss above this (or any non-finite one) stops the run as diverged; None: only non-finite losses
     max_loss: Annotated[float, Range(gt=0)] | None
     # GPU path (see pipeline/runtime.py); all of it is ignored or a no-op on CPU
-    amp: bool  # mixed precision (CUDA only)
+    amp: bool  # mixed precision, opt-in (see runtime.amp_dtype)
     amp_dtype: Literal["auto", "bf16", "fp16"]  # auto: bf16 where supported, else fp16 + GradScaler
     channels_last: bool
     cudnn_benchmark: bool
@@ -109,7 +109,9 @@ PROTOCOLS = ("unified", "original")
 
 def protocol_block(params: dict[str, Any], method: str, base: str | None) -> tuple[str, dict[str, Any]]:
     """The active protocol's name and its block for ``method`` (a variant falls back to its base's)."""
-    protocol = params.get("protocol", "unified")
+    protocol = params.get("protocol")
+    if protocol is None:
+        raise SpmlError("params protocol is missing; add `protocol: unified` (or original) to params.yaml")
     if protocol not in PROTOCOLS:
         raise SpmlError(f"params protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     blocks = (params.get("protocols") or {}).get(protocol) or {}

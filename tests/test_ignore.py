@@ -297,9 +297,8 @@ def test_params_validation_and_state_roundtrip():
 
 
 def test_variant_reads_base_params_block():
-    from pipeline.train import resolve_run_config
-
     from pipeline.config import load_params
+    from pipeline.train import resolve_run_config
     from tests.conftest import REPO
 
     params = load_params(REPO / "params.yaml")

@@ -105,6 +105,9 @@ def test_unknown_protocol_is_a_one_line_error():
     params["protocol"] = "authors"
     with pytest.raises(SpmlError, match="protocol must be one of unified, original"):
         resolve_run_config(params, "synthetic", "an", 0)
+    del params["protocol"]
+    with pytest.raises(SpmlError, match="params protocol is missing"):
+        resolve_run_config(params, "synthetic", "an", 0)
 
 
 def test_cole_grid_is_a_sweep_of_eight_queued_experiments(monkeypatch):
