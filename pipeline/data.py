@@ -203,6 +203,9 @@ class TrainSet(Dataset):
         self.images, self.observed, self.full = images, observed, full
         self.instances, self.instance_classes = instances, instance_classes
         self.source, self.augment = source, augment
+        # per row: 1 if its file is stored at the training size (the cache holds its pixels), 0 if not, -1 not
+        # yet known; probed once per row and process, not every epoch (a header read costs ~0.5 ms)
+        self._native = np.full(len(observed), -1, dtype=np.int8)
         self.randaugment = RandAugment(num_ops=strong_num_ops, magnitude=strong_magnitude) if strong else None
 
     def __len__(self) -> int:
@@ -248,10 +251,10 @@ class TrainSet(Dataset):
         if self.source is None:
             return None
         root, rel_paths = self.source
-        with Image.open(root / rel_paths[i]) as probe:  # reads the header only
-            if probe.size == size[::-1]:
-                return None
-        return _open(root / rel_paths[i], "RGB")
+        if self._native[i] < 0:
+            with Image.open(root / rel_paths[i]) as probe:  # reads the header only
+                self._native[i] = probe.size == size[::-1]
+        return None if self._native[i] else _open(root / rel_paths[i], "RGB")
 
 
 class EvalSet(Dataset):
