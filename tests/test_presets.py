@@ -14,7 +14,8 @@ from tests.conftest import REPO
 PAPER = {"voc2012", "coco2014", "nuswide", "cub"}
 
 
-def _params(tmp_path, preset):
+def preset_params(tmp_path, preset):
+    """params.yaml with ``preset`` active and its grid set, as `spml exp PRESET` runs it."""
     params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
     params["preset"] = preset
     params.update(preset_grid(params, preset))  # what `spml exp PRESET` passes to DVC with -S
@@ -26,7 +27,7 @@ def _params(tmp_path, preset):
 @pytest.mark.parametrize("preset,model,optimizer,scheduler,gamma", [
     ("paper-resnet50", "resnet50", "adam", "none", 0.4), ("paper-q2l", "q2l", "adamw", "onecycle", 0.8)])
 def test_paper_preset(tmp_path, preset, model, optimizer, scheduler, gamma):
-    params = _params(tmp_path, preset)
+    params = preset_params(tmp_path, preset)
     assert set(params["datasets"]) == PAPER and "ignore" in params["methods"] and "an" in params["methods"]
     for dataset in params["datasets"]:
         for method in params["methods"]:

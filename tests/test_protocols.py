@@ -3,7 +3,6 @@ and the protocol knobs (early stopping, weight EMA, drop_last, LAC views, two st
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -11,9 +10,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import load_params, preset_grid
+from pipeline.config import load_params
 from pipeline.train import resolve_run_config, should_stop
 from tests.conftest import REPO
+from tests.test_presets import preset_params
 
 FIELDS = ("epochs", "batch_size", "lr", "head_lr_mult", "optimizer", "weight_decay", "scheduler", "drop_last",
           "eval_drop_last", "early_stop", "early_stop_value", "weight_ema", "augment", "init_from")
@@ -45,15 +45,6 @@ def doc_row(rows, method, dataset, model) -> dict:
                and r["model"] in (model, "*")]
     assert matches, f"docs/protocols.md has no row for {method} on {dataset}/{model}"
     return max(matches, key=lambda r: (r["dataset"] != "*") + (r["model"] != "*"))
-
-
-def preset_params(tmp_path, preset: str) -> dict:
-    params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["preset"] = preset
-    params.update(preset_grid(params, preset))  # what `spml exp PRESET` passes to DVC with -S
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return load_params(path)
 
 
 @pytest.mark.parametrize("preset", ["paper-resnet50", "paper-q2l"])
