@@ -12,7 +12,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.errors import SpmlError
 
-RUN_COLUMNS = ["dataset", "method", "model", "seed", "val_map", "test_map", "best_epoch", "epochs",
+RUN_COLUMNS = ["dataset", "method", "model", "seed", "protocol", "val_map", "test_map", "best_epoch", "epochs",
                "train_seconds", "test_classes_without_positives"]
 
 
@@ -69,6 +69,9 @@ def results_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]
     lines = ["# Results", "",
              "Test mAP (%) at the best-validation epoch, mean ± sample standard deviation (ddof=1) over seeds;",
              "n = number of seeds. Regenerate with `dvc repro`.", ""]
+    protocols = sorted(set(runs.protocol.dropna())) if "protocol" in runs else []
+    lines += [f"Training protocol: {', '.join(protocols) or 'unknown'} (docs/protocols.md: `unified` = one shared "
+              "recipe for every method, `original` = each method under its authors' published protocol).", ""]
     header = "| method | " + " | ".join(datasets) + " | n |"
     lines += [header, "|" + "---|" * (len(datasets) + 2)]
     for method in methods:

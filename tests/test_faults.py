@@ -417,7 +417,8 @@ def test_p09_unwritable_places_and_bad_params_give_one_line(tiny_workspace, monk
         assert Path("somefile").read_text() == "a user's file"
 
 
-GOOD_METRICS = {"dataset": "synthetic", "method": "an", "model": "smallcnn", "seed": 0, "val_map": 50.0,
+GOOD_METRICS = {"dataset": "synthetic", "method": "an", "model": "smallcnn", "seed": 0, "protocol": "unified",
+                "val_map": 50.0,
                 "test_map": 40.0, "best_epoch": 1, "epochs": 2, "train_seconds": 3.0,
                 "test_classes_without_positives": 0, "versions": {"torch": "2"}}
 

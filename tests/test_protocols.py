@@ -236,3 +236,16 @@ def test_every_preset_names_its_source():
         above = [line for line in lines[start:at] if line.startswith("  # Source:")]
         assert above, f"preset {name} names no source"
         assert f"`{name}`" in docs or name.startswith("gamma-"), name
+
+
+def test_reports_say_which_protocol_produced_a_table():
+    import pandas as pd
+
+    from pipeline.report import RUN_COLUMNS, results_markdown
+
+    runs = pd.DataFrame([{"dataset": "voc2012", "method": "em", "model": "resnet50", "seed": 0,
+                          "protocol": "original", "val_map": 80.0, "test_map": 79.0, "best_epoch": 3, "epochs": 10,
+                          "train_seconds": 1.0, "test_classes_without_positives": 0}])
+    assert "protocol" in RUN_COLUMNS  # the long runs table (reports/runs.csv) carries it per run
+    text = results_markdown(runs, ["em"], ["voc2012"])
+    assert "Training protocol: original" in text
