@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.setdefault("SPML_NO_PROGRESS", "1")
+# quiet progress bars in tests; `make test` exports SPML_NO_PROGRESS empty when the caller has none, so an
+# empty value counts as unset
+if not os.environ.get("SPML_NO_PROGRESS"):
+    os.environ["SPML_NO_PROGRESS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 
