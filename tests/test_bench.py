@@ -63,7 +63,7 @@ def test_cached_host_memory_leaves_ignore_steps_without_page_faults(tmp_path):
     """The synthetic model at its real size (64 px, batch 32): with glibc's defaults IGNORE's step page-faults
     its activations in again (thousands of faults a step); with the cache, steady-state steps fault ~never."""
     code = "import sys; from pipeline.bench import main; sys.exit(main(sys.argv[1:]))"
-    out = subprocess.run([sys.executable, "-c", code, "--methods", "an,ignore", "--steps", "5", "--warmup", "2",
+    out = subprocess.run([sys.executable, "-c", code, "--methods", "an,ignore", "--steps", "10", "--warmup", "4",
                           "--device", "cpu", "--threads", "1", "--host-malloc", "cache"], cwd=tmp_path, check=False,
                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert out.returncode == 0, out.stderr

@@ -22,7 +22,7 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tiny_repo):
     results = (tiny_repo / "reports" / "results.md").read_text()
     assert "| an |" in results and "| full |" in results
     runs = (tiny_repo / "reports" / "runs.csv").read_text().splitlines()
-    assert runs[0].startswith("dataset,method,model,seed,val_map,test_map,best_epoch") and len(runs) == 3
+    assert runs[0].startswith("dataset,method,model,seed,protocol,val_map,test_map,best_epoch") and len(runs) == 3
     assert (tiny_repo / "runs/synthetic/an/0/metrics.json").exists()
     metrics = sh(tiny_repo, "dvc", "metrics", "show")
     assert "reports/summary.json" in metrics
