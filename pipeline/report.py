@@ -70,8 +70,8 @@ def results_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]
              "Test mAP (%) at the best-validation epoch, mean ± sample standard deviation (ddof=1) over seeds;",
              "n = number of seeds. Regenerate with `dvc repro`.", ""]
     protocols = sorted(set(runs.protocol.dropna())) if "protocol" in runs else []
-    lines += [f"Training protocol: {', '.join(protocols) or 'unknown'} (docs/protocols.md: `unified` = one shared "
-              "recipe for every method, `original` = each method under its authors' published protocol).", ""]
+    lines += [(f"Training protocol: {', '.join(protocols) or 'unknown'} (docs/protocols.md: `unified` = one shared "
+               "recipe for every method, `original` = each method under its authors' published protocol)."), ""]
     header = "| method | " + " | ".join(datasets) + " | n |"
     lines += [header, "|" + "---|" * (len(datasets) + 2)]
     for method in methods:
