@@ -147,6 +147,9 @@ def exp(preset: Annotated[str, typer.Argument(help="preset name under `presets:`
             cmd += ["-S", f"{key}={json.dumps(values).replace(' ', '')}"]
         # a preset with `sweep: {dotted.key: [values]}` is one queued experiment per combination
         sweep = (raw.get("presets") or {}).get(preset, {}).get("sweep") or {}
+        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+            raise SpmlError(f"presets.{preset}.sweep must map dotted params keys to non-empty lists of values, "
+                            f"got {sweep!r}")
         points = itertools.product(*[[(key, v) for v in values] for key, values in sweep.items()])
         return [cmd + [arg for key, v in point for arg in ("-S", f"{key}={json.dumps(v)}")]
                 + (["--queue"] if queue or sweep else []) for point in points]

@@ -115,6 +115,20 @@ def test_cole_grid_is_a_sweep_of_eight_queued_experiments(monkeypatch):
     assert sum("protocols.original.an.default.batch_size=8 " in line for line in lines) == 4
 
 
+def test_a_malformed_sweep_is_a_one_line_error(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["presets"]["bad-sweep"] = {"sweep": {"train.default.lr": 0.1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["exp", "bad-sweep", "--dry-run"])
+    assert result.exit_code == 2 and "presets.bad-sweep.sweep must map" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_spml_config_shows_the_official_ignore_defaults(monkeypatch):
     from typer.testing import CliRunner
 
