@@ -1,4 +1,11 @@
-"""Results: the long runs table and its pivot into comparison tables (mean ± sample std over seeds)."""
+"""Results: the long runs table and its pivot into comparison tables (mean ± sample std over seeds).
+
+Besides the raw means, each dataset is scored the way the field reads such tables: the AN/full ratio
+(how much of full-label mAP the naive assume-negative baseline already reaches), each method's share of the
+AN-to-full gap closed, and the rank agreement (Kendall's tau-b) of our ordering of methods with the IGNORE
+paper's Table 2 (:mod:`pipeline.published`). :func:`compare_regimes` puts two or more such runs tables
+(e.g. training from scratch vs from ImageNet weights) side by side.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import paths
+from pipeline import paths, published
 from pipeline.errors import SpmlError
 
 RUN_COLUMNS = ["dataset", "method", "model", "seed", "protocol", "val_map", "test_map", "best_epoch", "epochs",
@@ -85,7 +92,8 @@ def results_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]
         cells = [_fmt(sub[sub.dataset == d].val_map) for d in datasets]
         n = sub.groupby("dataset").seed.nunique().max() if len(sub) else 0
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", *field_scores_markdown(runs, methods, datasets)]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def summary_metrics(runs: pd.DataFrame) -> dict[str, Any]:
@@ -99,4 +107,151 @@ def summary_metrics(runs: pd.DataFrame) -> dict[str, Any]:
             "val_map_mean": round(float(sub.val_map.astype(float).mean()), 4),
             "n": len(tm),
         }
+    for dataset, by_method in out.items():
+        scores = dataset_scores(runs, dataset)
+        for method, gap in scores["gap_closed"].items():
+            by_method[method]["gap_closed"] = _round(gap)
+        # scalars next to the per-method dicts (a reader telling methods apart by "value is a dict" still can)
+        by_method["an_full_ratio"] = _round(scores["an_full_ratio"])
+        by_method["kendall_tau"] = _round(scores["kendall_tau"])
+        by_method["kendall_n"] = len(scores["kendall_methods"])
     return out
+
+
+# ---------------------------------------------------------------------------------------- field scores
+
+AN, FULL = "an", "full"
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def test_map_means(runs: pd.DataFrame, dataset: str) -> dict[str, float]:
+    """Method -> mean test mAP over seeds on ``dataset``, in the order the methods first appear."""
+    sub = runs[runs.dataset == dataset]
+    return {str(m): float(g.test_map.astype(float).mean()) for m, g in sub.groupby("method", sort=False)}
+
+
+def an_full_ratio(means: dict[str, float]) -> float | None:
+    """mAP(an) / mAP(full), or None unless both ran (and full is above 0)."""
+    if AN not in means or FULL not in means or not means[FULL] > 0:
+        return None
+    return means[AN] / means[FULL]
+
+
+def gap_closed(means: dict[str, float]) -> dict[str, float | None]:
+    """Method -> share of the AN-to-full gap it closes, in %: 100 (m - an) / (full - an).
+
+    0 = no better than AN, 100 = as good as full labels, negative = worse than AN. None for an and full
+    themselves, and for every method when an or full did not run or they tie (no gap to close)."""
+    an, full = means.get(AN), means.get(FULL)
+    defined = an is not None and full is not None and full != an
+    return {m: 100.0 * (v - an) / (full - an) if defined and m not in (AN, FULL) else None
+            for m, v in means.items()}
+
+
+def kendall_tau_b(x: list[float], y: list[float]) -> float | None:
+    """Kendall's tau-b of two paired samples (ties in either are allowed), or None when undefined.
+
+    tau_b = (C - D) / sqrt((P - Tx) (P - Ty)), with C and D the concordant and discordant pairs, P = n(n-1)/2
+    all pairs, Tx and Ty the pairs tied in x and in y. Undefined (None) for fewer than 2 items or when every
+    pair is tied in x or in y."""
+    if len(x) != len(y):
+        raise ValueError(f"kendall_tau_b needs paired samples, got {len(x)} and {len(y)} values")
+    n = len(x)
+    concordant = discordant = tied_x = tied_y = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            tied_x += dx == 0
+            tied_y += dy == 0
+            if dx * dy > 0:
+                concordant += 1
+            elif dx * dy < 0:
+                discordant += 1
+    pairs = n * (n - 1) // 2
+    denominator = math.sqrt((pairs - tied_x) * (pairs - tied_y))
+    return (concordant - discordant) / denominator if denominator > 0 else None
+
+
+MIN_KENDALL_METHODS = 3
+
+
+def paper_agreement(means: dict[str, float], dataset: str) -> tuple[float | None, list[str]]:
+    """Kendall tau-b between our test mAP and Table 2's over the methods both have, and those methods.
+
+    tau is None with fewer than MIN_KENDALL_METHODS common methods (or no Table 2 column for ``dataset``)."""
+    paper = published.table2(dataset)
+    common = [m for m in means if m in paper]
+    if len(common) < MIN_KENDALL_METHODS:
+        return None, common
+    return kendall_tau_b([means[m] for m in common], [paper[m] for m in common]), common
+
+
+def dataset_scores(runs: pd.DataFrame, dataset: str) -> dict[str, Any]:
+    """Everything the field-score table shows for one dataset (test mAP means, AN/full, gaps, tau)."""
+    means = test_map_means(runs, dataset)
+    tau, common = paper_agreement(means, dataset)
+    return {"means": means, "an_full_ratio": an_full_ratio(means), "gap_closed": gap_closed(means),
+            "kendall_tau": tau, "kendall_methods": common, "paper": published.table2(dataset),
+            "paper_column": published.table2_column(dataset)}
+
+
+def _num(value: float | None, fmt: str, missing: str = "–") -> str:
+    return missing if value is None else fmt.format(value)
+
+
+def agreement_line(scores: dict[str, Any]) -> str:
+    """'AN/full = 0.58; Kendall tau vs Table 2 (VOC) = 0.33 over n = 4 methods (an, em, ll-r, ignore)'."""
+    ratio = _num(scores["an_full_ratio"], "{:.2f}")
+    ratio += "" if scores["an_full_ratio"] is not None else " (needs both an and full)"
+    column, common = scores["paper_column"], scores["kendall_methods"]
+    if column is None:
+        return f"AN/full = {ratio}; Kendall tau vs Table 2 = – (Table 2 has no column for this dataset)"
+    tau = _num(scores["kendall_tau"], "{:.2f}")
+    which = f" ({', '.join(common)})" if common else ""
+    short = f", needs at least {MIN_KENDALL_METHODS}" if len(common) < MIN_KENDALL_METHODS else ""
+    return (f"AN/full = {ratio}; Kendall tau vs Table 2 ({column}) = {tau} over n = {len(common)} "
+            f"methods{which}{short}")
+
+
+FIELD_SCORES_CAPTION = [
+    "## Scored as in the field: AN-to-full gap and agreement with the paper", "",
+    "Per dataset, from the test mAP above (mean over seeds). Columns and figures:", "",
+    "- **test mAP**: mean test mAP (%) over seeds, as in the first table.",
+    "- **gap closed**: the method's share of the gap between assume-negative training and full labels,",
+    "  100 · (mAP(method) − mAP(an)) / (mAP(full) − mAP(an)) in %; 0 = no better than AN, 100 = as good as",
+    "  full labels, negative = worse than AN. Blank for an and full themselves, or when either did not run.",
+    "- **paper (Table 2)**: the test mAP (%) that the IGNORE paper (Song et al., ECCV 2024) reports in its",
+    "  Table 2 (ResNet-50) for the same method, in the matching column (voc2012 → VOC, coco2014 → COCO,",
+    "  nuswide → NUS, cub → CUB; `pipeline/published.py`); – when the table has no such row. `synthetic` is",
+    "  compared with the VOC column because it has 20 classes like VOC and its methods use VOC's settings:",
+    "  its ordering can be compared, its numbers cannot.",
+    "- **AN/full**: mAP(an) / mAP(full), how much of full-label mAP the naive baseline already reaches.",
+    "- **Kendall tau**: rank agreement (tau-b, ties counted) between our ordering of methods by test mAP and",
+    "  Table 2's, over the n methods both have (at least 3, else –): +1 = same order, −1 = reversed,",
+    "  0 = unrelated. Table 2 trains an ImageNet-pretrained ResNet-50 at 448 px; our model is named per dataset.",
+    "",
+]
+
+
+def field_scores_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]) -> list[str]:
+    """The per-dataset section: method | test mAP | gap closed | paper (Table 2), and the AN/full + tau line."""
+    lines = list(FIELD_SCORES_CAPTION)
+    for dataset in datasets:
+        if not (runs.dataset == dataset).any():
+            continue
+        scores = dataset_scores(runs, dataset)
+        models = ", ".join(sorted(set(runs[runs.dataset == dataset].model.dropna().astype(str))))
+        column = scores["paper_column"]
+        lines += [f"### {dataset} (model: {models or 'unknown'}; paper column: {column or 'none'})", "",
+                  agreement_line(scores) + ".", "",
+                  "| method | test mAP | gap closed (%) | paper (Table 2) |", "|---|---|---|---|"]
+        order = [m for m in methods if m in scores["means"]] + [m for m in scores["means"] if m not in methods]
+        for method in order:
+            lines.append(f"| {method} | {scores['means'][method]:.2f} | "
+                         f"{_num(scores['gap_closed'][method], '{:+.1f}', '')} | "
+                         f"{_num(scores['paper'].get(method), '{:.2f}')} |")
+        lines.append("")
+    return lines

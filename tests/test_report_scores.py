@@ -1,0 +1,110 @@
+"""results.md / summary.json field scores: AN/full, gap closed, Kendall tau-b against the paper's Table 2."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pipeline import published
+from pipeline.report import (
+    RUN_COLUMNS,
+    an_full_ratio,
+    gap_closed,
+    kendall_tau_b,
+    paper_agreement,
+    results_markdown,
+    summary_metrics,
+)
+
+
+def _runs(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
+    """(dataset, method, seed, test_map) -> a runs table with every RUN_COLUMNS column."""
+    return pd.DataFrame([{"dataset": d, "method": m, "model": "resnet50", "seed": s, "protocol": "unified",
+                          "val_map": t + 1, "test_map": t, "best_epoch": 1, "epochs": 2, "train_seconds": 1.0,
+                          "test_classes_without_positives": 0} for d, m, s, t in rows], columns=RUN_COLUMNS)
+
+
+def test_an_full_ratio_and_gap_closed_by_hand():
+    means = {"an": 30.0, "full": 60.0, "good": 45.0, "bad": 24.0, "best": 66.0}
+    assert an_full_ratio(means) == pytest.approx(0.5)
+    # 100 (m - an) / (full - an): (45-30)/30 = 50 %, (24-30)/30 = -20 %, (66-30)/30 = 120 %
+    assert gap_closed(means) == {"an": None, "full": None, "good": pytest.approx(50.0),
+                                 "bad": pytest.approx(-20.0), "best": pytest.approx(120.0)}
+    # no full run (or no an run, or no gap): nothing is defined
+    assert an_full_ratio({"an": 30.0, "good": 45.0}) is None
+    assert gap_closed({"an": 30.0, "good": 45.0}) == {"an": None, "good": None}
+    assert gap_closed({"full": 60.0, "good": 45.0}) == {"full": None, "good": None}
+    assert gap_closed({"an": 30.0, "full": 30.0, "good": 45.0})["good"] is None
+
+
+def test_kendall_tau_b_by_hand():
+    # one swapped pair of 6: (5 - 1) / 6
+    assert kendall_tau_b([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties: x ties pair (1,2), y ties pair (2,3); the other 4 pairs concordant -> 4 / sqrt((6-1)(6-1)) = 0.8
+    assert kendall_tau_b([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
+    # every pair tied in one sample, or too few items: undefined
+    assert kendall_tau_b([1, 1, 1], [1, 2, 3]) is None
+    assert kendall_tau_b([1], [2]) is None
+    with pytest.raises(ValueError):
+        kendall_tau_b([1, 2], [1])
+
+
+def test_kendall_tau_b_matches_scipy_when_installed():
+    stats = pytest.importorskip("scipy.stats")
+    x, y = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0], [2.0, 7.0, 1.0, 8.0, 2.0, 8.0, 1.0]
+    assert kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y, variant="b").statistic)
+
+
+def test_paper_agreement_needs_three_common_methods_and_a_column():
+    assert paper_agreement({"an": 1.0, "em": 2.0, "plc": 3.0}, "voc2012") == (None, ["an", "em"])
+    tau, common = paper_agreement({"an": 1.0, "em": 2.0, "ignore": 3.0}, "synthetic")  # synthetic -> VOC
+    assert common == ["an", "em", "ignore"] and tau == pytest.approx(1.0)  # VOC: 85.89 < 89.09 < 89.19
+    assert paper_agreement({"an": 1.0, "em": 2.0, "ignore": 3.0}, "mydata") == (None, [])
+
+
+def test_published_table2_transcription_is_complete():
+    for column in ("VOC", "COCO", "NUS", "CUB"):
+        assert set(published.TABLE2_RESNET50[column]) == {"an", "an-ls", "asl", "role", "em", "em-apl", "ll-r",
+                                                          "boostlu", "ignore"}
+    assert published.table2("coco2014")["boostlu"] == 72.89 and published.table2("cub")["ignore"] == 21.90
+    assert published.table2_column("synthetic") == "VOC" and published.table2("mydata") == {}
+
+
+FAKE = _runs([("voc2012", "an", 0, 60.0), ("voc2012", "an", 1, 62.0), ("voc2012", "full", 0, 81.0),
+              ("voc2012", "em", 0, 71.0), ("voc2012", "ignore", 0, 66.0), ("voc2012", "ll-r", 0, 59.0),
+              ("mydata", "an", 0, 10.0), ("mydata", "full", 0, 20.0), ("mydata", "em", 0, 12.0)])
+METHODS, DATASETS = ["an", "full", "em", "ignore", "ll-r"], ["voc2012", "mydata"]
+
+
+def test_results_md_has_the_field_score_columns():
+    text = results_markdown(FAKE, METHODS, DATASETS)
+    section = text.split("## Scored as in the field")[1]
+    for term in ("**gap closed**", "**paper (Table 2)**", "**AN/full**", "**Kendall tau**", "synthetic"):
+        assert term in section
+    voc = section.split("### voc2012")[1].split("### mydata")[0]
+    # an = 61, full = 81: AN/full 0.75; em (71-61)/20 = +50 %, ignore +25 %, ll-r -10 %.
+    # ours em > ignore > an > ll-r, Table 2 VOC ignore > em > ll-r > an: pairs C = 4, D = 2 -> tau 2/6
+    assert "AN/full = 0.75; Kendall tau vs Table 2 (VOC) = 0.33 over n = 4 methods (an, em, ignore, ll-r)" in voc
+    assert "| method | test mAP | gap closed (%) | paper (Table 2) |" in voc
+    assert "| an | 61.00 |  | 85.89 |" in voc and "| full | 81.00 |  | – |" in voc
+    assert "| em | 71.00 | +50.0 | 89.09 |" in voc and "| ll-r | 59.00 | -10.0 | 88.27 |" in voc
+    mine = section.split("### mydata")[1]
+    assert "AN/full = 0.50; Kendall tau vs Table 2 = – (Table 2 has no column for this dataset)" in mine
+    assert "| em | 12.00 | +20.0 | – |" in mine
+
+
+def test_results_md_says_why_tau_is_missing():
+    text = results_markdown(FAKE[FAKE.method.isin(["an", "em"])], ["an", "em"], ["voc2012"])
+    assert ("AN/full = – (needs both an and full); Kendall tau vs Table 2 (VOC) = – over n = 2 methods (an, em), "
+            "needs at least 3") in text
+
+
+def test_summary_json_has_the_field_scores():
+    summary = summary_metrics(FAKE)
+    voc = summary["voc2012"]
+    assert voc["an_full_ratio"] == pytest.approx(61 / 81, abs=1e-4)
+    assert voc["kendall_tau"] == pytest.approx(1 / 3, abs=1e-4) and voc["kendall_n"] == 4
+    assert voc["em"]["gap_closed"] == pytest.approx(50.0) and voc["an"]["gap_closed"] is None
+    assert voc["an"]["test_map_mean"] == 61.0 and voc["an"]["n"] == 2
+    assert summary["mydata"]["kendall_tau"] is None and summary["mydata"]["kendall_n"] == 0
