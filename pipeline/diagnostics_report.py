@@ -6,7 +6,8 @@ whatever the method. Per (dataset, method) the table gives the last epoch's valu
 the epochs where the method was rejecting or relabelling (``fn_active == 1`` where the method reports it,
 else the epochs with at least one flagged entry), each averaged over seeds. The figure is the analogue of
 the paper's Figs. 3 and 4: false-negative precision, recall, F1 and the FN/TN ratio of the flagged entries
-per epoch, one line per method (mean over seeds), plus the mean logit gaps and tau where recorded.
+per epoch, one line per method (mean over seeds), plus the mean logit gaps, tau and the CAM mask coverage
+where recorded. Each panel shows only the methods that record its quantity (:func:`panel_members`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,24 @@ TABLE_COLUMNS = [
     ("mask_pos_kept", "mask: positive kept", "{:.3f}"),
     ("mask_other_removed", "mask: others removed", "{:.3f}"),
 ]
-CURVES = [("fn_precision", "FN precision"), ("fn_recall", "FN recall"), ("fn_f1", "FN F1"),
-          ("fn_tn_ratio", "FN/TN ratio of flagged entries")]
+# One figure panel per quantity: key, title, the history columns drawn (with their line styles). A method
+# appears in a panel only when its history has a value in one of those columns (only the IGNORE family records
+# the logit gaps, tau and the mask coverage); a panel no method has is left out.
+PANELS = [
+    ("fn_precision", "FN precision (cf. paper Fig. 4)\nblack dash-dot: base rate = random flagging",
+     (("fn_precision", "-"),)),
+    ("fn_recall", "FN recall (cf. paper Fig. 4)", (("fn_recall", "-"),)),
+    ("fn_f1", "FN F1 (cf. paper Fig. 4)", (("fn_f1", "-"),)),
+    ("gap", "mean logit gap |z − z_masked| (cf. paper Fig. 3a)\nsolid: SP · dotted: TN · dashed: FN",
+     (("gap_sp", "-"), ("gap_tn", ":"), ("gap_fn", "--"))),
+    ("fn_tn_ratio", "FN/TN of the flagged entries (cf. paper Fig. 3b)\nlinear below 1, log above",
+     (("fn_tn_ratio", "-"),)),
+    ("tau", "gap threshold τ", (("tau", "-"),)),
+    ("mask", "CAM mask coverage\nsolid: positive kept · dashed: other objects removed",
+     (("mask_pos_kept", "-"), ("mask_other_removed", "--"))),
+]
+# FN curves are drawn only on the epochs where the method was flagging (warm-up blank); the rest on every epoch
+MASKED_BY_ACTIVE = {"fn_precision", "fn_recall", "fn_f1", "fn_tn_ratio"}
 
 
 def collect_histories(datasets: list[str], methods: list[str], seeds: list[int],
@@ -105,49 +122,97 @@ def diagnostics_markdown(hist: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(dataset: str, method: str, multi: bool) -> str:
+    return f"{dataset}/{method}" if multi else method
+
+
+def panel_members(hist: pd.DataFrame) -> dict[str, list[str]]:
+    """Panel key -> the (dataset/)method labels drawn in it, in order; panels nobody fills are left out.
+
+    A method is in a panel when any of the panel's columns has at least one value in its history (a column
+    that exists only because another method wrote it is all NaN for this one)."""
+    if hist.empty:
+        return {}
+    multi = hist.dataset.nunique() > 1
+    members: dict[str, list[str]] = {}
+    for key, _, curves in PANELS:
+        cols = [c for c, _ in curves if c in hist.columns]
+        labels = [_label(d, m, multi) for (d, m), sub in hist.groupby(["dataset", "method"], sort=False)
+                  if cols and sub[cols].notna().any().any()]
+        if labels:
+            members[key] = labels
+    return members
+
+
 def diagnostics_figure(hist: pd.DataFrame, out: Path) -> None:
-    """Write the PNG (matplotlib, Agg): one panel per curve, one line per dataset/method."""
+    """Write the PNG (matplotlib, Agg): one panel per quantity that some method records, one line (colour)
+    per dataset/method, mean over seeds; one shared legend below the panels, never over the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    has_gaps = not hist.empty and any(c in hist.columns for c in ("gap_sp", "gap_tn", "gap_fn"))
-    ncols = 3 if has_gaps else 2
-    fig, axes = plt.subplots(2, ncols, figsize=(5 * ncols, 7.5), squeeze=False)
-    panels = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]]
-    if hist.empty:
-        for ax in axes.flat:
+    members = panel_members(hist)
+    style = {"font.family": "DejaVu Sans", "font.size": 8.5, "axes.titlesize": 9, "legend.fontsize": 8.5}
+    with plt.rc_context(style):
+        if not members:
+            fig, ax = plt.subplots(figsize=(8, 2), layout="constrained")
             ax.axis("off")
-        axes[0, 0].text(0, 0.5, "no run in the grid records false-negative diagnostics", fontsize=12)
-    else:
-        multi = hist.dataset.nunique() > 1
-        for (dataset, method), sub in hist.groupby(["dataset", "method"], sort=False):
-            label = f"{dataset}/{method}" if multi else method
-            mean = sub.groupby("epoch").mean(numeric_only=True)
-            active = _active(mean)
-            for ax, (col, title) in zip(panels, CURVES):
-                if col in mean.columns:
-                    ax.plot(mean.index, mean[col].where(active), marker=".", label=label)
+            ax.text(0.5, 0.5, "no run in the grid records false-negative diagnostics", fontsize=12,
+                    ha="center", va="center")
+        else:
+            panels = [(key, title, curves) for key, title, curves in PANELS if key in members]
+            ncols = min(3, len(panels))
+            nrows = math.ceil(len(panels) / ncols)
+            fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.4 * nrows + 0.8), squeeze=False,
+                                     layout="constrained")
+            multi = hist.dataset.nunique() > 1
+            means = {_label(d, m, multi): sub.groupby("epoch").mean(numeric_only=True).sort_index()
+                     for (d, m), sub in hist.groupby(["dataset", "method"], sort=False)}
+            order = list(means)
+            cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
+            colour = {label: cmap(i % cmap.N) for i, label in enumerate(order)}
+            marker = {label: "o.^sDvx*P<>"[i // 10 % 11] if len(order) > 10 else "." for i, label in enumerate(order)}
+            for ax, (key, title, curves) in zip(axes.flat, panels):
+                for label in members[key]:
+                    mean = means[label]
+                    active = _active(mean)
+                    for col, ls in curves:
+                        if col not in mean.columns or not mean[col].notna().any():
+                            continue
+                        y = mean[col].where(active) if key in MASKED_BY_ACTIVE else mean[col]
+                        ax.plot(mean.index, y, ls=ls, color=colour[label], marker=marker[label], markersize=3,
+                                linewidth=1.3)
+                if key == "fn_precision":  # the base rate is the dataset's, whichever method flags: drawn once
+                    for dataset, sub in hist.groupby("dataset", sort=False):
+                        if "fn_base_rate" in sub.columns and sub["fn_base_rate"].notna().any():
+                            base = sub.groupby("epoch")["fn_base_rate"].mean().sort_index()
+                            ax.plot(base.index, base, ls="-.", color="black", linewidth=0.9)
+                if key == "fn_tn_ratio":
+                    ax.set_yscale("symlog", linthresh=1.0)
+                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                    ax.axhline(1.0, color="black", linewidth=0.6, alpha=0.5)
                 ax.set_title(title)
-            if "fn_base_rate" in mean.columns:
-                panels[0].plot(mean.index, mean["fn_base_rate"], ls=":", color="grey")
-            if has_gaps:
-                for col, ls in (("gap_sp", "-"), ("gap_tn", ":"), ("gap_fn", "--")):
-                    if col in mean.columns:
-                        axes[0, 2].plot(mean.index, mean[col], ls=ls, label=f"{label} {col[4:].upper()}")
-                if "tau" in mean.columns:
-                    axes[1, 2].plot(mean.index, mean["tau"], label=label)
-        panels[0].plot([], [], ls=":", color="grey", label="base rate")
-        if has_gaps:
-            axes[0, 2].set_title("mean logit gap |z - z_masked|")
-            axes[1, 2].set_title("gap threshold tau")
-        for ax in axes.flat:
-            ax.set_xlabel("epoch")
-            if ax.lines:
-                ax.legend(fontsize=7)
-    fig.suptitle("False-negative identification on the training set (mean over seeds; warm-up epochs blank)")
-    fig.tight_layout()
-    with atomic_file(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+                ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.grid(alpha=0.3, linewidth=0.5)
+            spare = list(axes.flat)[len(panels):]
+            for ax in spare:
+                ax.axis("off")
+            shown = [label for label in order if any(label in members[k] for k, _, _ in panels)]
+            handles = [Line2D([], [], color=colour[label], marker=marker[label], markersize=4, linewidth=1.5)
+                       for label in shown]
+            # one legend for every panel, where there is no data: an empty grid slot if it fits, else below
+            if spare and len(shown) <= 36:
+                spare[0].legend(handles, shown, loc="center", ncols=1 if len(shown) <= 12 else 2,
+                                title="method" if not multi else "dataset/method", frameon=False)
+            else:
+                fig.legend(handles, shown, loc="outside lower center", ncols=min(len(shown), 6), frameon=False)
+        fig.suptitle("False-negative identification on the training set "
+                     "(mean over seeds; FN curves blank during warm-up)")
+        with atomic_file(out) as tmp:
+            # no "Software" (matplotlib version) key: the bytes depend on the data only
+            fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+        plt.close(fig)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.diagnostics_report import collect_histories, diagnostics_figure, diagnostics_markdown
+from pipeline.diagnostics_report import (
+    PANELS,
+    collect_histories,
+    diagnostics_figure,
+    diagnostics_markdown,
+    panel_members,
+)
 
 
 def _write(runs: Path, method: str, seed: int, rows: list[dict]) -> None:
@@ -53,3 +59,43 @@ def test_empty_grid_still_writes_both_outputs(tmp_path):
     assert "No run in the params grid" in diagnostics_markdown(hist)
     diagnostics_figure(hist, tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 0
+
+
+def _fn(epoch: int, **extra) -> dict:
+    return {"epoch": epoch, "fn_flagged": 3, "fn_precision": 0.4, "fn_recall": 0.1, "fn_f1": 0.16,
+            "fn_tn_ratio": 0.7, "fn_base_rate": 0.1} | extra
+
+
+def test_each_panel_lists_only_the_methods_that_record_its_quantity(tmp_path):
+    runs = tmp_path / "runs"
+    gaps = {"gap_sp": 0.1, "gap_tn": 0.05, "gap_fn": 0.2, "tau": 0.1, "fn_active": 1}
+    _write(runs, "ignore", 0, [_fn(1, **gaps, mask_pos_kept=0.9, mask_other_removed=0.3)])
+    _write(runs, "ignore-gap", 0, [_fn(1, **gaps)])  # no mask coverage recorded (no instance masks)
+    _write(runs, "ll-r", 0, [_fn(1)])
+    _write(runs, "plc", 0, [_fn(1)])
+    _write(runs, "an", 0, [{"epoch": 1, "val_map": 10}])
+    hist = collect_histories(["synthetic"], ["an", "ll-r", "plc", "ignore-gap", "ignore"], [0], runs)
+    members = panel_members(hist)
+    fn_curves = ["ll-r", "plc", "ignore-gap", "ignore"]
+    assert members == {"fn_precision": fn_curves, "fn_recall": fn_curves, "fn_f1": fn_curves,
+                       "gap": ["ignore-gap", "ignore"], "fn_tn_ratio": fn_curves, "tau": ["ignore-gap", "ignore"],
+                       "mask": ["ignore"]}
+    # list order = panel order; every panel key is one of PANELS
+    assert list(members) == [key for key, _, _ in PANELS]
+    diagnostics_figure(hist, tmp_path / "d.png")
+    first = (tmp_path / "d.png").read_bytes()
+    diagnostics_figure(hist, tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes() == first  # deterministic bytes (no version or time metadata)
+
+
+def test_panels_nobody_fills_are_left_out_and_datasets_prefix_the_labels(tmp_path):
+    runs = tmp_path / "runs"
+    for dataset in ("synthetic", "voc2012"):
+        d = runs / dataset / "ll-r" / "0"
+        d.mkdir(parents=True)
+        pd.DataFrame([_fn(1), _fn(2)]).to_csv(d / "history.csv", index=False)
+    hist = collect_histories(["synthetic", "voc2012"], ["ll-r"], [0], runs)
+    members = panel_members(hist)
+    assert set(members) == {"fn_precision", "fn_recall", "fn_f1", "fn_tn_ratio"}
+    assert members["fn_f1"] == ["synthetic/ll-r", "voc2012/ll-r"]
+    assert panel_members(pd.DataFrame()) == {}
