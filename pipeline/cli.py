@@ -1,4 +1,4 @@
-"""The ``spml`` command: one subcommand per DVC stage, plus tools (``bench``)."""
+"""The ``spml`` command: one subcommand per DVC stage, plus tools (``bench``, ``compare-regimes``)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,22 @@ def aggregate(params: ParamsOption = Path("params.yaml"),
 
     out_dir = _run(stage.run, params, out)
     err.print(f"wrote {out_dir}/results.md")
+
+
+@app.command("compare-regimes")
+def compare_regimes(dirs: Annotated[list[Path], typer.Argument(
+                        help="two or more folders with a runs.csv each (`spml aggregate --out DIR`), "
+                             "e.g. reports/all-methods-scratch reports/all-methods")],
+                    labels: Annotated[str | None, typer.Option(
+                        help="comma-separated regime names, one per folder (default: the folder names)")] = None,
+                    out: Annotated[Path, typer.Option(help="output folder")] = Path("reports/regimes")):
+    """Compare training regimes: regimes.md (test mAP, gap closed, AN/full, Kendall tau vs the paper per
+    regime) and regimes.png (gap closed per method, one bar per regime)."""
+    from pipeline import report
+
+    names = labels.split(",") if labels is not None else None
+    out_dir = _run(report.compare_regimes, dirs, names, out)
+    err.print(f"wrote {out_dir}/regimes.md and {out_dir}/regimes.png")
 
 
 @app.command()

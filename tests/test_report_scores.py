@@ -108,3 +108,81 @@ def test_summary_json_has_the_field_scores():
     assert voc["em"]["gap_closed"] == pytest.approx(50.0) and voc["an"]["gap_closed"] is None
     assert voc["an"]["test_map_mean"] == 61.0 and voc["an"]["n"] == 2
     assert summary["mydata"]["kendall_tau"] is None and summary["mydata"]["kendall_n"] == 0
+
+
+# ------------------------------------------------------------------------------------- compare-regimes
+
+def _regime_dir(tmp_path, name: str, rows: list[tuple[str, str, int, float]]):
+    folder = tmp_path / name
+    folder.mkdir()
+    _runs(rows).to_csv(folder / "runs.csv", index=False)
+    return folder
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, ["compare-regimes", *map(str, args)])
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    text = " ".join(result.output.split())  # rich may wrap a long line
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.count("error:") == 1, result.output
+    for fragment in fragments:
+        assert fragment in text, (fragment, result.output)
+
+
+def test_compare_regimes_writes_table_and_figure(tmp_path):
+    a = _regime_dir(tmp_path, "a", [("synthetic", "an", 0, 30.0), ("synthetic", "full", 0, 60.0),
+                                    ("synthetic", "em", 0, 44.0), ("synthetic", "em", 1, 46.0),
+                                    ("synthetic", "ignore", 0, 36.0)])
+    b = _regime_dir(tmp_path, "b", [("synthetic", "an", 0, 50.0), ("synthetic", "full", 0, 70.0),
+                                    ("synthetic", "em", 0, 55.0), ("synthetic", "ignore", 0, 65.0),
+                                    ("synthetic", "plc", 0, 40.0)])
+    out = tmp_path / "regimes"
+    result = _invoke(a, b, "--labels", "scratch,pretrained", "--out", out)
+    assert result.exit_code == 0, result.output
+    md = (out / "regimes.md").read_text()
+    assert (out / "regimes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # scratch: gaps (45-30)/30 = +50 %, (36-30)/30 = +20 %; ours an < em > ignore vs VOC an < em < ignore:
+    # C = 2, D = 1 -> tau 1/3. pretrained: (55-50)/20 = +25 %, (65-50)/20 = +75 %, (40-50)/20 = -50 %; tau 1
+    assert ("- scratch: AN/full = 0.50; Kendall tau vs Table 2 (VOC) = 0.33 over n = 3 methods (an, em, ignore)"
+            in md)
+    assert "- pretrained: AN/full = 0.71; Kendall tau vs Table 2 (VOC) = 1.00 over n = 3 methods" in md
+    assert ("| method | test mAP (scratch) | test mAP (pretrained) | gap closed (scratch, %) "
+            "| gap closed (pretrained, %) |") in md
+    assert "| em | 45.00 ± 1.41 (n=2) | 55.00 (n=1) | +50.0 | +25.0 |" in md
+    assert "| an | 30.00 (n=1) | 50.00 (n=1) |  |  |" in md
+    assert "| plc | – | 40.00 (n=1) |  | -50.0 |" in md
+
+
+@pytest.mark.parametrize("content, fragments", [
+    (None, ["runs.csv does not exist"]),
+    ("a,b\n1,2\n", ["lacks the column(s) dataset, method, test_map"]),
+    ("dataset,method,test_map\nsynthetic,an,1\nsynthetic,em,abc\n", ["not a finite number (abc on line 3)"]),
+    ("", ["is not a readable CSV"]),
+    ("dataset,method,test_map\n", ["has no runs"]),
+])
+def test_compare_regimes_bad_runs_csv_is_one_line_error(tmp_path, content, fragments):
+    good = _regime_dir(tmp_path, "good", [("synthetic", "an", 0, 30.0)])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if content is not None:
+        (bad / "runs.csv").write_text(content)
+    out = tmp_path / "regimes"
+    _one_line_error(_invoke(good, bad, "--out", out), str(bad / "runs.csv"), *fragments)
+    assert not out.exists()  # nothing written
+
+
+def test_compare_regimes_checks_the_labels(tmp_path):
+    a = _regime_dir(tmp_path, "a", [("synthetic", "an", 0, 30.0)])
+    b = _regime_dir(tmp_path, "b", [("synthetic", "an", 0, 31.0)])
+    _one_line_error(_invoke(a, b, "--labels", "x", "--out", tmp_path / "o"), "one non-empty name per folder (2)")
+    _one_line_error(_invoke(a, b, "--labels", "x,x", "--out", tmp_path / "o"), "--labels must be distinct")
+    _one_line_error(_invoke(a, "--out", tmp_path / "o"), "needs at least two runs folders")
+    # default labels are the folder names; no an/full pair still writes both files
+    assert _invoke(a, b, "--out", tmp_path / "o").exit_code == 0
+    assert "**a** (" in (tmp_path / "o" / "regimes.md").read_text() and (tmp_path / "o" / "regimes.png").exists()
