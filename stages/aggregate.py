@@ -1,5 +1,6 @@
-"""Stage ``aggregate``: the runs table, the comparison table, the DVC metrics summary and the false-negative
-diagnostics (table and figure) in ``reports/``."""
+"""Stage ``aggregate``: the runs table, the comparison tables (with AN/full, gap closed and Kendall tau against
+the paper's Table 2, :mod:`pipeline.published`), the DVC metrics summary and the false-negative diagnostics
+(table and figure) in ``reports/``."""
 
 from __future__ import annotations
 
