@@ -92,8 +92,8 @@ def train(dataset: DatasetArg,
           resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                                help="continue an interrupted run from its last epoch checkpoint")] = True,
           weights: Annotated[str | None, typer.Option(
-              help="ResNet-50 trunk weights: none, imagenet, or a .pth path (SHA-256 checked); "
-                   "overrides models.<model>.weights")] = None):
+              help="pretrained trunk weights (resnet50, q2l, efficientnet_lite0): none, imagenet, or a .pth "
+                   "path (SHA-256 checked); overrides models.<model>.weights")] = None):
     """Train one method on one dataset with one seed; writes metrics, history, config and checkpoint.
 
     Multi-GPU: torchrun --nproc_per_node N -m pipeline.cli train DATASET METHOD (rank 0 writes)."""

@@ -1,5 +1,7 @@
 """ImageNet weights for the ResNet-50 trunks, pinned by SHA-256 and loadable offline.
 
+(:func:`verified_state_dict` is shared: other models, e.g. EfficientNet-Lite0, pin their own file with it.)
+
 Every SPML paper used torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` (what ``pretrained=True`` maps to).
 ``weights`` (a model parameter, ``params.yaml: models.<name>.weights`` or ``spml train --weights``) is one of:
 
@@ -42,15 +44,20 @@ def _download_imagenet_v1() -> Path:
     return target
 
 
-def verified_state_dict(path: str | Path, expected_sha256: str = RESNET50_IMAGENET1K_V1_SHA256) -> dict:
-    """Load a state dict after checking the file's SHA-256 (a one-line SpmlError if it differs)."""
+def verified_state_dict(path: str | Path, expected_sha256: str = RESNET50_IMAGENET1K_V1_SHA256,
+                        source: str = "torchvision ResNet50_Weights.IMAGENET1K_V1",
+                        remedy: str = "use the right file or set weights_sha256") -> dict:
+    """Load a state dict after checking the file's SHA-256 (a one-line SpmlError if it differs).
+
+    ``source`` names the file the hash pins and ``remedy`` says what to do on a mismatch; the defaults are the
+    ResNet-50 trunks' (which may take another hash), other models pass their own."""
     path = Path(path)
     if not path.is_file():
         raise SpmlError(f"weights file {path} does not exist; pass an existing .pth file, 'imagenet' or 'none'")
     digest = sha256_file(path)
     if digest != expected_sha256.lower():
         raise SpmlError(f"weights file {path} has SHA-256 {digest[:16]}..., expected {expected_sha256[:16]}... "
-                        f"(torchvision ResNet50_Weights.IMAGENET1K_V1); use the right file or set weights_sha256")
+                        f"({source}); {remedy}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unloadable file gets the same advice
