@@ -61,6 +61,15 @@ def sample(dataset: DatasetArg, params: ParamsOption = Path("params.yaml")):
     err.print(f"wrote {out}")
 
 
+@app.command()
+def pretrain(params: ParamsOption = Path("params.yaml")):
+    """Pretrain the smallcnn trunk on the disjoint source task into data/pretrained/smallcnn/."""
+    from stages import pretrain as stage
+
+    out = _run(stage.run, params)
+    err.print(f"wrote {out}")
+
+
 @app.command("import-npy")
 def import_npy(directory: Annotated[Path, typer.Argument(help="folder with formatted_{train,val}_{images,labels}.npy")],
                name: Annotated[str, typer.Option("--name", help="dataset name to register")],

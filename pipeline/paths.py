@@ -21,3 +21,8 @@ def observed_table(dataset: str) -> Path:
 
 def run_dir(dataset: str, method: str, seed: int) -> Path:
     return RUNS / dataset / method / str(seed)
+
+
+def pretrained_dir(model: str) -> Path:
+    """Stage ``pretrain``'s output for ``model``: trunk.pt and metrics.json."""
+    return DATA / "pretrained" / model

@@ -34,7 +34,7 @@ from pipeline.data import (
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, MethodContext, build_method, get_method_class
 from pipeline.metrics import mean_average_precision
-from pipeline.models import build_model, model_names, parse_model_params
+from pipeline.models import build_model, model_names, parse_model_params, weight_files
 from pipeline.progress import progress_bar
 from pipeline.tables import LabelTable, read_label_table, read_observed_table
 
@@ -407,8 +407,9 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
     history: list[dict[str, Any]] = []
     best = {"val_map": -math.inf, "epoch": 0, "model": None, "method": None}
     start_epoch, elapsed = 1, 0.0
-    fingerprint = runtime.run_fingerprint(run.to_dict(), dist.world_size,
-                                          [paths.label_table(run.dataset), paths.observed_table(run.dataset)])
+    inputs = [paths.label_table(run.dataset), paths.observed_table(run.dataset),
+              *weight_files(cfg.model, run.model_kwargs)]  # a retrained `pretrain` trunk invalidates a resume
+    fingerprint = runtime.run_fingerprint(run.to_dict(), dist.world_size, inputs)
     loaded = runtime.load_resume(resume_dir, fingerprint) if resume_dir is not None else None
     if loaded is not None:
         state, best_state = loaded

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = {
     "data": {"synthetic": {"num_train": 120, "num_test": 40, "image_size": 32, "seed": 3}},
     "train": {"default": {"epochs": 2, "batch_size": 16, "eval_batch_size": 64, "image_size": 32}},
-    "models": {"smallcnn": {"width": 8}},
+    "models": {"smallcnn": {"width": 8, "weights": "none"}},  # tests/helpers.tiny_repo switches pretraining on
+    "pretrain": {"smallcnn": {"num_images": 40, "image_size": 32, "epochs": 1, "batch_size": 16}},
 }
 
 

@@ -56,6 +56,7 @@ def tiny_repo(dest: Path, methods=("an", "full"), seeds=(0,), epochs: int | None
     repo = copy_repo(dest)
     params = tiny_params()
     params.update(datasets=["synthetic"], methods=list(methods), seeds=list(seeds))
+    params["models"]["smallcnn"]["weights"] = "pretrained"  # the default: train cells start from `pretrain`
     if epochs is not None:
         params["train"]["default"]["epochs"] = epochs
     write_params(repo, params)

@@ -406,7 +406,7 @@ def test_p11_bench_parallel_prints_both_wall_times(tmp_path, monkeypatch):
     tiny = {"data": {"synthetic": {"num_train": 24, "num_test": 8, "image_size": 16, "seed": 0}},
             "train": {"default": {"model": "smallcnn", "epochs": 1, "batch_size": 8, "eval_batch_size": 16,
                                   "image_size": 16, "num_workers": 0, "threads": None}},
-            "models": {"smallcnn": {"width": 4}}}
+            "models": {"smallcnn": {"width": 4, "weights": "none"}}}
     monkeypatch.setattr(bench, "PARALLEL_WORKLOAD", tiny)
     monkeypatch.chdir(tmp_path)
     result = invoke("bench", "--parallel", "2", "--threads", "1", "--params", repo_params)

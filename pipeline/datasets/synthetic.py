@@ -74,6 +74,35 @@ SHAPES: dict[str, Any] = {
 }
 CLASS_NAMES = list(SHAPES)
 
+# The pretraining source task (stage `pretrain`, pipeline/pretrain.py): twenty *other* shapes, never one of
+# the benchmark's classes, so a trunk pretrained on them learns generic edges, corners and parts without ever
+# seeing a benchmark label (as an ImageNet trunk has never seen a VOC label). Same renderer, own seed.
+SOURCE_SHAPES: dict[str, Any] = {
+    "pacman": lambda u, v: (np.hypot(u, v) <= 0.95) & ~(u > np.abs(v)),
+    "arch": lambda u, v: _box(u, v, -0.9, 0.9, -0.9, 0.6) & ~(np.hypot(u, v + 0.9) <= 0.55),
+    "star6": lambda u, v: _star(6, 0.5, u, v),
+    "star8": lambda u, v: _star(8, 0.62, u, v),
+    "star3": lambda u, v: _star(3, 0.25, u, v),
+    "triangle_ring": lambda u, v: _polygon(3, u, v) & ~_polygon(3, u, v, radius=0.5),
+    "square_hole": lambda u, v: _polygon(4, u, v) & ~(np.hypot(u, v) <= 0.35),
+    "two_disks": lambda u, v: (np.hypot(u + 0.5, v) <= 0.42) | (np.hypot(u - 0.5, v) <= 0.42),
+    "three_disks": lambda u, v: ((np.hypot(u, v - 0.5) <= 0.38) | (np.hypot(u - 0.45, v + 0.35) <= 0.38)
+                                 | (np.hypot(u + 0.45, v + 0.35) <= 0.38)),
+    "chevron": lambda u, v: (np.abs(u) <= 0.9) & (v >= np.abs(u) - 0.75) & (v <= np.abs(u) - 0.25),
+    "zigzag": lambda u, v: (np.abs(u) <= 0.9) & (np.abs(v - 0.5 * (np.abs(np.mod(u * 2, 2) - 1) * 2 - 1)) <= 0.2),
+    "drop": lambda u, v: (np.hypot(u, v - 0.3) <= 0.6) | ((v <= 0.3) & (v >= -0.95) & (np.abs(u) <= 0.6 * (v + 0.95) / 1.25)),
+    "kite": lambda u, v: np.where(v >= 0, np.abs(u) / 0.55 + v / 0.5, np.abs(u) / 0.55 - v / 0.95) <= 1,
+    "trapezoid": lambda u, v: (np.abs(v) <= 0.6) & (np.abs(u) <= 0.45 + 0.45 * (v + 0.6) / 1.2),
+    "comb": lambda u, v: _box(u, v, -0.9, 0.9, 0.5, 0.9) | ((np.abs(np.mod(u + 0.9, 0.6) - 0.15) <= 0.15)
+                                                          & (u <= 0.9) & (v >= -0.9) & (v <= 0.5)),
+    "u_shape": lambda u, v: _box(u, v, -0.9, -0.4, -0.9, 0.9) | _box(u, v, 0.4, 0.9, -0.9, 0.9) | _box(u, v, -0.9, 0.9, 0.4, 0.9),
+    "semi_ring": lambda u, v: (np.hypot(u, v) <= 0.95) & (np.hypot(u, v) >= 0.5) & (v >= 0),
+    "quarter_disk": lambda u, v: (np.hypot(u + 0.45, v + 0.45) <= 1.35) & (u >= -0.45) & (v >= -0.45),
+    "target": lambda u, v: ((np.hypot(u, v) <= 0.95) & (np.hypot(u, v) >= 0.7)) | (np.hypot(u, v) <= 0.4),
+    "dumbbell": lambda u, v: ((np.hypot(u + 0.6, v) <= 0.35) | (np.hypot(u - 0.6, v) <= 0.35)
+                              | _box(u, v, -0.6, 0.6, -0.12, 0.12)),
+}
+
 # The smallest image: objects are 28-46 % of the side, and the training trunks need 16 px (train.MIN_IMAGE_SIZE).
 MIN_IMAGE_SIZE = 16
 
@@ -119,12 +148,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
-def _shape_mask(name: str, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+def _shape_mask(shape, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     dx, dy = (xx - cx) / radius, (yy - cy) / radius
     cos, sin = np.cos(angle), np.sin(angle)
     u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    return SHAPES[name](u, v)
+    return shape(u, v)
 
 
 def _draw_classes(rng, weights, partners, count, cooccurrence_prob) -> list[int]:
@@ -140,7 +169,9 @@ def _draw_classes(rng, weights, partners, count, cooccurrence_prob) -> list[int]
     return chosen
 
 
-def _render(rng, p, weights, partners) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _render(rng, p, weights, partners, shapes=SHAPES) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One image, its instance map and its classes (indices into ``shapes``, a name -> indicator table)."""
+    table = list(shapes.values())
     size = p["image_size"]
     count = 1 + int(rng.choice(len(p["objects_per_image"]), p=p["objects_per_image"]))
     classes = _draw_classes(rng, weights, partners, count, p["cooccurrence_prob"])
@@ -151,7 +182,7 @@ def _render(rng, p, weights, partners) -> tuple[np.ndarray, np.ndarray, list[int
         for k, cls in enumerate(classes):
             radius = 0.5 * size * rng.uniform(*p["object_size"])
             cx, cy = rng.uniform(radius, size - radius, size=2)
-            mask = _shape_mask(CLASS_NAMES[cls], size, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+            mask = _shape_mask(table[cls], size, cx, cy, radius, rng.uniform(0, 2 * np.pi))
             colour = rng.uniform(0, 1, size=3)
             while abs(colour.mean() - image[:, mask].mean()) < 0.2:  # keep the object visible
                 colour = rng.uniform(0, 1, size=3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -72,6 +73,15 @@ def parse_model_params(name: str, values: dict[str, Any] | None) -> dict[str, An
     if params_cls is None:
         return dict(values)
     return dataclasses.asdict(parse_dataclass(params_cls, values, f"models.{name}"))
+
+
+def weight_files(name: str, kwargs: dict[str, Any]) -> list[Path]:
+    """Files a model built with ``kwargs`` loads weights from (a run's resume key hashes them), if its class
+    says (``weights_file(weights)``); pinned downloads (ResNet-50's SHA-256) need not be listed."""
+    _discover()
+    resolve = getattr(_REGISTRY.get(name), "weights_file", None)
+    path = resolve(kwargs["weights"]) if resolve is not None and "weights" in kwargs else None
+    return [] if path is None else [path]
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> torch.nn.Module:

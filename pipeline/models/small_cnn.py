@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import torch
 from torch import nn
 
+from pipeline import paths
 from pipeline.config import Range
+from pipeline.errors import SpmlError
 from pipeline.models import ModelOutput, register_model
+
+
+def load_pretrained_trunk(path: Path, width: int) -> dict[str, torch.Tensor]:
+    """The trunk state dict in a `pretrain` output, checked against this model's width (one-line errors)."""
+    if not path.is_file():
+        raise SpmlError(f"pretrained smallcnn trunk {path} does not exist; run `spml pretrain` (or `dvc repro`), "
+                        "or set models.smallcnn.weights: none")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        trunk, saved_width = saved["trunk"], saved["width"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise SpmlError(f"pretrained smallcnn trunk {path} is not a `pretrain` output ({type(exc).__name__}); "
+                        "rerun `spml pretrain`") from None
+    if saved_width != width:
+        raise SpmlError(f"pretrained smallcnn trunk {path} has width {saved_width}, models.smallcnn.width is "
+                        f"{width}; rerun `spml pretrain` (it reads the same width)")
+    return trunk
 
 
 def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -29,8 +49,11 @@ class SmallCNN(nn.Module):
         """``params.yaml: models.smallcnn`` (``cam_boost`` is set by a method, BoostLU, not by params)."""
 
         width: Annotated[int, Range(ge=1)]  # channels of the first block (the trunk widens to 6 * width)
+        # none: random init (training from scratch) | pretrained: the `pretrain` stage's trunk (a disjoint
+        # source task, pipeline/pretrain.py) | a path to such a trunk.pt
+        weights: str
 
-    def __init__(self, num_classes: int, width: int = 24, cam_boost: float = 1.0):
+    def __init__(self, num_classes: int, width: int, weights: str, cam_boost: float = 1.0):
         super().__init__()
         w = width
         self.trunk = nn.Sequential(
@@ -41,6 +64,20 @@ class SmallCNN(nn.Module):
         self.head = nn.Conv2d(6 * w, num_classes, kernel_size=1, bias=True)
         # BoostLU (Kim et al. 2023): positive CAM values x alpha before pooling; 1.0 = plain CAM head
         self.cam_boost = cam_boost
+        path = self.weights_file(weights)
+        if path is not None:
+            self.trunk.load_state_dict(load_pretrained_trunk(path, width))
+
+    @staticmethod
+    def weights_file(weights: str) -> Path | None:
+        """The trunk file that ``weights`` names (None: random init); a run's resume key hashes it."""
+        if weights == "none":
+            return None
+        if weights == "pretrained":
+            from pipeline.pretrain import TRUNK_FILE
+
+            return paths.pretrained_dir("smallcnn") / TRUNK_FILE
+        return Path(weights)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         cam = self.head(self.trunk(x))
