@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.datasets.synthetic import SHAPES, SOURCE_SHAPES, _shape_mask
 from pipeline.models import build_model, weight_files
-from pipeline.pretrain import PretrainParams, parse_params, render_source
+from pipeline.pretrain import PretrainParams, render_source
 from tests.conftest import tiny_params, write_params
 from tests.helpers import sh, tiny_repo
 
