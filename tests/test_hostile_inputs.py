@@ -208,11 +208,17 @@ def test_p06_every_value_comes_from_params_yaml():
     from pipeline.datasets.synthetic import SyntheticParams
     from pipeline.sampling import SampleParams, SplitParams
 
-    for cls in (TrainConfig, SyntheticParams, SplitParams, SampleParams):
+    from pipeline.models.efficientnet_lite0 import EfficientNetLite0CAM
+    from pipeline.models.small_cnn import SmallCNN
+    from pipeline.pretrain import PretrainParams
+
+    for cls in (TrainConfig, SyntheticParams, SplitParams, SampleParams, PretrainParams, SmallCNN.Params,
+                EfficientNetLite0CAM.Params):
         assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(cls)), cls
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     run = resolve_run_config(params, "synthetic", "an", 0)
-    assert run.train.epochs == params["train"]["default"]["epochs"] and run.model_kwargs == {"width": 24}
+    assert run.train.epochs == params["train"]["default"]["epochs"]
+    assert run.model_kwargs == {"width": 24, "weights": "pretrained"}
 
 
 # --------------------------------------------------------------------------------- 7. impossible labels

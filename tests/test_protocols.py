@@ -86,7 +86,7 @@ def test_every_method_has_an_original_protocol_and_a_docs_row():
 
 def test_default_is_the_unified_protocol_in_fp32():
     run = resolve_run_config(load_params(REPO / "params.yaml"), "synthetic", "em", 0)
-    assert run.protocol == "unified" and run.train.amp is False and run.train.epochs == 14
+    assert run.protocol == "unified" and run.train.amp is False and run.train.epochs == 6
 
 
 def test_unknown_protocol_is_a_one_line_error():
