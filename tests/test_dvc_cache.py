@@ -67,7 +67,7 @@ def test_remote_holds_prepared_tables_checkpoints_and_metrics_but_not_raw_downlo
 
 
 def _remove_aggregate_outputs(repo: Path) -> None:
-    """Delete what the aggregate stage writes (other committed files in reports/, e.g. bench.md, stay)."""
+    """Delete what the aggregate stage writes (other committed files in reports/, e.g. all-methods/, stay)."""
     stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["aggregate"]
     for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
         (repo / (next(iter(entry)) if isinstance(entry, dict) else entry)).unlink()
