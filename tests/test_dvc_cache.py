@@ -1,4 +1,4 @@
-"""Sharing results through a DVC remote and the run-cache (README "Sharing results"), end to end.
+"""Sharing results through a DVC remote and the run-cache (docs/sharing.md), end to end.
 
 A first clone runs the tiny pipeline, commits dvc.lock and reports/, and pushes cache + run-cache to a
 temporary local remote. Fresh `git clone`s of it then restore instead of retraining, and regenerate
