@@ -6,7 +6,7 @@ method with ResNet-50 model on four SPML benchmark datasets"), test mAP in %. Tr
 /work/shared/paper/IGNORE-ECCV2024.txt (Table 2 caption at its line 178); that copy carries no page numbers,
 so the page is not given here.
 
-Row -> method id: AN -> an; LS [19] -> an-ls (README: `paper-resnet50` runs an-ls for this row); ASL -> asl;
+Row -> method id: AN -> an; LS [19] -> an-ls (docs/gpu.md: `paper-resnet50` runs an-ls for this row); ASL -> asl;
 ROLE -> role; EM -> em; EM + APL -> em-apl; LL-R -> ll-r; "+ BoostLU" (BoostLU on LL-R) -> boostlu;
 Ours -> ignore. Skipped: "ROLE + LI" (ROLE with LinearInit: no method module). Table 2 has no full-label
 (fully annotated) row, so there is no published AN/full ratio or gap closed to compare with.
