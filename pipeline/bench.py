@@ -201,6 +201,10 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         data = random_data(batch_size * num_batches, num_classes, image_size, seed)
 
     params = _load_params(params_path)
+    if model == "smallcnn" and not (params.get("models") or {}).get(model) and not model_kwargs:
+        # its width lives only in params.yaml (no second default in code)
+        raise BenchError(f"model smallcnn takes its size from models.smallcnn in params.yaml, and {params_path} has "
+                         "none; run from the project folder, pass --params PATH or --model-kwargs '{\"width\": 24}'")
     if host_malloc is None:  # as training does: params train.host_malloc_cache (default on)
         from pipeline.config import scoped
 

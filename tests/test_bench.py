@@ -20,8 +20,8 @@ TINY = ["--batch-size", "4", "--image-size", "16", "--steps", "2", "--warmup", "
 
 
 def test_cli_bench_prints_one_line_per_method_with_ratio(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no params.yaml here: constructor and dataclass defaults
-    result = CliRunner().invoke(app, ["bench", "--methods", "an,ignore"] + TINY)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "--methods", "an,ignore", "--params", REPO / "params.yaml"] + TINY)
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.output.splitlines() if not ln.startswith("#")]
     assert [ln.split()[0] for ln in lines] == ["an", "ignore"]
@@ -31,11 +31,16 @@ def test_cli_bench_prints_one_line_per_method_with_ratio(tmp_path, monkeypatch):
 
 def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["bench", "--methods", "an,nope"] + TINY)
+    result = CliRunner().invoke(app, ["bench", "--methods", "an"] + TINY)  # no params.yaml here
+    assert result.exit_code == 2 and "takes its size from models.smallcnn in params.yaml" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["bench", "--methods", "an,nope", "--params", REPO / "params.yaml"] + TINY)
     assert result.exit_code == 2 and "unknown method 'nope'" in result.output
-    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--host-malloc", "jemalloc"] + TINY)
+    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--host-malloc", "jemalloc", "--params", REPO / "params.yaml"]
+                                 + TINY)
     assert result.exit_code == 2 and "--host-malloc 'jemalloc': use cache or system" in result.output
-    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--prepare", "voc2012"] + TINY)
+    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--prepare", "voc2012", "--params", REPO / "params.yaml"]
+                                 + TINY)
     if not (REPO / "pipeline" / "bench_prepare.py").exists():
         assert result.exit_code == 2 and "bench_prepare" in result.output
 
@@ -43,7 +48,8 @@ def test_bench_errors_are_one_line(tmp_path, monkeypatch):
 def test_module_entry_point_runs_without_typer(tmp_path):
     code = ("import sys; sys.modules['typer'] = None; sys.modules['dvc'] = None; "
             "from pipeline.bench import main; sys.exit(main(sys.argv[1:]))")
-    out = subprocess.run([sys.executable, "-c", code, "--methods", "an,an-cons"] + TINY, cwd=tmp_path, check=False,
+    out = subprocess.run([sys.executable, "-c", code, "--methods", "an,an-cons", "--params", str(REPO / "params.yaml")]
+                         + TINY, cwd=tmp_path, check=False,
                          capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert "an-cons" in out.stdout and "x vs an" in out.stdout
@@ -64,7 +70,8 @@ def test_cached_host_memory_leaves_ignore_steps_without_page_faults(tmp_path):
     its activations in again (thousands of faults a step); with the cache, steady-state steps fault ~never."""
     code = "import sys; from pipeline.bench import main; sys.exit(main(sys.argv[1:]))"
     out = subprocess.run([sys.executable, "-c", code, "--methods", "an,ignore", "--steps", "10", "--warmup", "4",
-                          "--device", "cpu", "--threads", "1", "--host-malloc", "cache"], cwd=tmp_path, check=False,
+                          "--device", "cpu", "--threads", "1", "--host-malloc", "cache",
+                          "--params", str(REPO / "params.yaml")], cwd=tmp_path, check=False,
                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert "host_malloc=cache" in out.stdout.splitlines()[0]

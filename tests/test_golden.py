@@ -2,7 +2,8 @@
 
 ``../shared/golden/ignore_official.{npz,json}`` (see its README) holds inputs and outputs computed by running
 the official repository's functions on fixed random tensors. Every case here goes through
-``Ignore.training_step`` with the method params that ``params.yaml`` resolves for ``synthetic``/``ignore``
+``Ignore.training_step`` with the method params that ``params.yaml`` resolves for ``voc2012``/``ignore`` (the
+official runs' dataset; ``synthetic`` converts the per-step lambda to its own steps per epoch, tested below)
 (only the case's gamma, or the variant without the logit-average test, is set from the case), driving the
 step with a model that replays the case's tensors: the mask reaches the model as the masked image, the
 thresholds and the loss come out of the real step, and gradients flow back to the replayed logits.
@@ -50,8 +51,24 @@ class Replay(nn.Module):
 
 
 def default_params(method: str = "ignore", params_path=REPO / "params.yaml", **override) -> dict:
-    run = resolve_run_config(load_params(params_path), "synthetic", method, 0)
+    run = resolve_run_config(load_params(params_path), "voc2012", method, 0)
     return {**run.method_params, **override}
+
+
+def test_synthetic_lambda_keeps_the_official_voc_horizon_in_epochs():
+    """docs/embedded-benchmark.md: lambda_synthetic = 0.999 ** (VOC steps per epoch / synthetic steps per epoch)."""
+    import math
+
+    params = load_params(REPO / "params.yaml")
+    voc = default_params()
+    synthetic = resolve_run_config(params, "synthetic", "ignore", 0)
+    voc_steps = math.ceil(4574 / 16)  # the official VOC run: 4574 training images at batch 16 (specs/ignore.md)
+    train_images = round(params["data"]["synthetic"]["num_train"] * (1 - params["split"]["val_fraction"]))
+    synthetic_steps = math.ceil(train_images / synthetic.train.batch_size)
+    assert voc_steps == 286 and synthetic_steps == 100
+    for key in ("gap_decay", "avg_decay"):
+        assert voc[key] == 0.999
+        assert synthetic.method_params[key] == pytest.approx(voc[key] ** (voc_steps / synthetic_steps), abs=5e-6)
 
 
 def build(params: dict, num_classes: int, method: str = "ignore"):
