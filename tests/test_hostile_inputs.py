@@ -206,11 +206,10 @@ def test_p06_every_value_comes_from_params_yaml():
     import dataclasses
 
     from pipeline.datasets.synthetic import SyntheticParams
-    from pipeline.sampling import SampleParams, SplitParams
-
     from pipeline.models.efficientnet_lite0 import EfficientNetLite0CAM
     from pipeline.models.small_cnn import SmallCNN
     from pipeline.pretrain import PretrainParams
+    from pipeline.sampling import SampleParams, SplitParams
 
     for cls in (TrainConfig, SyntheticParams, SplitParams, SampleParams, PretrainParams, SmallCNN.Params,
                 EfficientNetLite0CAM.Params):
