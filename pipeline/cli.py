@@ -101,8 +101,8 @@ def train(dataset: DatasetArg,
           resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                                help="continue an interrupted run from its last epoch checkpoint")] = True,
           weights: Annotated[str | None, typer.Option(
-              help="pretrained trunk weights (resnet50, q2l, efficientnet_lite0): none, imagenet, or a .pth "
-                   "path (SHA-256 checked); overrides models.<model>.weights")] = None):
+              help="trunk weights, overriding models.<model>.weights: resnet50, q2l, efficientnet_lite0: none, "
+                   "imagenet or a .pth path (SHA-256 checked); smallcnn: none, pretrained or a trunk.pt")] = None):
     """Train one method on one dataset with one seed; writes metrics, history, config and checkpoint.
 
     Multi-GPU: torchrun --nproc_per_node N -m pipeline.cli train DATASET METHOD (rank 0 writes)."""
