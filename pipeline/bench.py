@@ -170,8 +170,9 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
               amp: bool = False, channels_last: bool = False, weights: str | None = None,
               model_kwargs: dict[str, Any] | None = None, host_malloc: str | None = None) -> list[BenchResult]:
     from pipeline import runtime
+    from pipeline.errors import SpmlError
     from pipeline.methods import MethodContext, build_method, get_method_class
-    from pipeline.models import build_model
+    from pipeline.models import build_model, parse_model_params
 
     if not methods:
         raise BenchError("--methods is empty; pass e.g. --methods an,ignore")
@@ -201,10 +202,6 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         data = random_data(batch_size * num_batches, num_classes, image_size, seed)
 
     params = _load_params(params_path)
-    if model == "smallcnn" and not (params.get("models") or {}).get(model) and not model_kwargs:
-        # its width lives only in params.yaml (no second default in code)
-        raise BenchError(f"model smallcnn takes its size from models.smallcnn in params.yaml, and {params_path} has "
-                         "none; run from the project folder, pass --params PATH or --model-kwargs '{\"width\": 24}'")
     if host_malloc is None:  # as training does: params train.host_malloc_cache (default on)
         from pipeline.config import scoped
 
@@ -213,7 +210,10 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         raise BenchError(f"--host-malloc {host_malloc!r}: use cache or system")
     malloc_used = "cache" if host_malloc == "cache" and runtime.cache_host_memory() else "system"
     extra_kwargs = model_kwargs or {}
-    model_kwargs = dict((params.get("models") or {}).get(model) or {})
+    try:  # the same check as `spml train`: a model's sizes live only in params.yaml (no second default in code)
+        model_kwargs = parse_model_params(model, (params.get("models") or {}).get(model))
+    except SpmlError as exc:
+        raise BenchError(f"{exc} (bench reads {params_path}: run from the project folder or pass --params)") from None
     model_kwargs.update(extra_kwargs)
     if weights is not None:
         model_kwargs["weights"] = weights

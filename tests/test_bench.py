@@ -32,7 +32,8 @@ def test_cli_bench_prints_one_line_per_method_with_ratio(tmp_path, monkeypatch):
 def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["bench", "--methods", "an"] + TINY)  # no params.yaml here
-    assert result.exit_code == 2 and "takes its size from models.smallcnn in params.yaml" in result.output
+    assert result.exit_code == 2 and "params models.smallcnn.width, models.smallcnn.weights are missing" in " ".join(
+        result.output.split()) and "pass --params" in " ".join(result.output.split())
     assert "Traceback" not in result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an,nope", "--params", REPO / "params.yaml"] + TINY)
     assert result.exit_code == 2 and "unknown method 'nope'" in result.output
