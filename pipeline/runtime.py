@@ -206,7 +206,7 @@ def cache_host_memory() -> bool:
     ``free``, so every training step page-faults its activations in again once the working set is large
     enough: for the synthetic model on this project's 2-core CPU, IGNORE's step took 6,600-10,000 faults
     and about an eighth of its time (AN's none; ``spml bench --host-malloc system|cache`` prints both;
-    ``reports/bench-cpu.md``). The process keeps its peak working set instead, which the next step
+    ``docs/bench-cpu.md``). The process keeps its peak working set instead, which the next step
     reuses. Results do not change (torch's CPU tensors are 64-byte aligned either way). A no-op
     returning False off glibc or where ``mallopt`` refuses a value; idempotent.
     """

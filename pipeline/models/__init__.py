@@ -38,6 +38,13 @@ class ModelOutput(_LogitsCam):
         return self
 
 
+def cam_head_output(cam: torch.Tensor, cam_boost: float) -> ModelOutput:
+    """Logits as the CAM's spatial mean (the ResNet_1x1 head: GAP and a 1x1 conv commute). ``cam_boost`` != 1
+    multiplies positive CAM values before pooling (BoostLU, Kim et al. 2023); the CAM itself stays raw."""
+    pooled = cam if cam_boost == 1.0 else torch.where(cam > 0, cam * cam_boost, cam)
+    return ModelOutput(pooled.mean(dim=(2, 3)), cam)
+
+
 _REGISTRY: dict[str, Any] = {}
 
 

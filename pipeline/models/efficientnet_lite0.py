@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import SpmlError
-from pipeline.models import ModelOutput, register_model
+from pipeline.models import ModelOutput, cam_head_output, register_model
 from pipeline.models.weights import verified_state_dict
 
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
@@ -194,9 +194,7 @@ class EfficientNetLite0CAM(nn.Module):
         return self.trunk.forward_features(x * self.input_scale + self.input_shift)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        cam = self.head(self.features(x))
-        pooled = cam if self.cam_boost == 1.0 else torch.where(cam > 0, cam * self.cam_boost, cam)
-        return ModelOutput(pooled.mean(dim=(2, 3)), cam)
+        return cam_head_output(self.head(self.features(x)), self.cam_boost)
 
     def parameter_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
         return [{"params": list(self.trunk.parameters()), "lr": lr},

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from pipeline.models import ModelOutput, register_model
+from pipeline.models import ModelOutput, cam_head_output, register_model
 from pipeline.models.weights import RESNET50_IMAGENET1K_V1_SHA256, load_trunk_weights, resolve_weights
 
 RESNET50_LAYERS = (3, 4, 6, 3)
@@ -49,9 +49,7 @@ class ResNet50CAM(nn.Module):
         self.cam_boost = cam_boost
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        cam = self.head(trunk_features(self.trunk, x))
-        pooled = cam if self.cam_boost == 1.0 else torch.where(cam > 0, cam * self.cam_boost, cam)
-        return ModelOutput(pooled.mean(dim=(2, 3)), cam)
+        return cam_head_output(self.head(trunk_features(self.trunk, x)), self.cam_boost)
 
     def parameter_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
         return [{"params": [p for p in self.trunk.parameters() if p.requires_grad], "lr": lr},

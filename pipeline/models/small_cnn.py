@@ -12,7 +12,7 @@ from torch import nn
 from pipeline import paths
 from pipeline.config import Range
 from pipeline.errors import SpmlError
-from pipeline.models import ModelOutput, register_model
+from pipeline.models import ModelOutput, cam_head_output, register_model
 
 
 def load_pretrained_trunk(path: Path, width: int) -> dict[str, torch.Tensor]:
@@ -80,9 +80,7 @@ class SmallCNN(nn.Module):
         return Path(weights)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        cam = self.head(self.trunk(x))
-        pooled = cam if self.cam_boost == 1.0 else torch.where(cam > 0, cam * self.cam_boost, cam)
-        return ModelOutput(pooled.mean(dim=(2, 3)), cam)
+        return cam_head_output(self.head(self.trunk(x)), self.cam_boost)
 
     def parameter_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
         return [{"params": list(self.trunk.parameters()), "lr": lr},
