@@ -144,64 +144,24 @@ def compare_regimes(dirs: Annotated[list[Path], typer.Argument(
 
 
 @app.command()
-def exp(preset: Annotated[str, typer.Argument(help="preset name under `presets:` in params.yaml")],
-        queue: Annotated[bool, typer.Option(help="queue the experiment instead of running it now")] = False,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="print the dvc command only")] = False,
-        params: ParamsOption = Path("params.yaml")):
-    """Run a preset as a DVC experiment: `dvc exp run -S preset=NAME` plus the preset's grid lists.
-
-    DVC's matrix reads datasets/methods/seeds from params.yaml as written, so a preset's grid must be
-    passed with -S as well; this command does both, so every preset is one command.
-    """
-    import itertools
-    import json
-    import shlex
-    import subprocess
-
-    import yaml
-
-    from pipeline.config import preset_grid
-
-    def build() -> list[list[str]]:
-        if not params.exists():
-            raise SpmlError(f"params file {params} does not exist; run from the repository root")
-        raw = yaml.safe_load(params.read_text()) or {}
-        grid = preset_grid(raw, preset)
-        cmd = ["dvc", "exp", "run", "-S", f"preset={preset}"]
-        for key, values in grid.items():
-            cmd += ["-S", f"{key}={json.dumps(values).replace(' ', '')}"]
-        # a preset with `sweep: {dotted.key: [values]}` is one queued experiment per combination
-        sweep = (raw.get("presets") or {}).get(preset, {}).get("sweep") or {}
-        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-            raise SpmlError(f"presets.{preset}.sweep must map dotted params keys to non-empty lists of values, "
-                            f"got {sweep!r}")
-        points = itertools.product(*[[(key, v) for v in values] for key, values in sweep.items()])
-        return [cmd + [arg for key, v in point for arg in ("-S", f"{key}={json.dumps(v)}")]
-                + (["--queue"] if queue or sweep else []) for point in points]
-
-    cmds = _run(build)
-    for cmd in cmds:
-        err.print(shlex.join(cmd), highlight=False, soft_wrap=True)
-    if not dry_run:
-        for cmd in cmds:
-            if code := subprocess.call(cmd):
-                raise typer.Exit(code)
-        if len(cmds) > 1:
-            err.print(f"queued {len(cmds)} experiments; run them with `dvc exp run --run-all`")
-
-
-@app.command()
 def config(dataset: DatasetArg,
            method: Annotated[str, typer.Argument(help="method name, e.g. ignore")],
            seed: Annotated[int, typer.Option(help="training seed")] = 0,
+           preset: Annotated[list[str] | None, typer.Option(
+               help="presets/NAME.yaml composed over params.yaml, as `dvc exp run -S +presets=NAME` does "
+                    "(repeatable)")] = None,
            params: ParamsOption = Path("params.yaml")):
     """Print the fully resolved run configuration as JSON (what `spml train` records in config.json)."""
     import json
 
-    from pipeline.config import load_params
+    from pipeline.config import compose_params, load_params
     from pipeline.train import resolve_run_config
 
-    run = _run(lambda: resolve_run_config(load_params(params), dataset, method, seed))
+    def resolve():
+        loaded = compose_params(params, [f"+presets={name}" for name in preset]) if preset else load_params(params)
+        return resolve_run_config(loaded, dataset, method, seed)
+
+    run = _run(resolve)
     typer.echo(json.dumps(run.to_dict(), indent=2))
 
 

@@ -1,8 +1,11 @@
-"""``params.yaml``: loading, scoping, presets and typed validation.
+"""``params.yaml``: loading, scoping, preset composition and typed validation.
 
-Scoped sections (``train``, ``models.<name>``, ``method_params.<method>``) hold a ``default`` block and
-optional blocks keyed by a model name, a dataset name, or ``dataset/model``. They are merged in that
-order, so the most specific wins::
+Every value the pipeline reads lives in ``params.yaml``; the dataclasses that parse it carry no defaults
+(tests/test_config.py checks that), so a missing key is an error naming it, never a silent second value.
+
+Scoped sections (``train``, ``protocols.<protocol>.<method>``, ``method_params.<method>``) hold a ``default``
+block and optional blocks keyed by a model name, a dataset name, or ``dataset/model``. They are merged in
+that order, so the most specific wins::
 
     method_params:
       ignore:
@@ -10,8 +13,9 @@ order, so the most specific wins::
         resnet50: {cam_threshold: 0.4}     # any dataset, ResNet-50
         coco2014/q2l: {reg_weight: 0.1}    # COCO with Query2Label only
 
-``preset: NAME`` deep-merges ``presets.NAME`` (same shape as the top level) over the file before
-anything is read, e.g. ``dvc exp run -S preset=paper-resnet50``.
+Presets are files in ``presets/`` that DVC's Hydra support composes over params.yaml before an experiment
+(``dvc exp run -S +presets=NAME``), so DVC sees the grid a preset trains; :func:`compose_params` runs the
+same composition for ``spml config --preset`` and the tests.
 """
 
 from __future__ import annotations
@@ -60,31 +64,36 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise SpmlError(f"params file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(params, dict):
         raise SpmlError(f"params file {path} must hold a mapping at the top level")
-    preset = params.get("preset") or "none"
-    if preset != "none":
-        presets = params.get("presets") or {}
-        if preset not in presets:
-            raise SpmlError(f"unknown preset {preset!r}; valid presets: none, {', '.join(sorted(presets))}")
-        merged = deep_merge(params, presets[preset])
-        # dvc.yaml's matrix reads the grid lists from params.yaml as written, not merged: a preset that
-        # sets a different grid would train one grid and aggregate another.
-        for key in GRID_KEYS:
-            if merged.get(key) != params.get(key):
-                raise SpmlError(f"preset {preset!r} sets {key}={merged.get(key)} but params.yaml has "
-                                f"{key}={params.get(key)} (DVC's grid); run `spml exp {preset}`, which sets both")
-        params = merged
     return params
 
 
-GRID_KEYS = ("datasets", "methods", "seeds")
+def compose_params(params_path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> dict[str, Any]:
+    """params.yaml composed with Hydra ``overrides`` (e.g. ``["+presets=all-methods"]``) exactly as
+    ``dvc exp run -S`` composes it (DVC's own function, with the repository's ``.dvc/config`` settings:
+    config_dir ``.``, config_name ``params``), then loaded and checked like params.yaml."""
+    import tempfile
+
+    try:
+        from dvc.utils.hydra import compose_and_dump
+    except ImportError:
+        raise SpmlError("composing presets needs dvc (pip install dvc); or pass a composed params file") from None
+    path = Path(params_path).resolve()
+    if not path.is_file():
+        raise SpmlError(f"params file {params_path} does not exist; run from the repository root or pass --params")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        try:
+            compose_and_dump(out, str(path.parent), None, path.stem, tmp, list(overrides or []))
+        except Exception as exc:  # Hydra's errors (unknown preset, bad override) as one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SpmlError(f"cannot compose {params_path} with {' '.join(overrides or [])}: {first}; "
+                            f"presets: {', '.join(preset_names(path.parent))}") from None
+        return load_params(out)
 
 
-def preset_grid(params: dict[str, Any], preset: str) -> dict[str, list]:
-    """The grid (datasets, methods, seeds) a preset runs: its own lists, else the top-level ones."""
-    presets = params.get("presets") or {}
-    if preset not in presets:
-        raise SpmlError(f"unknown preset {preset!r}; valid presets: {', '.join(sorted(presets))}")
-    return {key: presets[preset].get(key, params.get(key)) for key in GRID_KEYS}
+def preset_names(root: str | Path = ".") -> list[str]:
+    """The presets in ``<root>/presets/`` (``dvc exp run -S +presets=NAME``)."""
+    return sorted(p.stem for p in (Path(root) / "presets").glob("*.yaml"))
 
 
 def scoped(section: dict | None, dataset: str, model: str | None = None) -> dict[str, Any]:

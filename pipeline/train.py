@@ -86,7 +86,9 @@ class TrainConfig:
     early_stop_value: Annotated[float, Range(ge=0)]
     weight_ema: Annotated[float, Range(gt=0, lt=1)] | None  # decay of an every-step EMA of the weights
     augment: Literal["standard", "lac"]  # lac: Xie et al.'s views, no ImageNet normalisation
-    init_from: str | None  # stage 1: train this method first (same dataset/seed/params), start from its best
+    # two stages in one cell: the method first trains in its stage-1 form (Method.stage1_params, e.g.
+    # PLC+LAC without LAC), then again from stage 1's best model with fresh optimiser, schedule and EMA
+    two_stage: bool
 
 
 @dataclass
@@ -107,15 +109,15 @@ class RunConfig:
 PROTOCOLS = ("unified", "original")
 
 
-def protocol_block(params: dict[str, Any], method: str, base: str | None) -> tuple[str, dict[str, Any]]:
-    """The active protocol's name and its block for ``method`` (a variant falls back to its base's)."""
+def protocol_block(params: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
+    """The active protocol's name and its block for ``method``."""
     protocol = params.get("protocol")
     if protocol is None:
         raise SpmlError("params protocol is missing; add `protocol: unified` (or original) to params.yaml")
     if protocol not in PROTOCOLS:
         raise SpmlError(f"params protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     blocks = (params.get("protocols") or {}).get(protocol) or {}
-    block = blocks.get(method, blocks.get(base) if base else None)
+    block = blocks.get(method)
     if protocol == "original" and block is None:
         raise SpmlError(f"params protocols.original has no block for method {method!r}; add one (docs/protocols.md)")
     return protocol, block or {}
@@ -124,24 +126,35 @@ def protocol_block(params: dict[str, Any], method: str, base: str | None) -> tup
 def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: int) -> RunConfig:
     """The run's full configuration: ``train`` blocks, then the active protocol's block for the method
     (``protocol: original``: its authors' published protocol), then the method's params."""
-    method_cls = get_method_class(method)  # unknown method names fail first, listing the valid ones
-    base = getattr(method_cls, "params_base", None)
+    get_method_class(method)  # unknown method names fail first, listing the valid ones
     train_section = params.get("train") or {}
     model = scoped(train_section, dataset).get("model")
     if model is None:
         raise SpmlError("params train.model is missing; add it to params.yaml")
     if not isinstance(model, str):
         raise SpmlError(f"params train.model must be one of {', '.join(model_names())}, got {model!r}")
-    protocol, proto = protocol_block(params, method, base)
+    protocol, proto = protocol_block(params, method)
     train = parse_dataclass(TrainConfig, deep_merge(scoped(train_section, dataset, model),
                                                     scoped(proto, dataset, model)), "train")
     model_kwargs = parse_model_params(train.model, (params.get("models") or {}).get(train.model))
-    blocks = params.get("method_params") or {}
-    # a variant (e.g. ignore-gap) reads its base method's block first, then its own block overrides it
-    method_params = deep_merge(scoped(blocks.get(base), dataset, train.model) if base else {},
-                               scoped(blocks.get(method), dataset, train.model))
-    return RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), protocol, train, model_kwargs,
-                     method_params)
+    # each method reads its own block only (a train cell tracks only that block in dvc.yaml)
+    method_params = scoped((params.get("method_params") or {}).get(method), dataset, train.model)
+    run = RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), protocol, train, model_kwargs,
+                    method_params)
+    if train.two_stage:
+        stage1_config(run)  # a method without a stage 1 fails here, before any training
+    return run
+
+
+def stage1_config(run: RunConfig) -> RunConfig:
+    """Stage 1 of a two-stage run: the same method in its stage-1 form (``Method.stage1_params``), same
+    train config and seed, one stage only."""
+    params = get_method_class(run.method).stage1_params(run.method_params, run.train.epochs)
+    if params is None:
+        raise SpmlError(f"train.two_stage is true for method {run.method!r}, which has no stage 1; set it to "
+                        f"false in the block that sets it (protocols.{run.protocol}.{run.method} or train)")
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, two_stage=False), method_params=params,
+                               model_kwargs=dict(run.model_kwargs))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -22,7 +22,7 @@ from pipeline.config import load_params
 from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
-from pipeline.train import RUN_FILES, fit, resolve_run_config
+from pipeline.train import RUN_FILES, fit, resolve_run_config, stage1_config
 
 # config.json of a run holds these keys (pipeline.train.RunConfig); together with "only run files"
 # this is what marks a folder as ours
@@ -112,13 +112,8 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     try:
         with contextlib.ExitStack() as stack:
             init_model, stage1 = None, None
-            if run_cfg.train.init_from is not None:  # a two-stage protocol: stage 1 first, in this cell
-                stage1_cfg = resolve_run_config(params, dataset, run_cfg.train.init_from, seed)
-                if weights is not None:
-                    stage1_cfg.model_kwargs["weights"] = weights
-                if stage1_cfg.train.init_from is not None:
-                    raise SpmlError(f"train.init_from of {method!r} names {run_cfg.train.init_from!r}, which has an "
-                                    "init_from itself; chain at most two stages")
+            if run_cfg.train.two_stage:  # a two-stage protocol: stage 1 first, in this cell
+                stage1_cfg = stage1_config(run_cfg)
                 stage1_resume = resume_dir.with_name(f"{resume_dir.name}.stage1")  # its own checkpoints
                 check_resume_dir(stage1_resume)
                 if not resume:

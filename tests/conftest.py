@@ -44,6 +44,19 @@ def write_params(directory: Path, params: dict) -> Path:
     return path
 
 
+
+def method_defaults(name: str) -> dict:
+    """params.yaml's ``method_params.<name>.default`` block: a method's parameters carry no code defaults."""
+    return dict((yaml.safe_load((REPO / "params.yaml").read_text())["method_params"][name] or {}).get("default")
+                or {})
+
+
+def make_method(name: str, overrides: dict, ctx):
+    """``build_method`` with params.yaml's default block for ``name`` under ``overrides``."""
+    from pipeline.methods import build_method
+
+    return build_method(name, {**method_defaults(name), **overrides}, ctx)
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A directory with params.yaml and data/ for the tiny synthetic dataset (download, prepare, sample)."""

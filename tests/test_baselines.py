@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipeline.errors import SpmlError
-from pipeline.methods import Batch, MethodContext, build_method
+from tests.conftest import make_method
+from pipeline.methods import Batch, MethodContext
 from pipeline.methods import losses as L
 from pipeline.models import ModelOutput
 
@@ -74,7 +75,7 @@ def make_batch(logits, observed, full=None, index=None, strong_logits=None) -> B
 
 
 def step_loss(name, params, logits, observed, epoch=1, ctx=None, **batch_kwargs) -> float:
-    method = build_method(name, params, ctx or make_ctx(observed))
+    method = make_method(name, params, ctx or make_ctx(observed))
     out = method.training_step(StubModel(len(observed[0])), make_batch(logits, observed, **batch_kwargs), epoch)
     return out.loss.item()
 
@@ -117,10 +118,10 @@ def test_epr_regulariser_hand_values():
 
 
 def test_epr_k_defaults_to_the_datasets_true_mean_positives():
-    method = build_method("epr", {}, make_ctx(Y, mean_positives=2.25))
+    method = make_method("epr", {}, make_ctx(Y, mean_positives=2.25))
     assert method.k == 2.25
     with pytest.raises(SpmlError, match="expected_positives"):
-        build_method("epr", {"expected_positives": 0.0}, make_ctx(Y))
+        make_method("epr", {"expected_positives": 0.0}, make_ctx(Y))
 
 
 def test_role_symmetric_terms_value_and_stop_gradients():
@@ -158,13 +159,13 @@ def test_role_cross_terms_cover_observed_positives_too_and_batch_normalisation()
 def test_role_label_table_init_lr_and_diagnostics():
     observed = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0]])
     torch.manual_seed(7)
-    role = build_method("role", {"expected_positives": 1.0}, make_ctx(observed))
+    role = make_method("role", {"expected_positives": 1.0}, make_ctx(observed))
     theta = role.label_logits.detach()
     assert theta[observed > 0] == pytest.approx(math.log(0.995 / 0.005), rel=1e-5)
     unobserved = theta[observed == 0]
     assert unobserved.abs().max() < math.log(1.5) and unobserved.std() > 0
     torch.manual_seed(7)  # seeded from the run's torch RNG: same seed, same table
-    again = build_method("role", {"expected_positives": 1.0}, make_ctx(observed))
+    again = make_method("role", {"expected_positives": 1.0}, make_ctx(observed))
     assert torch.equal(again.label_logits.detach(), theta)
     (group,) = role.parameter_groups(2e-3)
     assert group["params"] == [role.label_logits] and group["lr"] == pytest.approx(2e-2)
@@ -227,7 +228,7 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
     observed = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0]])
     full = torch.tensor([[1.0, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [1, 0, 0]])
     # E = 4, W = 2: U = (3, 4, 4), quota int(0.9*U/2) = (1, 1, 1)
-    apl = build_method("em-apl", {"warmup": 2, "theta": 0.9, "quota_epochs": 4}, make_ctx(observed, epochs=4))
+    apl = make_method("em-apl", {"warmup": 2, "theta": 0.9, "quota_epochs": 4}, make_ctx(observed, epochs=4))
     assert apl.quota.tolist() == [1, 1, 1]
     logits = torch.tensor([[0.0, -3.0, 1.0], [-2.0, 0.0, -1.0], [2.0, -0.5, 0.0], [-1.0, 0.5, -4.0], [0.0, 1.0, 2.0]])
     loader = [{"index": torch.tensor([3, 0, 4]), "image": images_with_logits(logits[[3, 0, 4]]),
@@ -247,13 +248,13 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
     apl.on_epoch_end(4, StubModel(3), loader, prepare)  # after the last epoch: nothing (it could not train)
     assert torch.equal(apl.pseudo_mask, before)
 
-    restored = build_method("em-apl", {"warmup": 2}, make_ctx(observed, epochs=4))
+    restored = make_method("em-apl", {"warmup": 2}, make_ctx(observed, epochs=4))
     restored.load_state_dict(save_and_load(apl.state_dict()))
     assert torch.equal(restored.pseudo_mask, apl.pseudo_mask)
     assert torch.equal(restored.pseudo_target, apl.pseudo_target)
 
     # diagnostics: "flagged" = unknowns not (yet) taken as negatives; before any round all are (inactive)
-    restored = build_method("em-apl", {"warmup": 2}, make_ctx(observed, epochs=4))
+    restored = make_method("em-apl", {"warmup": 2}, make_ctx(observed, epochs=4))
     restored.on_epoch_start(1)
     restored.training_step(StubModel(3), make_batch(logits, observed, full), 1)
     diag = restored.epoch_diagnostics()
@@ -268,7 +269,7 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
 
 def test_apl_refuses_a_warmup_outside_the_run():
     with pytest.raises(SpmlError, match="warmup"):
-        build_method("em-apl", {"warmup": 10}, make_ctx(Y, epochs=10))
+        make_method("em-apl", {"warmup": 10}, make_ctx(Y, epochs=10))
 
 
 def save_and_load(state):
@@ -342,7 +343,7 @@ def test_ll_ct_corrects_the_largest_losses_for_this_step():
 def test_ll_cp_fixed_k_permanent_flips_and_state():
     ctx = make_ctx(YL)
     full = [[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
-    cp = build_method("ll-cp", {"delta_percent": 10.0}, ctx)  # fixed k = ceil(6·0.1) = 1
+    cp = make_method("ll-cp", {"delta_percent": 10.0}, ctx)  # fixed k = ceil(6·0.1) = 1
     model = StubModel(3)
     out = cp.training_step(model, make_batch(ZL, YL, full=full), 3)
     m = ll_matrix()
@@ -357,14 +358,14 @@ def test_ll_cp_fixed_k_permanent_flips_and_state():
     cp.after_optimizer_step(make_batch(ZL, YL), 3)
     diag = cp.epoch_diagnostics()
     assert diag["fn_flagged"] == 3 and diag["fn_precision"] == pytest.approx(2 / 3)  # (0,1) twice, (1,2) once
-    restored = build_method("ll-cp", {"delta_percent": 10.0}, ctx)
+    restored = make_method("ll-cp", {"delta_percent": 10.0}, ctx)
     restored.load_state_dict(save_and_load(cp.state_dict()))
     assert torch.equal(restored.flips, cp.flips) and restored.flips.sum() == 2
-    assert build_method("ll-r", {}, ctx).state_dict() == {}
+    assert make_method("ll-r", {}, ctx).state_dict() == {}
 
 
 def test_ll_flags_feed_the_false_negative_meter():
-    ll = build_method("ll-r", {"delta_percent": 20.0}, make_ctx(YL))
+    ll = make_method("ll-r", {"delta_percent": 20.0}, make_ctx(YL))
     full = [[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]  # (0,1) is a false negative
     ll.training_step(StubModel(3), make_batch(ZL, YL, full=full), 2)
     diag = ll.epoch_diagnostics()
@@ -381,7 +382,7 @@ def test_boostlu_pooling_hand_values():
 
 def test_boostlu_is_used_at_train_and_test_time_with_ll_r():
     model = StubModel(3)  # CAM = logits + (1, -1; -1, 1): z = 0 -> cells 1,-1,-1,1 -> (5 - 2 + 5)/4 = 2
-    method = build_method("boostlu", {"alpha": 5.0, "delta_percent": 0.0}, make_ctx([[1.0, 0, 0]]))
+    method = make_method("boostlu", {"alpha": 5.0, "delta_percent": 0.0}, make_ctx([[1.0, 0, 0]]))
     boosted = method.predict(model, images_with_logits([[0.0, 0.5, -3.0]]))
     cells = lambda z: [z + 1, z - 1, z - 1, z + 1]
     expected = [sum(5 * c if c > 0 else c for c in cells(z)) / 4 for z in (0.0, 0.5, -3.0)]
@@ -396,7 +397,7 @@ def test_boostlu_refuses_a_model_whose_logits_are_not_its_cam_mean():
             out = super().forward(x)
             return ModelOutput(out.logits + 1, out.cam)
 
-    method = build_method("boostlu", {}, make_ctx([[1.0, 0]]))
+    method = make_method("boostlu", {}, make_ctx([[1.0, 0]]))
     with pytest.raises(SpmlError, match="CAM-head"):
         method.training_step(NotCam(2), make_batch([[0.0, 1.0]], [[1.0, 0]]), 1)
 
@@ -443,7 +444,7 @@ def test_plc_method_adds_an_on_weak_view_and_flags_pseudo_positives():
     observed, full = [[0.0, 0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0, 1.0]]
     an = sum(bce_logit(z, y) for z, y in zip(weak[0], observed[0])) / 4
     consistency = (bce_logit(1.0, 1) + bce_logit(0.5, 0) + bce_logit(-2.0, 1)) / 3
-    method = build_method("plc", {"threshold": 0.6, "plc_weight": 2.0}, make_ctx(observed))
+    method = make_method("plc", {"threshold": 0.6, "plc_weight": 2.0}, make_ctx(observed))
     assert method.needs_strong_view
     out = method.training_step(StubModel(4), make_batch(weak, observed, full=full, strong_logits=strong), 1)
     assert out.loss.item() == pytest.approx(an + 2.0 * consistency, rel=1e-5)
@@ -456,7 +457,7 @@ def test_plc_method_adds_an_on_weak_view_and_flags_pseudo_positives():
                                          ("role", {"lr_mult": 0.0}), ("em", {"alpha": -1.0})])
 def test_bad_hyperparameters_are_refused_naming_the_param(name, params):
     with pytest.raises(SpmlError, match=f"method_params.{name}"):
-        build_method(name, params, make_ctx(Y))
+        make_method(name, params, make_ctx(Y))
 
 
 # --- row-keyed state under DDP (two gloo processes on the CPU) ------------------------------------------
@@ -467,7 +468,7 @@ APL_LOGITS = torch.tensor([[0.0, -3.0, 1.0], [-2.0, 0.0, -1.0], [2.0, -0.5, 0.0]
 
 
 def apl_round(rows_seen: list[int]) -> torch.Tensor:
-    apl = build_method("em-apl", {"warmup": 1, "theta": 0.9, "quota_epochs": 2}, make_ctx(APL_OBSERVED, epochs=2))
+    apl = make_method("em-apl", {"warmup": 1, "theta": 0.9, "quota_epochs": 2}, make_ctx(APL_OBSERVED, epochs=2))
     index = torch.tensor(rows_seen)
     loader = [{"index": index, "image": images_with_logits(APL_LOGITS[index]), "observed": APL_OBSERVED[index],
                "full": APL_OBSERVED[index]}]
@@ -487,11 +488,11 @@ def _ddp_worker(rank: int, port: int, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         results[rank] = apl_round([0, 2, 4] if rank == 0 else [1, 3, 5]).tolist()
-        cp = build_method("ll-cp", {}, make_ctx(APL_OBSERVED))
+        cp = make_method("ll-cp", {}, make_ctx(APL_OBSERVED))
         cp.flips[rank, rank] = True
         cp.on_epoch_end(1, None, [], None)
         results[2 + rank] = cp.flips.nonzero().tolist()
-        role = build_method("role", {"expected_positives": 1.0}, make_ctx(APL_OBSERVED))
+        role = make_method("role", {"expected_positives": 1.0}, make_ctx(APL_OBSERVED))
         role.label_logits[rank].sum().backward()  # each rank touches its own row
         results[4 + rank] = role.label_logits.grad.tolist()
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, make_method
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_torchrun_two_processes_gathers_all_predictions(tiny_workspace):
     # evaluate the saved best model in this process on the whole val split
     from pipeline.config import load_params
     from pipeline.data import Normalizer
-    from pipeline.methods import MethodContext, build_method
+    from pipeline.methods import MethodContext
     from pipeline.metrics import mean_average_precision
     from pipeline.models import build_model
     from pipeline.train import load_run_data, predict, resolve_run_config
@@ -43,7 +43,7 @@ def test_torchrun_two_processes_gathers_all_predictions(tiny_workspace):
     ctx = MethodContext("synthetic", run.train.model, data.table.num_classes, len(data.train), 1, 1, 1.0,
                         data.train.observed, torch.device("cpu"))
     loader = torch.utils.data.DataLoader(data.val, batch_size=64)
-    scores, targets = predict(model, build_method("an", {}, ctx), loader, Normalizer(torch.device("cpu")))
+    scores, targets = predict(model, make_method("an", {}, ctx), loader, Normalizer(torch.device("cpu")))
     assert len(targets) == len(data.val)  # every val image, each once
     single = mean_average_precision(targets, scores).map
     np.testing.assert_allclose(metrics["val_map"], single, rtol=0, atol=1e-6)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.methods import Batch, MethodContext, build_method
+from pipeline.methods import Batch, MethodContext
 from pipeline.methods import ignore as ig
 from pipeline.models import ModelOutput
+from tests.conftest import make_method
 
 
 def approx(t, expected, tol=1e-5):
@@ -215,7 +216,7 @@ def test_warmup_switch_and_full_loss(warmup_mode):
     observed = torch.tensor([[1., 0, 0], [0, 0, 1]])
     params = {"cam_threshold": 0.5, "warmup_epochs": 1, "warmup_mode": warmup_mode, "gap_decay": 0.5, "avg_decay": 0.5,
                   "spbc_weight": 0.3, "reg_weight": 0.7, "ignore_weight": 1.1, "loss_form": "exact"}
-    method = build_method("ignore", params, _ctx())
+    method = make_method("ignore", params, _ctx())
     model = ChannelCAM(3)
     batch = _batch(observed)
     z, zs, zm, _ = _reference_loss(method, model, batch, False)
@@ -258,17 +259,17 @@ def test_variants_components():
     batch = _batch(observed)
     y = batch.positives
     z, zs = model(batch.image).logits, model(batch.strong).logits
-    cons = build_method("an-cons", common, _ctx()).training_step(model, batch, 1)
+    cons = make_method("an-cons", common, _ctx()).training_step(model, batch, 1)
     assert approx(cons.loss, (ig.an_loss(zs, y, "exact") + 0.5 * ((zs - z) ** 2).mean()).item())
-    gap_only = build_method("ignore-gap", common, _ctx())
-    full = build_method("ignore", common, _ctx())
+    gap_only = make_method("ignore-gap", common, _ctx())
+    full = make_method("ignore", common, _ctx())
     r_gap = gap_only.training_step(model, batch, 1).logs["reject_frac"]
     r_full = full.training_step(model, batch, 1).logs["reject_frac"]
     assert float(r_gap) >= float(r_full)  # the logit-average test can only remove rejections
 
 
 def test_batch_without_positive_neither_crashes_nor_poisons_tau():
-    method = build_method("ignore", {"warmup_epochs": 0, "gap_decay": 0.5}, _ctx())
+    method = make_method("ignore", {"warmup_epochs": 0, "gap_decay": 0.5}, _ctx())
     model = ChannelCAM(3)
     out = method.training_step(model, _batch(torch.zeros(2, 3)), 1)
     assert torch.isfinite(out.loss) and float(method.tau) == 0.0 and float(method.tau_updates) == 0
@@ -277,7 +278,7 @@ def test_batch_without_positive_neither_crashes_nor_poisons_tau():
 
 
 def test_batchwise_normalisation_runs_in_the_step():
-    method = build_method("ignore", {"cam_norm": "batch", "warmup_epochs": 0}, _ctx())
+    method = make_method("ignore", {"cam_norm": "batch", "warmup_epochs": 0}, _ctx())
     out = method.training_step(ChannelCAM(3), _batch(torch.tensor([[1., 0, 0], [0, 0, 1]])), 1)
     assert torch.isfinite(out.loss)
 
@@ -286,12 +287,12 @@ def test_params_validation_and_state_roundtrip():
     from pipeline.errors import SpmlError
 
     with pytest.raises(SpmlError, match="gap_decay"):
-        build_method("ignore", {"gap_decay": 1.0}, _ctx())
+        make_method("ignore", {"gap_decay": 1.0}, _ctx())
     with pytest.raises(SpmlError, match="cam_norm"):
-        build_method("ignore", {"cam_norm": "pixel"}, _ctx())
-    m = build_method("ignore", {}, _ctx())
+        make_method("ignore", {"cam_norm": "pixel"}, _ctx())
+    m = make_method("ignore", {}, _ctx())
     m.tau = torch.tensor(0.7)
-    m2 = build_method("ignore", {}, _ctx())
+    m2 = make_method("ignore", {}, _ctx())
     m2.load_state_dict(m.state_dict())
     assert float(m2.tau) == pytest.approx(0.7)
 

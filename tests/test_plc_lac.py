@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.methods import Batch, MethodContext, build_method
+from pipeline.methods import Batch, MethodContext
+from tests.conftest import make_method
 from pipeline.methods.plc_lac import lac_loss, queue_update
 from pipeline.models import build_model
 
@@ -74,7 +75,7 @@ def _ctx(num_classes, b):
 def test_training_step_on_tiny_q2l(epoch, expect_lac):
     torch.manual_seed(0)
     b, c = 3, 4
-    method = build_method("plc-lac", {"stage1_epochs": 1, "threshold": 0.55, "queue_size": 16, "proj_dim": 8},
+    method = make_method("plc-lac", {"stage1_epochs": 1, "threshold": 0.55, "queue_size": 16, "proj_dim": 8},
                           _ctx(c, b))
     model = build_model("q2l", c, **TINY_Q2L, **method.model_kwargs())
     observed = torch.eye(b, c)
@@ -91,7 +92,7 @@ def test_training_step_on_tiny_q2l(epoch, expect_lac):
         assert int(filled.sum()) >= 3 and int(method.queue_ptr) == int(filled.sum())
         torch.testing.assert_close(method.queue_feats[filled].norm(dim=-1), torch.ones(int(filled.sum()), 2))
         state = method.state_dict()
-        other = build_method("plc-lac", {"queue_size": 16, "proj_dim": 8}, _ctx(c, b))
+        other = make_method("plc-lac", {"queue_size": 16, "proj_dim": 8}, _ctx(c, b))
         other.load_state_dict(state)
         assert torch.equal(other.queue_labels, method.queue_labels)
 
@@ -99,6 +100,6 @@ def test_training_step_on_tiny_q2l(epoch, expect_lac):
 def test_plc_lac_on_resnet50_says_to_use_q2l():
     from pipeline.errors import SpmlError
 
-    method = build_method("plc-lac", {}, _ctx(3, 2))
+    method = make_method("plc-lac", {}, _ctx(3, 2))
     with pytest.raises(SpmlError, match="projector_dim"):
         build_model("resnet50", 3, layers=[1, 1, 1, 1], width_per_group=4, **method.model_kwargs())

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import yaml
 
-from pipeline.config import load_params, preset_grid
+from pipeline.config import compose_params, preset_names
+from pipeline.errors import SpmlError
 from pipeline.train import resolve_run_config
 from tests.conftest import REPO
 
@@ -15,13 +13,8 @@ PAPER = {"voc2012", "coco2014", "nuswide", "cub"}
 
 
 def preset_params(tmp_path, preset):
-    """params.yaml with ``preset`` active and its grid set, as `spml exp PRESET` runs it."""
-    params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["preset"] = preset
-    params.update(preset_grid(params, preset))  # what `spml exp PRESET` passes to DVC with -S
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return load_params(path)
+    """params.yaml composed with presets/PRESET.yaml, as `dvc exp run -S +presets=PRESET` composes it."""
+    return compose_params(REPO / "params.yaml", [f"+presets={preset}"])
 
 
 @pytest.mark.parametrize("preset,model,optimizer,scheduler,gamma", [
@@ -53,23 +46,41 @@ def test_paper_preset(tmp_path, preset, model, optimizer, scheduler, gamma):
         assert resolve_run_config(params, "voc2012", "an", 0).train.head_lr_mult == 1.0  # Cole: one lr
 
 
-def test_a_preset_whose_grid_differs_from_dvcs_grid_is_refused(tmp_path):
-    params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["preset"] = "all-methods"
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    with pytest.raises(Exception, match="run `spml exp all-methods`"):
-        load_params(path)
+def test_every_preset_composes_and_resolves_for_its_whole_grid(tmp_path):
+    """Each presets/*.yaml names its source, composes over params.yaml, and every cell of the grid it trains
+    (datasets x (methods + ablations)) resolves to a valid run configuration."""
+    names = preset_names(REPO)
+    assert {"all-methods", "paper-resnet50", "paper-q2l", "ignore-paper", "cole-grid"} <= set(names)
+    for name in names:
+        text = (REPO / "presets" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_\n"), name  # merged at the top level, as params.yaml
+        assert "# Source:" in text, name
+        params = preset_params(tmp_path, name)
+        for dataset in params["datasets"]:
+            for method in params["methods"] + params["ablations"]:
+                resolve_run_config(params, dataset, method, 0)
 
 
-def test_spml_exp_passes_the_presets_grid_to_dvc(monkeypatch):
-    from typer.testing import CliRunner
+def test_all_methods_preset_names_every_method_once():
+    from pipeline.methods import get_method_class, method_names
 
-    from pipeline.cli import app
+    params = compose_params(REPO / "params.yaml", ["+presets=all-methods"])
+    trained = params["methods"] + params["ablations"]
+    assert sorted(trained) == sorted(set(method_names()) - {"plc-lac"})  # plc-lac needs Query2Label
+    assert all(get_method_class(m).ablation_of == "ignore" for m in params["ablations"])
+    assert params["seeds"] == [0, 1, 2]
+    scratch = compose_params(REPO / "params.yaml", ["+presets=all-methods-scratch"])
+    assert scratch["methods"] == params["methods"] and scratch["models"]["smallcnn"]["weights"] == "none"
 
-    monkeypatch.chdir(REPO)
-    result = CliRunner().invoke(app, ["exp", "paper-resnet50", "--dry-run"])
-    assert result.exit_code == 0, result.output
-    assert "dvc exp run -S preset=paper-resnet50" in result.output
-    assert """'datasets=["voc2012","coco2014","nuswide","cub"]'""" in result.output
-    assert "'seeds=[0]'" in result.output
+
+def test_ignore_paper_preset_reaches_the_table_3_rows():
+    params = compose_params(REPO / "params.yaml", ["+presets=ignore-paper"])
+    for name in ("ignore", "ignore-gap", "an-cons"):
+        run = resolve_run_config(params, "synthetic", name, 0)
+        assert run.method_params["cam_threshold"] == 0.4 and run.method_params["warmup_mode"] == "an"
+        assert run.method_params["gap_decay"] == pytest.approx(0.99714)  # the synthetic block still applies
+
+
+def test_an_unknown_preset_is_a_one_line_error_naming_the_presets():
+    with pytest.raises(SpmlError, match="presets: all-methods, "):
+        compose_params(REPO / "params.yaml", ["+presets=no-such-preset"])

@@ -12,7 +12,7 @@ Adding a method is one new module in this package plus one ``method_params`` ent
     class MyAN(Method):
         @dataclass
         class Params:
-            weight: float = 1.0
+            weight: float  # every value comes from params.yaml: method_params.my-an
 
         def training_step(self, model, batch, epoch):
             logits = model(batch.image).logits
@@ -81,9 +81,9 @@ class Method:
     name: ClassVar[str] = ""
     needs_strong_view: ClassVar[bool] = False
     needs_instances: ClassVar[bool] = False
-    # a variant of another method (e.g. "ignore-gap" of "ignore") reads method_params.<params_base> first,
-    # then its own block; None: only its own block
-    params_base: ClassVar[str | None] = None
+    # an ablation of another method (IGNORE's Table 3 rows: "ignore-gap" of "ignore") lives in that method's
+    # module; its cells are dvc.yaml's `ablate` stage, which depends on that module (params `ablations`)
+    ablation_of: ClassVar[str | None] = None
 
     @dataclass
     class Params:
@@ -96,6 +96,12 @@ class Method:
         self.fn_meter = FalseNegativeMeter(ctx.device)
 
     # --- hooks the training loop calls -------------------------------------------------------------
+    @classmethod
+    def stage1_params(cls, params: dict[str, Any], epochs: int) -> dict[str, Any] | None:
+        """This method's params for stage 1 of a two-stage protocol (``train.two_stage``), or None if it has
+        no stage 1. Stage 1 runs this same module, so a cell's code dependencies stay its own module."""
+        return None
+
     def model_kwargs(self) -> dict[str, Any]:
         """Extra model constructor arguments the method needs (e.g. plc-lac's projector on q2l)."""
         return {}

@@ -15,7 +15,7 @@ class AssumeNegativeLabelSmoothing(Method):
 
     @dataclass
     class Params:
-        smoothing: float = 0.1  # ρ
+        smoothing: float  # ρ
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

@@ -18,11 +18,11 @@ from pipeline.methods.losses import asl_loss
 class AsymmetricLossAN(Method):
     @dataclass
     class Params:
-        gamma_pos: float = 1.0  # γ₊
-        gamma_neg: float = 4.0  # γ₋
-        clip: float = 0.05  # m, the probability margin of the negatives
-        detach_focal_weight: bool = True
-        reduction: Literal["sum", "mean"] = "sum"
+        gamma_pos: float  # γ₊
+        gamma_neg: float  # γ₋
+        clip: float  # m, the probability margin of the negatives
+        detach_focal_weight: bool
+        reduction: Literal["sum", "mean"]
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

@@ -22,9 +22,9 @@ from pipeline.methods.losses import boostlu_logits
 class BoostLU(LargeLossMethod):
     @dataclass
     class Params:
-        alpha: float = 5.0  # α: positive CAM values are multiplied by α before pooling
-        delta_percent: float = 0.5  # Δ of the large-loss scheme (BoostLU code: R 0.5, Ct 0.2, Cp 0.1)
-        scheme: Scheme = "reject"  # reject = LL-R, temporary = LL-Ct, permanent = LL-Cp
+        alpha: float  # α: positive CAM values are multiplied by α before pooling
+        delta_percent: float  # Δ of the large-loss scheme (BoostLU code: R 0.5, Ct 0.2, Cp 0.1)
+        scheme: Scheme  # reject = LL-R, temporary = LL-Ct, permanent = LL-Cp
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

@@ -15,7 +15,7 @@ class EntropyMaximisation(Method):
 
     @dataclass
     class Params:
-        alpha: float = 0.2  # weight of the entropy term
+        alpha: float  # weight of the entropy term
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

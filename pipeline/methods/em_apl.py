@@ -27,11 +27,11 @@ from pipeline.methods.sync import all_reduce_
 class EntropyMaximisationAPL(EntropyMaximisation):
     @dataclass
     class Params:
-        alpha: float = 0.2  # weight of the entropy term on the remaining unknowns
-        beta: float = 0.02  # weight of the soft pseudo-negative BCE
-        theta: float = 0.9  # fraction of the initial unknowns pseudo-labelled over all rounds
-        warmup: int = 5  # W: the first round runs after epoch W (VOC's value)
-        quota_epochs: int = 10  # E of the quota: the official code's 10 epochs, whatever train.epochs is
+        alpha: float  # weight of the entropy term on the remaining unknowns
+        beta: float  # weight of the soft pseudo-negative BCE
+        theta: float  # fraction of the initial unknowns pseudo-labelled over all rounds
+        warmup: int  # W: the first round runs after epoch W (VOC's value)
+        quota_epochs: int  # E of the quota: the official code's 10 epochs, whatever train.epochs is
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

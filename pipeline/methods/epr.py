@@ -22,7 +22,7 @@ def expected_positives(k: float | None, ctx, where: str) -> float:
 class ExpectedPositiveRegularisation(Method):
     @dataclass
     class Params:
-        expected_positives: float | None = None  # k; None = true mean positives per training image
+        expected_positives: float | None  # k; None = true mean positives per training image
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

@@ -34,8 +34,10 @@ forward runs and tau/mu are updated from the first step, as in the code.
 Every piece is a pure function below so that it can be tested against hand-computed values; the step
 has no host-device synchronisation (no ``.item()``, no boolean indexing, no ``nonzero``).
 
-The ablation rows of the paper's Table 3 are registered as variants that fix which components run
-(``components``) and read ``method_params.ignore`` first, then their own block:
+The ablation rows of the paper's Table 3 are registered here as ablations of ``ignore`` that fix which
+components run (``components``). Each has its own self-contained ``method_params`` block (params.yaml shares
+IGNORE's values through a YAML anchor) and its cells are dvc.yaml's ``ablate`` stage (params ``ablations``),
+which depends on this module:
 
 * ``an-cons``: AN on the strong view + consistency (no masking, no SPBC, no rejection);
 * ``ignore-gap``: + IGNORE + SPBC with the gap threshold only (``z > mu`` test off);
@@ -267,26 +269,25 @@ class Ignore(Method):
     needs_strong_view = True
     needs_instances = True  # mask-coverage diagnostics on synthetic data (ignored where absent)
     components: ClassVar[Components] = Components()
-    params_base: ClassVar[str | None] = None  # variants read method_params.<params_base> first
 
     @dataclass
     class Params:
-        # the defaults are the official code's (its README's ResNet-50 command); params.yaml holds the same
-        # values (tests/test_golden.py checks both against the official functions' outputs)
-        cam_threshold: float = 0.8  # gamma, strict >
-        cam_norm: Literal["image", "batch"] = "batch"  # the official batch-wise one, or per-image min-max
-        masked_bn: Literal["train", "eval"] = "train"  # BatchNorm mode of the masked (no-grad) forward
-        warmup_epochs: int = 3  # epochs 1..warmup_epochs reject nothing
-        warmup_mode: Literal["code", "an"] = "code"  # code: three-term loss without rejection; an: plain AN
-        gap_decay: float = 0.999  # lambda of the tau EMA
-        avg_decay: float = 0.999  # lambda of the mu EMA
-        bias_correction: bool = False  # divide the EMAs by 1 - lambda^t
-        mu_scope: Literal["all", "unannotated"] = "all"  # mu averages all images (code) or eq. 6's unannotated
-        ignore_weight: float = 1.0
-        spbc_weight: float = 0.1
-        reg_weight: float = 0.5
-        loss_form: Literal["eps", "exact"] = "eps"  # -log(p + 1e-5) (official) or exact logit BCE
-        diagnostics: bool = True  # false-negative diagnostics against the hidden labels (cheap, no sync)
+        # no defaults: params.yaml holds the official code's values (its README's ResNet-50 command),
+        # which tests/test_golden.py checks against the official functions' outputs
+        cam_threshold: float  # gamma, strict >
+        cam_norm: Literal["image", "batch"]  # the official batch-wise one, or per-image min-max
+        masked_bn: Literal["train", "eval"]  # BatchNorm mode of the masked (no-grad) forward
+        warmup_epochs: int  # epochs 1..warmup_epochs reject nothing
+        warmup_mode: Literal["code", "an"]  # code: three-term loss without rejection; an: plain AN
+        gap_decay: float  # lambda of the tau EMA
+        avg_decay: float  # lambda of the mu EMA
+        bias_correction: bool  # divide the EMAs by 1 - lambda^t
+        mu_scope: Literal["all", "unannotated"]  # mu averages all images (code) or eq. 6's unannotated
+        ignore_weight: float
+        spbc_weight: float
+        reg_weight: float
+        loss_form: Literal["eps", "exact"]  # -log(p + 1e-5) (official) or exact logit BCE
+        diagnostics: bool  # false-negative diagnostics against the hidden labels (cheap, no sync)
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -404,7 +405,7 @@ class IgnoreGapOnly(Ignore):
     """Table 3, row 3: consistency + IGNORE + SPBC with the gap threshold only (no ``z > mu`` test)."""
 
     components = Components(consistency=True, ignore_spbc=True, logit_average=False)
-    params_base = "ignore"
+    ablation_of = "ignore"
 
 
 @register_method("an-cons")
@@ -413,7 +414,7 @@ class AssumeNegativeConsistency(Ignore):
 
     needs_instances = False
     components = Components(consistency=True, ignore_spbc=False, logit_average=False)
-    params_base = "ignore"
+    ablation_of = "ignore"
 
     def epoch_diagnostics(self) -> dict[str, float]:
         return {}

@@ -16,4 +16,4 @@ class LargeLossPermanentCorrection(LargeLossMethod):
 
     @dataclass
     class Params:
-        delta_percent: float = 0.1  # Δ: a fixed Δ percent of B·C per batch, from epoch 2
+        delta_percent: float  # Δ: a fixed Δ percent of B·C per batch, from epoch 2

@@ -15,4 +15,4 @@ class LargeLossTemporaryCorrection(LargeLossMethod):
 
     @dataclass
     class Params:
-        delta_percent: float = 0.2  # Δ: the corrected share grows by Δ percent of B·C per epoch
+        delta_percent: float  # Δ: the corrected share grows by Δ percent of B·C per epoch

@@ -14,4 +14,4 @@ class LargeLossRejection(LargeLossMethod):
 
     @dataclass
     class Params:
-        delta_percent: float = 0.5  # Δ: the rejected share grows by Δ percent of B·C per epoch
+        delta_percent: float  # Δ: the rejected share grows by Δ percent of B·C per epoch

@@ -24,8 +24,8 @@ class PseudoLabelConsistency(Method):
 
     @dataclass
     class Params:
-        threshold: float = 0.6  # τ (stage 1 of the official code; 0.9 in stage 2)
-        plc_weight: float = 1.0  # λ_plc
+        threshold: float  # τ (stage 1 of the official code; 0.9 in stage 2)
+        plc_weight: float  # λ_plc
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

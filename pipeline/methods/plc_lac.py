@@ -84,14 +84,14 @@ class PLCLAC(Method):
 
     @dataclass
     class Params:
-        threshold: float = 0.9  # tau of stage 2 (PLC targets and the LAC pairs)
-        stage1_epochs: int = 0  # first epochs without LAC (the official stage 1), at stage1_threshold
-        stage1_threshold: float = 0.6
-        plc_weight: float = 1.0  # lambda_plc
-        lac_weight: float = 1.0  # lambda_lac
-        temperature: float = 0.5  # T
-        queue_size: int = 512
-        proj_dim: int = 128  # projector output (label-wise embedding) size
+        threshold: float  # tau of stage 2 (PLC targets and the LAC pairs)
+        stage1_epochs: int  # first epochs without LAC (the official stage 1), at stage1_threshold
+        stage1_threshold: float
+        plc_weight: float  # lambda_plc
+        lac_weight: float  # lambda_lac
+        temperature: float  # T
+        queue_size: int
+        proj_dim: int  # projector output (label-wise embedding) size
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -106,6 +106,11 @@ class PLCLAC(Method):
         self.queue_feats = torch.zeros(p.queue_size, 2, p.proj_dim, device=dev)
         self.queue_labels = torch.zeros(p.queue_size, dtype=torch.long, device=dev)
         self.queue_ptr = torch.zeros((), dtype=torch.long, device=dev)
+
+    @classmethod
+    def stage1_params(cls, params, epochs):
+        # the official stage 1 is AN + PLC at stage1_threshold, no LAC: every epoch of this run in stage 1
+        return {**params, "stage1_epochs": epochs}
 
     def model_kwargs(self):
         return {"projector_dim": self.params.proj_dim}

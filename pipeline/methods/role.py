@@ -41,9 +41,9 @@ def initial_label_logits(observed: torch.Tensor, generator: torch.Generator | No
 class RegularisedOnlineLabelEstimation(Method):
     @dataclass
     class Params:
-        expected_positives: float | None = None  # k; None = true mean positives per training image
-        lr_mult: float = 10.0  # Θ's learning rate is lr_mult x lr
-        estimate_threshold: float = 0.5  # g >= this counts as "estimated positive" in the diagnostics
+        expected_positives: float | None  # k; None = true mean positives per training image
+        lr_mult: float  # Θ's learning rate is lr_mult x lr
+        estimate_threshold: float  # g >= this counts as "estimated positive" in the diagnostics
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

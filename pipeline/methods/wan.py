@@ -13,7 +13,7 @@ from pipeline.methods.losses import wan_loss
 class WeakAssumeNegative(Method):
     @dataclass
     class Params:
-        negative_weight: float | None = None  # γ; None = 1/(C − 1) as in Cole et al.
+        negative_weight: float | None  # γ; None = 1/(C − 1) as in Cole et al.
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
