@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pipeline import runtime
 from pipeline.config import Range, parse_dataclass
-from pipeline.datasets.synthetic import SOURCE_SHAPES, _render
+from pipeline.datasets.synthetic import SOURCE_SHAPES, render_image
 from pipeline.errors import SpmlError
 from pipeline.metrics import mean_average_precision
 from pipeline.models import build_model, parse_model_params
@@ -82,7 +82,7 @@ def render_source(p: PretrainParams) -> tuple[np.ndarray, np.ndarray]:
     with progress_bar() as bar:
         task = bar.add_task("pretrain: rendering the source task", total=p.num_images)
         for i in range(p.num_images):
-            images[i], _, classes = _render(rng, render_p, weights, {}, SOURCE_SHAPES)
+            images[i], _, classes = render_image(rng, render_p, weights, {}, SOURCE_SHAPES)
             labels[i, classes] = 1
             bar.advance(task)
     return images, labels

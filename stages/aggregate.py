@@ -15,11 +15,15 @@ from pipeline.report import collect_runs, results_markdown, summary_metrics
 
 
 def grid(params: dict) -> tuple[list[str], list[str], list[int]]:
+    """The trained grid: datasets, methods then ablations (dvc.yaml's `train` and `ablate` cells), seeds."""
     datasets, methods, seeds = params.get("datasets"), params.get("methods"), params.get("seeds")
+    ablations = params.get("ablations")
     for key, value, kind in (("datasets", datasets, str), ("methods", methods, str), ("seeds", seeds, int)):
         if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
             raise SpmlError(f"params {key} must be a non-empty list of {kind.__name__}, got {value!r}")
-    return datasets, methods, seeds
+    if not isinstance(ablations, list) or not all(isinstance(v, str) for v in ablations):
+        raise SpmlError(f"params ablations must be a list of method names (may be empty), got {ablations!r}")
+    return datasets, methods + [m for m in ablations if m not in methods], seeds
 
 
 def run(params_path: Path = Path("params.yaml"), out_dir: Path = paths.REPORTS) -> Path:

@@ -5,19 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.datasets import _REGISTRY, _discover
 from pipeline.datasets.formats import read_formatted
 from pipeline.datasets.imported import FILES, NAME_PATTERN, REGISTRY, ImportedNpy, register
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
+from pipeline.registry import DATASETS
 
 
 def run(directory: Path, name: str, images: Path | None = None, classes: Path | None = None) -> Path:
     directory = Path(directory)
-    _discover()
     if not NAME_PATTERN.match(name):
         raise SpmlError(f"--name {name!r} must be lower-case letters, digits and underscores, starting with a letter")
-    if name in _REGISTRY:
+    if name in DATASETS:
         raise SpmlError(f"--name {name!r} is a built-in dataset; choose another name")
     if not directory.is_dir():
         raise SpmlError(f"{directory} is not a folder; pass the folder holding {', '.join(FILES)}")

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import deep_merge
 from pipeline.errors import SpmlError
+from pipeline.registry import METHODS
 from tests.conftest import tiny_params, write_params
 
 BASELINES = ["an-ls", "wan", "epr", "role", "em", "em-apl", "ll-r", "ll-ct", "ll-cp", "boostlu", "asl", "plc"]
@@ -72,7 +73,7 @@ def test_adding_a_method_is_one_module_and_one_params_entry(run_params, tmp_path
         class ToyAN(Method):
             @dataclass
             class Params:
-                weight: float = 1.0
+                weight: float
 
             def training_step(self, model, batch, epoch):
                 logits = model(batch.image).logits
@@ -91,5 +92,5 @@ def test_adding_a_method_is_one_module_and_one_params_entry(run_params, tmp_path
         with pytest.raises(SpmlError, match="method_params.toy-an.wieght"):
             train.run("synthetic", "toy-an", 0, bad, tmp_path / "bad")
     finally:
-        methods._REGISTRY.pop("toy-an", None)
+        METHODS.unregister("toy-an")
         sys.modules.pop("pipeline.methods.toy_an", None)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
 from pipeline.methods import Batch, MethodContext
-from tests.conftest import make_method
-from pipeline.methods.plc_lac import lac_loss, queue_update
 from pipeline.models import build_model
+from tests.conftest import make_method
+
+plc_lac = importlib.import_module("pipeline.methods.plc-lac")  # a method module is named like its method
+lac_loss, queue_update = plc_lac.lac_loss, plc_lac.queue_update
 
 TINY_Q2L = {"layers": [1, 1, 1, 1], "width_per_group": 4, "hidden_dim": 32, "num_heads": 4, "dim_feedforward": 64}
 

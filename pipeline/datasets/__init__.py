@@ -7,8 +7,6 @@ only knows its own file formats.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.errors import unknown_name
+from pipeline.registry import DATASETS
 
 
 @dataclass
@@ -47,38 +46,23 @@ class DatasetSource(Protocol):
         """Read the official train and test splits from ``raw_dir``."""
 
 
-_REGISTRY: dict[str, type] = {}
-
-
-def register_dataset(name: str):
-    def decorator(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def _discover() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+# the registry itself is pipeline.registry.DATASETS (one module for methods, models and datasets)
+register_dataset = DATASETS.register
 
 
 def dataset_names() -> list[str]:
     """Built-in sources plus the datasets registered with ``spml import-npy`` (data/imported.json)."""
-    _discover()
     from pipeline.datasets.imported import read_registry
 
-    return sorted(set(_REGISTRY) | set(read_registry()))
+    return sorted(set(DATASETS.names()) | set(read_registry()))
 
 
 def get_dataset(name: str) -> DatasetSource:
-    _discover()
-    if name not in _REGISTRY:
+    if name not in DATASETS:
         from pipeline.datasets.imported import imported_source
 
         imported = imported_source(name)
         if imported is None:
             raise unknown_name("dataset", name, dataset_names())
         return imported
-    return _REGISTRY[name]()
+    return DATASETS.get(name)()

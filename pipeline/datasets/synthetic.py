@@ -169,7 +169,7 @@ def _draw_classes(rng, weights, partners, count, cooccurrence_prob) -> list[int]
     return chosen
 
 
-def _render(rng, p, weights, partners, shapes=SHAPES) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def render_image(rng, p, weights, partners, shapes=SHAPES) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One image, its instance map and its classes (indices into ``shapes``, a name -> indicator table)."""
     table = list(shapes.values())
     size = p["image_size"]
@@ -215,7 +215,7 @@ def generate(out_dir: Path, params: dict[str, Any]) -> None:
             (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
             (out_dir / "masks" / split).mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                image, instances, classes = _render(rng, p, weights, partners)
+                image, instances, classes = render_image(rng, p, weights, partners)
                 name = f"{index:05d}.png"
                 Image.fromarray(image).save(out_dir / "images" / split / name, optimize=False)
                 Image.fromarray(instances).save(out_dir / "masks" / split / name)

@@ -23,16 +23,15 @@ Adding a method is one new module in this package plus one ``method_params`` ent
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from pipeline.config import parse_dataclass
-from pipeline.errors import unknown_name
+from pipeline.errors import SpmlError
 from pipeline.methods.diagnostics import FalseNegativeMeter
+from pipeline.registry import METHODS
 
 
 @dataclass
@@ -73,6 +72,15 @@ class MethodContext:
     mean_positives: float  # true mean positives per training image (EPR/ROLE's k on synthetic data)
     observed_train: torch.Tensor  # (num_train, C) initial observed labels, on the device
     device: torch.device
+
+
+def expected_positives(k: float | None, ctx, where: str) -> float:
+    """k from params, or (None) the dataset's true mean positives per training image from `prepare`."""
+    value = ctx.mean_positives if k is None else k
+    if not 0 < value <= ctx.num_classes:
+        raise SpmlError(f"{where}.expected_positives must be in (0, {ctx.num_classes}], got {value}; "
+                        "set it in params.yaml or rerun `spml prepare` to record the dataset's mean")
+    return float(value)
 
 
 class Method:
@@ -142,35 +150,17 @@ class Method:
         return dataclasses.asdict(self.params)
 
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register_method(name: str):
-    def decorator(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def _discover() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name not in ("diagnostics", "losses"):
-            importlib.import_module(f"{__name__}.{module.name}")
+# the registry itself is pipeline.registry.METHODS (one module for methods, models and datasets)
+register_method = METHODS.register
 
 
 def method_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def get_method_class(name: str) -> type[Method]:
-    _discover()
-    if name not in _REGISTRY:
-        raise unknown_name("method", name, list(_REGISTRY))
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def build_method(name: str, params: dict[str, Any], ctx: MethodContext) -> Method:
-    return get_method_class(name)(params, ctx)
+    return METHODS.get(name)(params, ctx)

@@ -5,17 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, register_method
+from pipeline.methods import Method, StepOutput, expected_positives, register_method
 from pipeline.methods.losses import epr_loss
-
-
-def expected_positives(k: float | None, ctx, where: str) -> float:
-    """k from params, or (None) the dataset's true mean positives per training image from `prepare`."""
-    value = ctx.mean_positives if k is None else k
-    if not 0 < value <= ctx.num_classes:
-        raise SpmlError(f"{where}.expected_positives must be in (0, {ctx.num_classes}], got {value}; "
-                        "set it in params.yaml or rerun `spml prepare` to record the dataset's mean")
-    return float(value)
 
 
 @register_method("epr")

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, register_method
-from pipeline.methods.epr import expected_positives
+from pipeline.methods import Method, StepOutput, expected_positives, register_method
 from pipeline.methods.losses import role_loss
 from pipeline.methods.sync import average_gradient_hook
 

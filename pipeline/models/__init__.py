@@ -8,15 +8,14 @@ image with it). ``parameter_groups(lr, head_lr_mult)`` returns optimizer groups 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from pipeline.config import parse_dataclass
-from pipeline.errors import SpmlError, unknown_name
+from pipeline.errors import SpmlError
+from pipeline.registry import MODELS
 
 
 class _LogitsCam(NamedTuple):
@@ -45,38 +44,22 @@ def cam_head_output(cam: torch.Tensor, cam_boost: float) -> ModelOutput:
     return ModelOutput(pooled.mean(dim=(2, 3)), cam)
 
 
-_REGISTRY: dict[str, Any] = {}
-
-
-def register_model(name: str):
-    def decorator(cls):
-        cls.model_name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def _discover() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+# the registry itself is pipeline.registry.MODELS (one module for methods, models and datasets)
+register_model = MODELS.register
 
 
 def model_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def parse_model_params(name: str, values: dict[str, Any] | None) -> dict[str, Any]:
     """``params.yaml: models.<name>`` checked against the model's ``Params`` dataclass (types, ranges, missing
     keys; see :func:`pipeline.config.parse_dataclass`); a model without one takes its block as given."""
-    _discover()
-    if name not in _REGISTRY:
-        raise unknown_name("model", name, list(_REGISTRY))
+    cls = MODELS.get(name)
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise SpmlError(f"params models.{name} must be a mapping, got {values!r}")
-    params_cls = getattr(_REGISTRY[name], "Params", None)
+    params_cls = getattr(cls, "Params", None)
     if params_cls is None:
         return dict(values)
     return dataclasses.asdict(parse_dataclass(params_cls, values, f"models.{name}"))
@@ -85,17 +68,14 @@ def parse_model_params(name: str, values: dict[str, Any] | None) -> dict[str, An
 def weight_files(name: str, kwargs: dict[str, Any]) -> list[Path]:
     """Files a model built with ``kwargs`` loads weights from (a run's resume key hashes them), if its class
     says (``weights_file(weights)``); pinned downloads (ResNet-50's SHA-256) need not be listed."""
-    _discover()
-    resolve = getattr(_REGISTRY.get(name), "weights_file", None)
+    resolve = getattr(MODELS.get(name), "weights_file", None)
     path = resolve(kwargs["weights"]) if resolve is not None and "weights" in kwargs else None
     return [] if path is None else [path]
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> torch.nn.Module:
-    _discover()
-    if name not in _REGISTRY:
-        raise unknown_name("model", name, list(_REGISTRY))
+    cls = MODELS.get(name)
     try:
-        return _REGISTRY[name](num_classes=num_classes, **kwargs)
+        return cls(num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise SpmlError(f"bad params for model {name!r}: {exc}") from None

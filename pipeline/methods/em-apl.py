@@ -13,21 +13,22 @@ nothing, is skipped). State: the pseudo-label mask and soft targets, keyed by tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
+from pipeline.config import Range
 from pipeline.errors import SpmlError
-from pipeline.methods import StepOutput, register_method
-from pipeline.methods.em import EntropyMaximisation
+from pipeline.methods import Method, StepOutput, register_method
 from pipeline.methods.losses import apl_quota, em_loss, lowest_k_per_class
 from pipeline.methods.sync import all_reduce_
 
 
 @register_method("em-apl")
-class EntropyMaximisationAPL(EntropyMaximisation):
+class EntropyMaximisationAPL(Method):
     @dataclass
     class Params:
-        alpha: float  # weight of the entropy term on the remaining unknowns
+        alpha: Annotated[float, Range(ge=0)]  # weight of the entropy term on the remaining unknowns
         beta: float  # weight of the soft pseudo-negative BCE
         theta: float  # fraction of the initial unknowns pseudo-labelled over all rounds
         warmup: int  # W: the first round runs after epoch W (VOC's value)

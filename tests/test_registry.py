@@ -1,0 +1,156 @@
+"""One registry for methods, models and datasets; one module per method; params without code defaults.
+
+The layout checks here are what makes dvc.yaml's per-cell dependencies sound: a train cell depends on its
+method's module and the shared core only, so a method module may import nothing else of the package, and
+every module a training run imports must be one of the cell's dependencies.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import SpmlError
+from pipeline.registry import DATASETS, METHODS, MODELS, Registry
+from tests.conftest import REPO
+
+METHODS_DIR = REPO / "pipeline" / "methods"
+
+
+def stage_deps(stage: str) -> list[str]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+
+
+def shared_core() -> set[str]:
+    """The pipeline/methods modules every train cell depends on (dvc.yaml), by module name."""
+    return {Path(d).stem for d in stage_deps("train") if d.startswith("pipeline/methods/") and "${" not in d}
+
+
+# ------------------------------------------------------------------------------------------ registry
+def test_a_name_registered_twice_is_an_error_naming_both_classes():
+    registry = Registry("widget", "pipeline.methods", "name")
+
+    @registry.register("w")
+    class First:
+        pass
+
+    class Second:
+        pass
+
+    with pytest.raises(SpmlError, match=r"widget 'w' is registered twice: by .*First and by .*Second"):
+        registry.register("w")(Second)
+    registry.register("w")(First)  # the same class again (a module imported twice) is no clash
+    assert registry.get("w") is First
+
+
+def test_unknown_names_list_the_valid_ones():
+    for registry, kind in ((METHODS, "method"), (MODELS, "model"), (DATASETS, "dataset")):
+        with pytest.raises(SpmlError, match=f"unknown {kind} 'nope'; valid {kind}s: "):
+            registry.get("nope")
+    assert "em" in METHODS and "smallcnn" in MODELS and "voc2012" in DATASETS
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for path in sorted([*REPO.glob("pipeline/**/*.py"), *REPO.glob("stages/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("pipeline", "stages")):
+                offenders += [f"{path.relative_to(REPO)}: {a.name}" for a in node.names
+                              if a.name.startswith("_") and a.name != "__version__"]
+    assert not offenders
+
+
+# --------------------------------------------------------------------------- one module per method
+def test_every_method_lives_in_the_module_named_like_it():
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        if cls.ablation_of is None:
+            assert cls.__module__ == f"pipeline.methods.{name}", name
+        else:  # dvc.yaml's `ablate` stage depends on IGNORE's module, so only IGNORE may have ablations
+            assert cls.ablation_of == "ignore" and cls.__module__ == "pipeline.methods.ignore", name
+    modules = {p.stem for p in METHODS_DIR.glob("*.py")} - {"__init__"}
+    strays = modules - set(METHODS.names()) - shared_core()
+    assert not strays, f"modules that are neither a method nor listed as shared core in dvc.yaml: {strays}"
+
+
+def test_a_method_module_imports_only_the_shared_core():
+    shared = shared_core() | {"__init__"}
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        if path.stem in shared:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline.methods."):
+                assert node.module.split(".")[-1] in shared, f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("pipeline.methods.") for a in node.names), path.name
+
+
+def test_train_and_ablate_cells_differ_only_in_the_method_module():
+    train, ablate = stage_deps("train"), stage_deps("ablate")
+    assert train[:-1] == ablate[:-1]
+    assert train[-1] == "pipeline/methods/${item.method}.py" and ablate[-1] == "pipeline/methods/ignore.py"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "method_params.${item.method}" in stages["train"]["params"]
+    assert stages["train"]["params"] == stages["ablate"]["params"]
+
+
+def test_a_training_run_imports_only_its_cells_dependencies(tiny_workspace):
+    """Train em for real (tiny) in a fresh interpreter and list every module of the project it imported:
+    each one that can change a number must be a dependency of the cell in dvc.yaml."""
+    script = ("import json, sys\nfrom stages import train\ntrain.run('synthetic', 'em', 0)\n"
+              "print(json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) "
+              "if getattr(m, '__file__', None))))")
+    env = dict(os.environ, PYTHONPATH=str(REPO), SPML_NO_PROGRESS="1")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tiny_workspace, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    imported = {os.path.relpath(f, REPO) for f in json.loads(out.splitlines()[-1])
+                if f.startswith((str(REPO / "pipeline") + os.sep, str(REPO / "stages") + os.sep))}
+    deps = [d.replace("${item.method}", "em") for d in stage_deps("train") if not d.startswith("data/")]
+    # modules that cannot change a number: errors, paths, progress bars, atomic writes, the version string,
+    # the dataset sources (`prepare`'s business: a cell reads the prepared tables, which are its deps)
+    harmless = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/paths.py", "pipeline/progress.py",
+                "pipeline/io.py", "pipeline/download.py", "stages/__init__.py"}
+    uncovered = sorted(f for f in imported if f not in harmless and not f.startswith("pipeline/datasets/")
+                       and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+    assert not uncovered, f"imported by a training run but not a dependency of its cell: {uncovered}"
+    assert "pipeline/methods/em.py" in imported
+    others = {f"pipeline/methods/{m}.py" for m in METHODS.names()} - {"pipeline/methods/em.py"}
+    assert not imported & others, "training em imported another method's module"
+
+
+# --------------------------------------------------------------------------- one source of truth
+def parsed_dataclasses():
+    from pipeline.datasets.synthetic import SyntheticParams
+    from pipeline.pretrain import PretrainParams
+    from pipeline.train import TrainConfig
+    from stages.prepare import SplitParams
+    from stages.sample import SampleParams
+
+    classes = [TrainConfig, SyntheticParams, PretrainParams, SplitParams, SampleParams]
+    classes += [METHODS.get(name).Params for name in METHODS.names()]
+    classes += [MODELS.get(name).Params for name in MODELS.names() if hasattr(MODELS.get(name), "Params")]
+    return classes
+
+
+def test_parsed_dataclasses_carry_no_defaults():
+    """params.yaml holds every value; a dataclass default would be a second, possibly divergent, one."""
+    with_defaults = [f"{cls.__qualname__}.{f.name}" for cls in parsed_dataclasses() for f in dataclasses.fields(cls)
+                     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert not with_defaults
+
+
+def test_every_method_has_a_complete_params_block():
+    """Each method's default block names every field of its Params (nothing is left to code)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name in METHODS.names():
+        fields = {f.name for f in dataclasses.fields(METHODS.get(name).Params)}
+        block = (params["method_params"].get(name) or {}).get("default") or {}
+        assert set(block) == fields, name
