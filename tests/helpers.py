@@ -32,17 +32,19 @@ def tool_env() -> dict:
     return env
 
 
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, check=False, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+def run(cwd: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a tool in ``cwd`` with :func:`tool_env` (plus ``env``)."""
+    result = subprocess.run(args, check=False, cwd=cwd, env={**tool_env(), **(env or {})}, capture_output=True,
+                            text=True)
     if check:
         assert result.returncode == 0, \
             f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
 
-def sh(cwd: Path, *args: str) -> str:
+def sh(cwd: Path, *args: str, env: dict | None = None) -> str:
     """Run a command that must succeed; return stdout + stderr."""
-    result = run(cwd, *args)
+    result = run(cwd, *args, env=env)
     return result.stdout + result.stderr
 
 
