@@ -3,9 +3,10 @@
 Each method gets its own copy of one initial model and its own optimizer; all see the same batches. After
 ``--warmup`` untimed steps per method, the timed steps alternate between the methods (step 1 of every
 method, then step 2, ...) so that drifting machine load affects all of them alike. One step is what the
-training loop does per batch: ``method.training_step`` + ``zero_grad`` + ``backward`` + ``optimizer.step``
-+ ``after_optimizer_step``; data loading and augmentation are not timed. The step runs at the last epoch
-of a notional 10-epoch run, past any warm-up, so methods that reject after a warm-up do so.
+training loop does per batch: ``method.training_step`` + ``score_step`` (the loop's diagnostics) + ``zero_grad``
++ ``backward`` + ``optimizer.step`` + ``after_optimizer_step``; data loading and augmentation are not timed. The
+step runs at the last epoch of a notional 10-epoch run, past any warm-up, so methods that reject after a
+warm-up do so.
 
 Host memory: like ``spml train``, the bench first makes glibc's malloc keep freed memory for reuse
 (``runtime.cache_host_memory``; params ``train.host_malloc_cache``); ``--host-malloc system`` times glibc's
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import statistics
 import sys
@@ -98,8 +100,10 @@ def random_data(num_images: int, num_classes: int, image_size: int, seed: int = 
 
 
 def _batches(data: BenchData, batch_size: int, device: torch.device, strong: bool, seed: int):
-    """Fixed device batches (weak view, and a flipped + colour-jittered stand-in for the strong view)."""
+    """Fixed device batches (weak view, and a flipped + colour-jittered stand-in for the strong view), each
+    with its hidden labels, which only the bench's diagnostics see (as in the training loop)."""
     from pipeline.methods import Batch
+    from pipeline.methods.diagnostics import HiddenLabels
 
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
@@ -114,11 +118,14 @@ def _batches(data: BenchData, batch_size: int, device: torch.device, strong: boo
         if strong:
             jitter = 1.0 + 0.3 * (torch.rand(batch_size, 1, 1, 1, generator=g) - 0.5)
             strong_view = ((img.flip(-1) * jitter.to(device)).clamp(0, 255) - mean) / std
-        out.append(Batch(
-            index=idx.to(device), image=weak, observed=data.observed[idx].to(device).float(),
-            full=data.full[idx].to(device).float(), strong=strong_view,
-            instances=data.instances[idx].to(device) if data.instances is not None else None,
-            instance_classes=data.instance_classes[idx].to(device) if data.instance_classes is not None else None,
+        out.append((
+            Batch(index=idx.to(device), image=weak, observed=data.observed[idx].to(device).float(),
+                  strong=strong_view),
+            HiddenLabels(
+                full=data.full[idx].to(device).float(),
+                instances=data.instances[idx].to(device) if data.instances is not None else None,
+                instance_classes=(data.instance_classes[idx].to(device) if data.instance_classes is not None
+                                  else None)),
         ))
     if not out:
         raise BenchError(f"bench data has {n} images, fewer than one batch of {batch_size}; lower --batch-size")
@@ -172,6 +179,7 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
     from pipeline import runtime
     from pipeline.errors import SpmlError
     from pipeline.methods import MethodContext, build_method, get_method_class
+    from pipeline.methods.diagnostics import FalseNegativeMeter, score_step
     from pipeline.models import build_model, parse_model_params
 
     if not methods:
@@ -226,7 +234,7 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
     classes = {name: get_method_class(name) for name in methods}
     strong = any(cls.needs_strong_view for cls in classes.values())
     batches = _batches(data, batch_size, dev, strong, seed)
-    for b in batches:
+    for b, _hidden in batches:
         b.image = b.image.contiguous(memory_format=memory_format)
         if b.strong is not None:
             b.strong = b.strong.contiguous(memory_format=memory_format)
@@ -236,7 +244,8 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
     for name, cls in classes.items():
         ctx = MethodContext(dataset=dataset, model=model, num_classes=num_classes, num_train=len(data.images),
                             epochs=BENCH_EPOCHS, steps_per_epoch=len(batches), mean_positives=float(
-                                data.full.sum(1).mean()), observed_train=data.observed.to(dev).float(), device=dev)
+                                data.full.sum(1).mean()), device=dev,
+                            observed_train=(data.full if cls.label_source == "full" else data.observed).to(dev).float())
         method = build_method(name, _method_params(params, cls, dataset, model), ctx)
         extra = method.model_kwargs()  # a method may need its own model variant (plc-lac: a projector)
         key = repr(sorted(extra.items()))
@@ -247,13 +256,22 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         net = copy.deepcopy(base_models[key])
         groups = [g for g in net.parameter_groups(1e-4, 1.0) + method.parameter_groups(1e-4) if g["params"]]
         runners.append((name, net, method, torch.optim.Adam(groups, lr=1e-4)))
+    meters = {name: FalseNegativeMeter(dev) for name in classes}  # the loop's diagnostics cost, then dropped
 
-    def make_step(net, method, optimizer, batch):
-        def step():
+    def make_step(net, method, optimizer, pair):
+        batch, hidden = pair
+        if method.label_source == "full":  # as the training loop: `full` gets the full labels as observed
+            batch = dataclasses.replace(batch, observed=hidden.full)
+        meter = meters[method.name]
+
+        def step():  # what train_one_epoch does per batch (see the module docstring)
             with runtime.autocast(dev, amp_dtype):
                 out = method.training_step(net, batch, BENCH_EPOCHS)
+            score_step(meter, batch, out, hidden)
+            loss = out.loss
+            del out
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             optimizer.step()
             method.after_optimizer_step(batch, BENCH_EPOCHS)
         return step
@@ -305,8 +323,6 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
             saved = _saved_tensor_bytes(make_step(net, method, opt, batches[0]))
             results[name].memory_step_mib = saved / 2**20
             results[name].memory_kind = "cpu-saved"
-    for name, _, method, _ in runners:  # drop what the meters accumulated
-        method.fn_meter.reset()
     return [results[name] for name in methods]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from torchvision.transforms import RandAugment
 
 from pipeline.errors import SpmlError
 from pipeline.methods import Batch
+from pipeline.methods.diagnostics import HiddenLabels
 from pipeline.progress import progress_bar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -288,14 +290,40 @@ class Normalizer:
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def batch(self, item: dict[str, Any]) -> Batch:
+    def batch(self, item: dict[str, Any], label_source: str = "observed") -> Batch:
+        """A loader item as a method sees it: no hidden labels; ``item[label_source]`` (the method's
+        ``Method.label_source``: "observed", or "full" for the full-label upper bound) as ``observed``."""
         dev = self.device
         return Batch(
             index=item["index"].to(dev, non_blocking=True),
             image=self(item["image"]),
-            observed=item["observed"].to(dev, non_blocking=True).float(),
-            full=item["full"].to(dev, non_blocking=True).float(),
+            observed=item[label_source].to(dev, non_blocking=True).float(),
             strong=self(item["strong"]) if "strong" in item else None,
-            instances=item["instances"].to(dev, non_blocking=True) if "instances" in item else None,
-            instance_classes=item["instance_classes"].to(dev, non_blocking=True) if "instance_classes" in item else None,
         )
+
+    def hidden(self, item: dict[str, Any]) -> HiddenLabels:
+        """The item's ground truth, for the training loop's diagnostics only (never handed to a method)."""
+        dev = self.device
+        return HiddenLabels(
+            full=item["full"].to(dev, non_blocking=True).float(),
+            instances=item["instances"].to(dev, non_blocking=True) if "instances" in item else None,
+            instance_classes=(item["instance_classes"].to(dev, non_blocking=True)
+                              if "instance_classes" in item else None),
+        )
+
+
+@dataclass
+class MethodBatches:
+    """The training loader as a method sees it (``Method.on_epoch_end``): each pass iterates ``loader`` once,
+    lazily, and yields :meth:`Normalizer.batch` of every item, without the hidden labels."""
+
+    loader: Iterable[dict[str, Any]]
+    normalize: Normalizer
+    label_source: str = "observed"
+
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self.loader:  # a generator: the loader is iterated only if the method asks
+            yield self.normalize.batch(item, self.label_source)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]

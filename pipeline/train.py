@@ -25,6 +25,7 @@ from pipeline.config import Range, deep_merge, derive_seed, parse_dataclass, sco
 from pipeline.data import (
     EvalSet,
     ImageArray,
+    MethodBatches,
     Normalizer,
     TrainSet,
     cached_images,
@@ -33,6 +34,7 @@ from pipeline.data import (
 )
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, MethodContext, build_method, get_method_class
+from pipeline.methods.diagnostics import FalseNegativeMeter, score_step
 from pipeline.metrics import mean_average_precision
 from pipeline.models import build_model, model_names, parse_model_params, weight_files
 from pipeline.progress import progress_bar
@@ -252,6 +254,10 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
                     ema: runtime.WeightEMA | None = None, max_loss: float | None = None) -> dict[str, float]:
     """One pass over ``loader``; no host-device synchronisation inside the loop (logs stay on the device).
 
+    The method gets each batch without its hidden labels (:meth:`Normalizer.batch`); what it reports in its
+    :class:`StepOutput` is scored against them here, in this epoch's :class:`FalseNegativeMeter`, and the
+    returned row holds those columns (fn_*, gap_*, mask coverage...) after the loss and the method's logs.
+
     Divergence is recorded on the device (the first bad step and its loss) and raised once, at the end of
     the epoch, as :class:`DivergedError`: a non-finite loss, or one above ``max_loss`` if that is set."""
     model.train()
@@ -261,30 +267,35 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
     first_bad = torch.full((), no_step, dtype=torch.int64, device=normalize.device)
     bad_loss = torch.zeros((), device=normalize.device)
     log_sums: dict[str, torch.Tensor] = {}
+    meter = FalseNegativeMeter(normalize.device)  # the loop's, not the method's: one per epoch
     steps = 0
     for item in loader:
-        batch = normalize.batch(item)
+        batch = normalize.batch(item, method.label_source)
         with runtime.autocast(normalize.device, amp):
             out = method.training_step(model, batch, epoch)
+        # scored before backward so the report's tensors are freed as early as before (no_grad, no RNG)
+        score_step(meter, batch, out, normalize.hidden(item))
+        step_loss, logs = out.loss, out.logs
+        del out
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16 only; bf16 needs no loss scaling
-            scaler.scale(out.loss).backward()
+            scaler.scale(step_loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            out.loss.backward()
+            step_loss.backward()
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
         method.after_optimizer_step(batch, epoch)
         if ema is not None:
             ema.update(model)
-        loss = out.loss.detach().float()
+        loss = step_loss.detach().float()
         newly_bad = _first_bad_step(loss, max_loss) & (first_bad == no_step)
         first_bad = torch.where(newly_bad, steps, first_bad)
         bad_loss = torch.where(newly_bad, loss, bad_loss)
         total_loss += loss
-        for key, value in out.logs.items():
+        for key, value in logs.items():
             log_sums[key] = log_sums.get(key, 0) + value.detach().float()
         steps += 1
         if bar is not None:
@@ -296,6 +307,7 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
         raise diverged(epoch, f"step {step + 1} of {steps}", f"loss {float(bad_loss.item()):.4g}{limit}")
     row = {"train_loss": (total_loss / max(steps, 1)).item()}
     row.update({key: (value / max(steps, 1)).item() for key, value in log_sums.items()})
+    row.update(meter.summary() if meter.active else {})
     return row
 
 
@@ -401,7 +413,9 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
         dataset=run.dataset, model=cfg.model, num_classes=num_classes, num_train=len(data.train),
         epochs=cfg.epochs, steps_per_epoch=len(train_loader),
         mean_positives=float(stats.get("mean_positives_train", 1.0)),
-        observed_train=data.train.observed.to(device), device=device,
+        # a method gets its label_source's labels only: the observed ones, or the full ones for `full`
+        observed_train=(data.train.full if method_cls.label_source == "full" else data.train.observed).to(device),
+        device=device,
     )
     method = build_method(run.method, run.method_params, ctx)
     model = build_model(cfg.model, num_classes, **{**run.model_kwargs, **method.model_kwargs()})
@@ -461,8 +475,9 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
             row: dict[str, Any] = {"epoch": epoch}
             row.update(train_one_epoch(train_model, method, train_loader, optimizer, normalize, epoch, bar, task,
                                        scheduler, scaler, amp, ema, cfg.max_loss))
-            method.on_epoch_end(epoch, model, train_loader, normalize.batch)
-            row.update(method.epoch_diagnostics())
+            # the train loader as the method sees it: batches without the hidden labels
+            method.on_epoch_end(epoch, model, MethodBatches(train_loader, normalize, method.label_source))
+            row.update(method.epoch_diagnostics())  # what needs no hidden labels (tau...); fn_* came above
             runtime.broadcast_buffers(dist, model)
             val = evaluate(model, method, val_loader, normalize, amp, dist, epoch)
             selected = model

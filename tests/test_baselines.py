@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from pipeline.errors import SpmlError
-from tests.conftest import make_method
-from pipeline.methods import Batch, MethodContext
+from pipeline.methods import Batch, MethodContext, StepOutput
 from pipeline.methods import losses as L
+from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, score_step
 from pipeline.models import ModelOutput
+from tests.conftest import make_method
 
 EPS = 1e-5
 
@@ -66,12 +67,20 @@ def make_ctx(observed, epochs=10, mean_positives=1.5) -> MethodContext:
                          observed_train=observed, device=torch.device("cpu"))
 
 
-def make_batch(logits, observed, full=None, index=None, strong_logits=None) -> Batch:
+def make_batch(logits, observed, index=None, strong_logits=None) -> Batch:
     observed = torch.as_tensor(observed, dtype=torch.float32)
     return Batch(index=torch.arange(len(observed)) if index is None else torch.as_tensor(index),
                  image=images_with_logits(logits), observed=observed,
-                 full=observed.clone() if full is None else torch.as_tensor(full, dtype=torch.float32),
                  strong=None if strong_logits is None else images_with_logits(strong_logits))
+
+
+def loop_scores(*steps: tuple[Batch, StepOutput], full) -> dict[str, float]:
+    """What the training loop logs for these steps: their reports scored against the hidden ``full`` labels
+    (the method itself never sees them)."""
+    meter = FalseNegativeMeter()
+    for batch, out in steps:
+        score_step(meter, batch, out, HiddenLabels(torch.as_tensor(full, dtype=torch.float32)[batch.index]))
+    return meter.summary()
 
 
 def step_loss(name, params, logits, observed, epoch=1, ctx=None, **batch_kwargs) -> float:
@@ -174,10 +183,11 @@ def test_role_label_table_init_lr_and_diagnostics():
     with torch.no_grad():
         role.label_logits.copy_(torch.tensor([[5.0, 1.0, -1.0, -2.0], [1.0, -1.0, 5.0, -1.0], [-1, 5.0, -1, -1]]))
     full = torch.tensor([[1.0, 1, 1, 0], [0, 0, 1, 0], [0, 1, 0, 0]])
-    out = role.training_step(StubModel(4), make_batch(torch.zeros(3, 4), observed, full=full), 1)
+    batch = make_batch(torch.zeros(3, 4), observed)
+    out = role.training_step(StubModel(4), batch, 1)
     out.loss.backward()
     assert role.label_logits.grad.abs().sum() > 0
-    diag = role.epoch_diagnostics()
+    diag = loop_scores((batch, out), full=full)
     # flagged: (0,1) true FN and (1,0) not; false negatives: (0,1), (0,2)
     assert diag["fn_flagged"] == 2 and diag["fn_precision"] == 0.5 and diag["fn_recall"] == 0.5
 
@@ -231,21 +241,17 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
     apl = make_method("em-apl", {"warmup": 2, "theta": 0.9, "quota_epochs": 4}, make_ctx(observed, epochs=4))
     assert apl.quota.tolist() == [1, 1, 1]
     logits = torch.tensor([[0.0, -3.0, 1.0], [-2.0, 0.0, -1.0], [2.0, -0.5, 0.0], [-1.0, 0.5, -4.0], [0.0, 1.0, 2.0]])
-    loader = [{"index": torch.tensor([3, 0, 4]), "image": images_with_logits(logits[[3, 0, 4]]),
-               "observed": observed[[3, 0, 4]], "full": full[[3, 0, 4]]},
-              {"index": torch.tensor([1, 2]), "image": images_with_logits(logits[[1, 2]]),
-               "observed": observed[[1, 2]], "full": full[[1, 2]]}]
-    prepare = lambda item: make_batch(logits[item["index"]], item["observed"], item["full"], item["index"])
-    apl.on_epoch_end(1, StubModel(3), loader, prepare)  # before W: nothing
+    batches = [make_batch(logits[rows], observed[rows], index=rows) for rows in ([3, 0, 4], [1, 2])]
+    apl.on_epoch_end(1, StubModel(3), batches)  # before W: nothing
     assert not apl.pseudo_mask.any()
-    apl.on_epoch_end(2, StubModel(3), loader, prepare)
+    apl.on_epoch_end(2, StubModel(3), batches)
     # per class, the lowest-probability unknown: class 0 row 1 (-2), class 1 row 0 (-3), class 2 row 3 (-4)
     assert apl.pseudo_mask.nonzero().tolist() == [[0, 1], [1, 0], [3, 2]]
     assert apl.pseudo_target[1, 0].item() == pytest.approx(sig(-2.0))
-    apl.on_epoch_end(3, StubModel(3), loader, prepare)  # next-lowest unknowns accumulate
+    apl.on_epoch_end(3, StubModel(3), batches)  # next-lowest unknowns accumulate
     assert apl.pseudo_mask.sum().item() == 6
     before = apl.pseudo_mask.clone()
-    apl.on_epoch_end(4, StubModel(3), loader, prepare)  # after the last epoch: nothing (it could not train)
+    apl.on_epoch_end(4, StubModel(3), batches)  # after the last epoch: nothing (it could not train)
     assert torch.equal(apl.pseudo_mask, before)
 
     restored = make_method("em-apl", {"warmup": 2}, make_ctx(observed, epochs=4))
@@ -255,13 +261,14 @@ def test_apl_rounds_after_warmup_with_soft_targets_and_state_round_trip():
 
     # diagnostics: "flagged" = unknowns not (yet) taken as negatives; before any round all are (inactive)
     restored = make_method("em-apl", {"warmup": 2}, make_ctx(observed, epochs=4))
+    assert restored.epoch_diagnostics() == {}  # no epoch yet
     restored.on_epoch_start(1)
-    restored.training_step(StubModel(3), make_batch(logits, observed, full), 1)
-    diag = restored.epoch_diagnostics()
+    batch = make_batch(logits, observed)
+    diag = {**loop_scores((batch, restored.training_step(StubModel(3), batch, 1)), full=full),
+            **restored.epoch_diagnostics()}
     assert diag["fn_active"] == 0.0 and diag["fn_precision"] == pytest.approx(diag["fn_base_rate"])
     apl.on_epoch_start(4)
-    apl.training_step(StubModel(3), make_batch(logits, observed, full), 4)
-    diag = apl.epoch_diagnostics()
+    diag = {**loop_scores((batch, apl.training_step(StubModel(3), batch, 4)), full=full), **apl.epoch_diagnostics()}
     assert diag["fn_active"] == 1.0
     assert diag["fn_flagged"] == 5  # 11 unknowns, 6 pseudo-labelled
     assert diag["apl_pseudo_negative_error"] == pytest.approx(sum(full[apl.pseudo_mask]).item() / 6)
@@ -345,18 +352,20 @@ def test_ll_cp_fixed_k_permanent_flips_and_state():
     full = [[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
     cp = make_method("ll-cp", {"delta_percent": 10.0}, ctx)  # fixed k = ceil(6·0.1) = 1
     model = StubModel(3)
-    out = cp.training_step(model, make_batch(ZL, YL, full=full), 3)
+    batch = make_batch(ZL, YL)
+    out = cp.training_step(model, batch, 3)
+    first = (batch, out)
     m = ll_matrix()
     assert out.loss.item() == pytest.approx((sum(map(sum, m)) - m[0][1] + bce_logit(2.0, 1)) / 6, rel=1e-5)
     assert not cp.flips.any()  # flips land after the optimizer step
     cp.after_optimizer_step(make_batch(ZL, YL), 3)
     assert cp.flips.nonzero().tolist() == [[0, 1]]
     # next step: (0,1) is now a positive, the next largest unobserved loss (1,2) is corrected
-    out = cp.training_step(model, make_batch(ZL, YL, full=full), 3)
+    out = cp.training_step(model, batch, 3)
     expected = (m[0][0] + bce_logit(2.0, 1) + m[0][2] + m[1][0] + m[1][1] + bce_logit(0.5, 1)) / 6
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
     cp.after_optimizer_step(make_batch(ZL, YL), 3)
-    diag = cp.epoch_diagnostics()
+    diag = loop_scores(first, (batch, out), full=full)
     assert diag["fn_flagged"] == 3 and diag["fn_precision"] == pytest.approx(2 / 3)  # (0,1) twice, (1,2) once
     restored = make_method("ll-cp", {"delta_percent": 10.0}, ctx)
     restored.load_state_dict(save_and_load(cp.state_dict()))
@@ -367,8 +376,8 @@ def test_ll_cp_fixed_k_permanent_flips_and_state():
 def test_ll_flags_feed_the_false_negative_meter():
     ll = make_method("ll-r", {"delta_percent": 20.0}, make_ctx(YL))
     full = [[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]  # (0,1) is a false negative
-    ll.training_step(StubModel(3), make_batch(ZL, YL, full=full), 2)
-    diag = ll.epoch_diagnostics()
+    batch = make_batch(ZL, YL)
+    diag = loop_scores((batch, ll.training_step(StubModel(3), batch, 2)), full=full)
     assert diag["fn_flagged"] == 2 and diag["fn_precision"] == 0.5 and diag["fn_recall"] == 1.0
 
 
@@ -446,9 +455,10 @@ def test_plc_method_adds_an_on_weak_view_and_flags_pseudo_positives():
     consistency = (bce_logit(1.0, 1) + bce_logit(0.5, 0) + bce_logit(-2.0, 1)) / 3
     method = make_method("plc", {"threshold": 0.6, "plc_weight": 2.0}, make_ctx(observed))
     assert method.needs_strong_view
-    out = method.training_step(StubModel(4), make_batch(weak, observed, full=full, strong_logits=strong), 1)
+    batch = make_batch(weak, observed, strong_logits=strong)
+    out = method.training_step(StubModel(4), batch, 1)
     assert out.loss.item() == pytest.approx(an + 2.0 * consistency, rel=1e-5)
-    diag = method.epoch_diagnostics()
+    diag = loop_scores((batch, out), full=full)
     assert diag["fn_flagged"] == 1 and diag["fn_precision"] == 1.0 and diag["fn_recall"] == 1.0
 
 
@@ -470,10 +480,7 @@ APL_LOGITS = torch.tensor([[0.0, -3.0, 1.0], [-2.0, 0.0, -1.0], [2.0, -0.5, 0.0]
 def apl_round(rows_seen: list[int]) -> torch.Tensor:
     apl = make_method("em-apl", {"warmup": 1, "theta": 0.9, "quota_epochs": 2}, make_ctx(APL_OBSERVED, epochs=2))
     index = torch.tensor(rows_seen)
-    loader = [{"index": index, "image": images_with_logits(APL_LOGITS[index]), "observed": APL_OBSERVED[index],
-               "full": APL_OBSERVED[index]}]
-    prepare = lambda item: make_batch(APL_LOGITS[item["index"]], item["observed"], index=item["index"])
-    apl.on_epoch_end(1, StubModel(3), loader, prepare)
+    apl.on_epoch_end(1, StubModel(3), [make_batch(APL_LOGITS[index], APL_OBSERVED[index], index=index)])
     return apl.pseudo_mask
 
 
@@ -490,7 +497,7 @@ def _ddp_worker(rank: int, port: int, results):
         results[rank] = apl_round([0, 2, 4] if rank == 0 else [1, 3, 5]).tolist()
         cp = make_method("ll-cp", {}, make_ctx(APL_OBSERVED))
         cp.flips[rank, rank] = True
-        cp.on_epoch_end(1, None, [], None)
+        cp.on_epoch_end(1, None, [])
         results[2 + rank] = cp.flips.nonzero().tolist()
         role = make_method("role", {"expected_positives": 1.0}, make_ctx(APL_OBSERVED))
         role.label_logits[rank].sum().backward()  # each rank touches its own row

@@ -56,6 +56,29 @@ def test_module_entry_point_runs_without_typer(tmp_path):
     assert "an-cons" in out.stdout and "x vs an" in out.stdout
 
 
+def test_bench_batches_hold_no_hidden_labels_and_full_trains_on_them(monkeypatch):
+    """As in the training loop: a method's batch has no full labels, except `full`'s, as its observed ones."""
+    import torch
+
+    from pipeline.methods import get_method_class
+
+    data = bench.random_data(8, 5, 16, seed=0)
+    pairs = bench._batches(data, 4, torch.device("cpu"), False, 0)
+    for (batch, hidden), rows in zip(pairs, (slice(0, 4), slice(4, 8)), strict=True):
+        assert not hasattr(batch, "full") and torch.equal(batch.observed, data.observed[rows])
+        assert torch.equal(hidden.full, data.full[rows])
+    assert not torch.equal(data.full, data.observed)
+    full_cls, seen = get_method_class("full"), []
+    step = full_cls.training_step
+    monkeypatch.setattr(full_cls, "training_step", lambda self, model, batch, epoch: (
+        seen.append(batch), step(self, model, batch, epoch))[1])
+    bench.run_bench(["full"], image_size=16, batch_size=4, steps=2, warmup=0, device="cpu", num_classes=5,
+                    params_path=REPO / "params.yaml", num_batches=2, threads=1)
+    assert len(seen) >= 2
+    for batch in seen:
+        assert torch.equal(batch.observed, data.full[batch.index])
+
+
 def test_results_are_relative_to_an():
     rs = [bench.BenchResult("an", [10.0, 12.0, 11.0], 8), bench.BenchResult("ignore", [25.0, 24.0, 26.0], 8)]
     text = bench.format_results(rs)

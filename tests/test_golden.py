@@ -79,7 +79,7 @@ def build(params: dict, num_classes: int, method: str = "ignore"):
 
 
 def batch(image, positives, strong=None) -> Batch:
-    return Batch(index=torch.arange(len(image)), image=image, observed=positives, full=positives,
+    return Batch(index=torch.arange(len(image)), image=image, observed=positives,
                  strong=image if strong is None else strong)
 
 

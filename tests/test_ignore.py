@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.methods import Batch, MethodContext
 from pipeline.methods import ignore as ig
+from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, mask_coverage, score_step
 from pipeline.models import ModelOutput
 from tests.conftest import make_method
 
@@ -146,11 +147,11 @@ def test_mask_coverage_metric():
     mask = torch.zeros(1, 4, 4)
     mask[0, 0, 0] = mask[0, 0, 1] = mask[0, 1, 0] = 1  # 3 of object 1's 4 pixels
     mask[0, 0, 2] = 1  # 1 of object 2's 4 pixels
-    kept, w_pos, removed, w_other = ig.mask_coverage(mask, y, inst, classes)
+    kept, w_pos, removed, w_other = mask_coverage(mask, y, inst, classes)
     assert approx((kept * w_pos).sum() / w_pos.sum(), 0.75)
     assert approx((removed * w_other).sum() / w_other.sum(), 0.75)
     # a row without an observed positive does not count
-    _, w_pos0, _, w_other0 = ig.mask_coverage(mask, torch.zeros(1, 6), inst, classes)
+    _, w_pos0, _, w_other0 = mask_coverage(mask, torch.zeros(1, 6), inst, classes)
     assert w_pos0.sum() == 0 and w_other0.sum() == 0
 
 
@@ -194,12 +195,14 @@ def _ctx(c=3, b=2):
                          mean_positives=1.5, observed_train=torch.zeros(b, c), device=torch.device("cpu"))
 
 
+FULL = torch.tensor([[1., 1, 0], [0, 1, 1]])  # the hidden labels of _batch's two images, for the loop's scores
+
+
 def _batch(observed):
     torch.manual_seed(0)
     img = torch.rand(2, 3, 4, 4) * 2
     img[0, 1, :2] += 3  # class 1 strong in the top half of image 0 (a false negative there)
-    full = torch.tensor([[1., 1, 0], [0, 1, 1]])
-    return Batch(index=torch.arange(2), image=img, observed=observed, full=full, strong=img.flip(-1) * 0.9)
+    return Batch(index=torch.arange(2), image=img, observed=observed, strong=img.flip(-1) * 0.9)
 
 
 def _reference_loss(method, model, batch, reject_on):
@@ -219,7 +222,7 @@ def test_warmup_switch_and_full_loss(warmup_mode):
     method = make_method("ignore", params, _ctx())
     model = ChannelCAM(3)
     batch = _batch(observed)
-    z, zs, zm, _ = _reference_loss(method, model, batch, False)
+    z, zs, zm, mask = _reference_loss(method, model, batch, False)
     y = batch.positives
     gap = (z - zm).abs().detach()
 
@@ -248,8 +251,25 @@ def test_warmup_switch_and_full_loss(warmup_mode):
     assert approx(out2.logs["reject_frac"], float(reject.float().mean()))
     out2.loss.backward()
     assert model.scale.grad is not None
-    diag = method.epoch_diagnostics()
-    assert diag["fn_flagged"] == float(reject.sum()) and "gap_fn" in diag and "tau" in diag
+
+    # the step reports what it did; the loop scores it against the hidden labels (both steps: same gap)
+    assert torch.equal(out2.flagged, reject) and torch.equal(out2.kept_region, mask)
+    assert torch.equal(out.flagged, torch.zeros_like(reject))  # warm-up: nothing rejected
+    meter = FalseNegativeMeter()
+    for step in (out, out2):
+        score_step(meter, batch, step, HiddenLabels(FULL))
+    diag = meter.summary()
+    assert diag["fn_flagged"] == float(reject.sum())
+    # false negatives (0, 1), (1, 1); true negatives (0, 2), (1, 0); observed positives (0, 0), (1, 2)
+    assert approx(diag["gap_fn"], float(gap[0, 1] + gap[1, 1]) / 2)
+    assert approx(diag["gap_tn"], float(gap[0, 2] + gap[1, 0]) / 2)
+    assert approx(diag["gap_sp"], float(gap[0, 0] + gap[1, 2]) / 2)
+    assert "mask_pos_kept" not in diag  # no instance maps
+    # what needs no hidden labels stays with the method: tau, the mask area, mu, whether rejection ran
+    own = method.epoch_diagnostics()
+    assert set(own) == {"mask_area", "tau", "fn_active", "mu_mean"}
+    assert approx(own["tau"], float(tau2)) and approx(own["mask_area"], float(mask.mean()))
+    assert approx(own["mu_mean"], float(mu2.mean()))
 
 
 def test_variants_components():
@@ -297,16 +317,18 @@ def test_params_validation_and_state_roundtrip():
     assert float(m2.tau) == pytest.approx(0.7)
 
 
-def test_variant_reads_base_params_block():
+def test_an_ablation_reads_only_its_own_block_which_params_yaml_shares_with_ignore():
+    """A train cell tracks only its method's block, so an ablation must not read IGNORE's: params.yaml gives
+    Table 3's rows IGNORE's values through a YAML anchor instead."""
     from pipeline.config import load_params
     from pipeline.train import resolve_run_config
     from tests.conftest import REPO
 
     params = load_params(REPO / "params.yaml")
-    params["method_params"] = {"ignore": {"default": {"cam_threshold": 0.3}, "smallcnn": {"reg_weight": 0.2}},
-                               "ignore-gap": {"default": {"reg_weight": 0.9}}}
-    cfg = resolve_run_config(params, "synthetic", "ignore-gap", 0)
-    assert cfg.method_params == {"cam_threshold": 0.3, "reg_weight": 0.9}
+    for row in ("ignore-gap", "an-cons"):
+        assert params["method_params"][row] == params["method_params"]["ignore"]
+    params["method_params"] = {"ignore": {"default": {"cam_threshold": 0.3}}, "ignore-gap": {"default": {"reg_weight": 0.9}}}
+    assert resolve_run_config(params, "synthetic", "ignore-gap", 0).method_params == {"reg_weight": 0.9}
 
 
 # ------------------------------------------------------------------------------------------- smoke

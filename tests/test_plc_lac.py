@@ -83,7 +83,7 @@ def test_training_step_on_tiny_q2l(epoch, expect_lac):
     model = build_model("q2l", c, **TINY_Q2L, **method.model_kwargs())
     observed = torch.eye(b, c)
     batch = Batch(index=torch.arange(b), image=torch.randn(b, 3, 64, 64), observed=observed,
-                  full=observed.clone(), strong=torch.randn(b, 3, 64, 64))
+                  strong=torch.randn(b, 3, 64, 64))
     out = method.training_step(model, batch, epoch)
     out.loss.backward()
     assert torch.isfinite(out.loss)

@@ -53,31 +53,29 @@ class EntropyMaximisationAPL(Method):
         self._labelled_this_epoch = bool(self.pseudo_mask.any())
 
     def epoch_diagnostics(self):
-        out = super().epoch_diagnostics()
-        if out:  # before the first round every unknown is "flagged": mark those epochs inactive for the report
-            out["fn_active"] = float(getattr(self, "_labelled_this_epoch", False))
-        return out
+        if not hasattr(self, "_labelled_this_epoch"):  # no epoch ran
+            return {}
+        # before the first round every unknown is "flagged": mark those epochs inactive for the report
+        return {"fn_active": float(self._labelled_this_epoch)}
 
     def training_step(self, model, batch, epoch):
         logits = model(batch.image).logits
         mask, target = self.pseudo_mask[batch.index], self.pseudo_target[batch.index]
-        with torch.no_grad():
-            # "flagged" = unknowns not (yet) taken as negatives, as IGNORE's ignored entries
-            self.fn_meter.update(~mask, batch.observed, batch.full)
-            self.fn_meter.add_mean("apl_pseudo_negative_error", batch.full, mask & (batch.observed == 0))
         loss = em_loss(logits, batch.positives, self.params.alpha, mask, target, self.params.beta)
-        return StepOutput(loss, {"apl_labelled_fraction": mask.float().mean()})
+        # "flagged" = unknowns not (yet) taken as negatives, as IGNORE's ignored entries; the loop scores the
+        # pseudo-negatives' false-negative share as apl_pseudo_negative_error
+        return StepOutput(loss, {"apl_labelled_fraction": mask.float().mean()}, flagged=~mask,
+                          fn_share={"apl_pseudo_negative_error": mask})
 
     @torch.no_grad()
-    def on_epoch_end(self, epoch, model, train_loader, prepare_batch):
+    def on_epoch_end(self, epoch, model, batches):
         if epoch < self.params.warmup or epoch >= self.ctx.epochs:
             return
         was_training = model.training
         model.eval()
         probs = torch.zeros_like(self.pseudo_target)
         scored = torch.zeros(len(probs), device=probs.device)
-        for item in train_loader:
-            batch = prepare_batch(item)
+        for batch in batches:
             probs[batch.index] = torch.sigmoid(self.predict(model, batch.image).float())
             scored[batch.index] = 1.0
         model.train(was_training)

@@ -47,7 +47,7 @@ which depends on this module:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ from torch import nn
 
 from pipeline.errors import SpmlError
 from pipeline.methods import Batch, Method, StepOutput, register_method
+from pipeline.methods.diagnostics import EpochMeans
 
 LOG_EPS = 1e-5  # the official code's epsilon inside every log
 NORM_EPS = 1e-12  # guards a constant CAM in the per-image min-max
@@ -230,28 +231,6 @@ def consistency_loss(logits: torch.Tensor, strong_logits: torch.Tensor) -> torch
     return F.mse_loss(strong_logits, logits)
 
 
-def mask_coverage(mask: torch.Tensor, positives: torch.Tensor, instances: torch.Tensor,
-                  instance_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """How the mask treats the objects of a synthetic image (instance map of the weak view).
-
-    Returns per-pixel (kept (B, H, W), weight of the positive object's pixels, removed, weight of the
-    other objects' pixels), for pooled fractions ``sum(kept * w_pos) / sum(w_pos)`` (share of the
-    single positive's object kept) and ``sum(removed * w_other) / sum(w_other)`` (share of the other
-    objects removed). Rows without an observed positive get zero weight.
-    """
-    cls, has_pos = positive_index(positives)
-    inst = instances.long()
-    _b, k = instance_classes.shape
-    slot = (inst - 1).clamp(0, k - 1).flatten(1)
-    pixel_class = instance_classes.gather(1, slot).view_as(inst)
-    pixel_class = torch.where(inst > 0, pixel_class, torch.full_like(pixel_class, -1))
-    row = has_pos.view(-1, 1, 1)
-    pos_pix = (pixel_class == cls.view(-1, 1, 1)) & row
-    other_pix = (pixel_class >= 0) & ~pos_pix & row
-    mask = mask.to(torch.float32)
-    return mask, pos_pix.float(), 1.0 - mask, other_pix.float()
-
-
 # --------------------------------------------------------------------------------------------------
 # The method and its Table 3 variants
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +246,7 @@ class Components:
 @register_method("ignore")
 class Ignore(Method):
     needs_strong_view = True
-    needs_instances = True  # mask-coverage diagnostics on synthetic data (ignored where absent)
+    needs_instances = True  # the loop scores the reported CAM mask on synthetic data (ignored where absent)
     components: ClassVar[Components] = Components()
 
     @dataclass
@@ -287,7 +266,7 @@ class Ignore(Method):
         spbc_weight: float
         reg_weight: float
         loss_form: Literal["eps", "exact"]  # -log(p + 1e-5) (official) or exact logit BCE
-        diagnostics: bool  # false-negative diagnostics against the hidden labels (cheap, no sync)
+        diagnostics: bool  # report rejections, gaps and mask for the loop's diagnostics (cheap, no sync)
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -302,6 +281,7 @@ class Ignore(Method):
         self.mu = torch.zeros(ctx.num_classes, device=dev)
         self.tau_updates = torch.zeros((), device=dev)
         self.mu_updates = torch.zeros(ctx.num_classes, device=dev)
+        self.stats = EpochMeans(dev)  # mask_area and tau: per-epoch diagnostics that need no hidden labels
 
     # thresholds as used by the rejection rule (bias-corrected on request)
     def thresholds(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +313,7 @@ class Ignore(Method):
             z_s = model(batch.strong).logits  # forward 2: strong view, with autograd
 
         logs: dict[str, torch.Tensor] = {}
+        report: dict[str, Any] = {}
         keep = torch.ones_like(z)
         if comp.ignore_spbc:
             mask = positive_mask(out.cam.detach(), y, tuple(batch.image.shape[-2:]), p.cam_threshold, p.cam_norm)
@@ -345,7 +326,7 @@ class Ignore(Method):
             keep = (~reject).to(z.dtype)
             logs["reject_frac"] = reject.float().mean()
             if p.diagnostics:
-                self._diagnose(reject, gap, mask, batch, tau)
+                report = self._report(reject, gap, mask, tau)
 
         if plain_an:
             loss = an_loss(z, y, p.loss_form)
@@ -360,30 +341,23 @@ class Ignore(Method):
                 reg = consistency_loss(z, z_s)
                 loss = loss + p.reg_weight * reg
                 logs["loss_reg"] = reg.detach()
-        return StepOutput(loss, logs)
+        return StepOutput(loss, logs, **report)
 
-    def _diagnose(self, reject, gap, mask, batch: Batch, tau) -> None:
-        meter, y = self.fn_meter, batch.positives
-        meter.update(reject, batch.observed, batch.full)
-        unannotated = (batch.observed == 0).float()
-        meter.add_mean("gap_sp", gap, y)
-        meter.add_mean("gap_tn", gap, unannotated * (batch.full <= 0).float())
-        meter.add_mean("gap_fn", gap, unannotated * (batch.full > 0).float())
+    def _report(self, reject, gap, mask, tau) -> dict[str, Any]:
+        """What the loop scores against the hidden labels (StepOutput's report fields); the mask area and
+        tau need none and are kept here."""
         area = mask.mean(dim=(1, 2))  # same pixel count per image: the pooled mean is the mean of these
-        meter.add_mean("mask_area", area, torch.ones_like(area))
-        meter.set_value("tau", tau)
-        if batch.instances is not None and batch.instance_classes is not None:
-            kept, w_pos, removed, w_other = mask_coverage(mask, y, batch.instances, batch.instance_classes)
-            meter.add_mean("mask_pos_kept", kept, w_pos)
-            meter.add_mean("mask_other_removed", removed, w_other)
+        self.stats.add_mean("mask_area", area, torch.ones_like(area))
+        self.stats.set_value("tau", tau)
+        return {"flagged": reject, "split_means": {"gap": gap}, "kept_region": mask}
 
     def on_epoch_start(self, epoch: int) -> None:
         self._epoch = epoch
 
     def epoch_diagnostics(self) -> dict[str, float]:
-        if not self.fn_meter.active:
+        if not self.stats.active:
             return {}
-        out = self.fn_meter.summary()
+        out = self.stats.summary()
         # whether rejection was active this epoch (the report excludes warm-up epochs from its averages)
         out["fn_active"] = float(getattr(self, "_epoch", 0) > self.params.warmup_epochs)
         out["mu_mean"] = float(self.thresholds()[1].mean().item())

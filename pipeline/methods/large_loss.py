@@ -65,10 +65,8 @@ class LargeLossMethod(Method):
             loss = torch.where(large, corrected, loss)
         if permanent:
             self._pending = (batch.index, large)
-        with torch.no_grad():
-            self.fn_meter.update(large | flipped, batch.observed, batch.full)
         return StepOutput(loss.mean(), {"ll_k": torch.tensor(float(k), device=loss.device),
-                                        "ll_large_fraction": large.float().mean()})
+                                        "ll_large_fraction": large.float().mean()}, flagged=large | flipped)
 
     def after_optimizer_step(self, batch, epoch):
         if self._pending is not None:
@@ -76,7 +74,7 @@ class LargeLossMethod(Method):
             self.flips[index] |= large
             self._pending = None
 
-    def on_epoch_end(self, epoch, model, train_loader, prepare_batch):
+    def on_epoch_end(self, epoch, model, batches):
         if self.scheme == "permanent":  # DDP: each rank flipped rows of its own shard; combine them
             self.flips |= all_reduce_(self.flips.to(torch.uint8), "max").bool()
 

@@ -131,7 +131,6 @@ class PLCLAC(Method):
         plc = plc_loss(weak, strong, y, tau)
         with torch.no_grad():
             mask, target = plc_targets(weak, y, tau)
-            self.fn_meter.update(target, batch.observed, batch.full)  # pseudo-positives among the unknowns
         loss = an + p.plc_weight * plc
         logs = {"plc_loss": plc.detach(), "plc_confident_fraction": mask.float().mean()}
         if stage1:
@@ -147,7 +146,7 @@ class PLCLAC(Method):
             self.queue_feats, self.queue_labels, self.queue_ptr = feats.detach(), labels, ptr
             loss = loss + p.lac_weight * lac
             logs.update(lac_loss=lac.detach(), queue_fill=(labels > 0).float().mean())
-        return StepOutput(loss, logs)
+        return StepOutput(loss, logs, flagged=target)  # the pseudo-positives among the unknowns
 
     def state_dict(self):
         return {"queue_feats": self.queue_feats, "queue_labels": self.queue_labels, "queue_ptr": self.queue_ptr}

@@ -43,6 +43,6 @@ class PseudoLabelConsistency(Method):
         consistency = plc_loss(weak, strong, y, self.params.threshold)
         with torch.no_grad():
             mask, target = plc_targets(weak, y, self.params.threshold)
-            self.fn_meter.update(target, batch.observed, batch.full)  # pseudo-positives among the unknowns
         return StepOutput(an + self.params.plc_weight * consistency,
-                          {"plc_loss": consistency.detach(), "plc_confident_fraction": mask.float().mean()})
+                          {"plc_loss": consistency.detach(), "plc_confident_fraction": mask.float().mean()},
+                          flagged=target)  # the pseudo-positives among the unknowns

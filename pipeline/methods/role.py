@@ -62,9 +62,8 @@ class RegularisedOnlineLabelEstimation(Method):
         f = torch.sigmoid(model(batch.image).logits)
         g = torch.sigmoid(self.label_logits[batch.index])
         y = batch.positives
-        with torch.no_grad():
-            self.fn_meter.update(g >= self.params.estimate_threshold, batch.observed, batch.full)
-        return StepOutput(role_loss(f, g, y, self.k), {"role_mean_estimate": g.detach().mean()})
+        return StepOutput(role_loss(f, g, y, self.k), {"role_mean_estimate": g.detach().mean()},
+                          flagged=g.detach() >= self.params.estimate_threshold)
 
     def state_dict(self):
         return {"label_logits": self.label_logits.detach()}
