@@ -8,7 +8,7 @@ training loop does per batch: ``method.training_step`` + ``zero_grad`` + ``backw
 of a notional 10-epoch run, past any warm-up, so methods that reject after a warm-up do so.
 
 Host memory: like ``spml train``, the bench first makes glibc's malloc keep freed memory for reuse
-(``runtime.cache_host_memory``; params ``train.host_malloc_cache``); ``--host-malloc system`` times glibc's
+(``runtime.host.cache_host_memory``; params ``train.host_malloc_cache``); ``--host-malloc system`` times glibc's
 default instead, which page-faults each step's activations in again (it costs IGNORE, with its larger working
 set, relatively more than AN). The header line says which one ran.
 
@@ -70,7 +70,7 @@ class BenchResult:
     memory_mib: float | None = None
     memory_step_mib: float | None = None
     memory_kind: str = ""
-    host_malloc: str = ""  # "cache" (runtime.cache_host_memory applied) or "system"
+    host_malloc: str = ""  # "cache" (runtime.host.cache_host_memory applied) or "system"
     page_faults: list[int] = field(default_factory=list)  # minor page faults of the process per timed step
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -169,10 +169,12 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
               prepare: str | None = None, num_batches: int = 4, threads: int | None = None,
               amp: bool = False, channels_last: bool = False, weights: str | None = None,
               model_kwargs: dict[str, Any] | None = None, host_malloc: str | None = None) -> list[BenchResult]:
-    from pipeline import runtime
     from pipeline.errors import SpmlError
     from pipeline.methods import MethodContext, build_method, get_method_class
     from pipeline.models import build_model, parse_model_params
+    from pipeline.runtime.host import cache_host_memory
+    from pipeline.runtime.optim import amp_dtype as autocast_dtype
+    from pipeline.runtime.optim import autocast
 
     if not methods:
         raise BenchError("--methods is empty; pass e.g. --methods an,ignore")
@@ -208,7 +210,7 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         host_malloc = "cache" if scoped(params.get("train"), dataset, model).get("host_malloc_cache", True) else "system"
     if host_malloc not in ("cache", "system"):
         raise BenchError(f"--host-malloc {host_malloc!r}: use cache or system")
-    malloc_used = "cache" if host_malloc == "cache" and runtime.cache_host_memory() else "system"
+    malloc_used = "cache" if host_malloc == "cache" and cache_host_memory() else "system"
     extra_kwargs = model_kwargs or {}
     try:  # the same check as `spml train`: a model's sizes live only in params.yaml (no second default in code)
         model_kwargs = parse_model_params(model, (params.get("models") or {}).get(model))
@@ -219,7 +221,7 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
         model_kwargs["weights"] = weights
     elif "weights" in model_kwargs:  # timing needs no pretrained weights (and no download)
         model_kwargs["weights"] = "none"
-    amp_dtype = runtime.amp_dtype(amp, "auto", dev)
+    amp_dtype = autocast_dtype(amp, "auto", dev)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -250,7 +252,7 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
 
     def make_step(net, method, optimizer, batch):
         def step():
-            with runtime.autocast(dev, amp_dtype):
+            with autocast(dev, amp_dtype):
                 out = method.training_step(net, batch, BENCH_EPOCHS)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -397,10 +399,10 @@ def run_header(results: list[BenchResult], model: str, image_size: int, batch_si
 
 
 def _amp_name(amp: bool, device: str) -> str:
-    from pipeline import runtime
+    from pipeline.runtime.optim import amp_dtype
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    dtype = runtime.amp_dtype(amp, "auto", dev)
+    dtype = amp_dtype(amp, "auto", dev)
     return str(dtype).replace("torch.", "") if dtype is not None else "off"
 
 
@@ -443,9 +445,9 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
     import subprocess
     import tempfile
 
-    from pipeline import runtime
     from pipeline.config import deep_merge, load_params
     from pipeline.errors import SpmlError
+    from pipeline.runtime import host
 
     if count < 1:
         raise BenchError(f"--parallel {count}: run at least 1 training")
@@ -457,11 +459,11 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
         params = deep_merge(load_params(params_path), PARALLEL_WORKLOAD)
     except SpmlError as exc:  # the base params file is missing or invalid
         raise BenchError(str(exc)) from None
-    share = threads if threads is not None else max(1, runtime.usable_cpus() // count)
+    share = threads if threads is not None else max(1, host.usable_cpus() // count)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
            "SPML_NO_PROGRESS": "1"}
-    env.pop(runtime.THREADS_ENV, None)
+    env.pop(host.THREADS_ENV, None)
 
     def spml(*args: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env={**env, **(extra_env or {})},
@@ -484,7 +486,7 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
                 stage.run("synthetic")
         wait([spml("train", "synthetic", method, "--out", "runs/warm", "--no-resume", cwd=work)])  # builds the cache
         modes = [("one after another", False, None), ("side by side", True, None),
-                 ("side by side", True, {runtime.THREADS_ENV: str(share)})]
+                 ("side by side", True, {host.THREADS_ENV: str(share)})]
         for index, (mode, together, extra_env) in enumerate(modes):
             outs = [f"runs/{index}-{k}" for k in range(count)]
             started = time.perf_counter()
@@ -497,16 +499,16 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
                                extra_env=extra_env)])
             wall = time.perf_counter() - started
             used = [json.loads((work / out / "metrics.json").read_text())["threads"] for out in outs]
-            label = f"{mode}, {runtime.THREADS_ENV}={extra_env[runtime.THREADS_ENV]}" if extra_env else f"{mode}, auto"
+            label = f"{mode}, {host.THREADS_ENV}={extra_env[host.THREADS_ENV]}" if extra_env else f"{mode}, auto"
             results.append(ParallelResult(label, wall, used))
     return results
 
 
 def format_parallel(results: list[ParallelResult], count: int) -> str:
-    from pipeline import runtime
+    from pipeline.runtime import host
 
     epochs = PARALLEL_WORKLOAD["train"]["default"]["epochs"]
-    lines = [f"# {count} tiny trainings (spml train, {epochs} epochs); usable CPUs {runtime.usable_cpus()}"]
+    lines = [f"# {count} tiny trainings (spml train, {epochs} epochs); usable CPUs {host.usable_cpus()}"]
     for r in results:
         lines.append(f"{r.mode:<36} wall {r.wall_s:7.2f} s   threads per training {r.threads}")
     return "\n".join(lines)

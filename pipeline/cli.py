@@ -109,7 +109,7 @@ def train(dataset: DatasetArg,
     from stages import train as stage
 
     metrics = _run(stage.run, dataset, method, seed, params, out, resume, weights)
-    from pipeline.runtime import env_rank
+    from pipeline.runtime.distributed import env_rank
 
     if metrics is None or env_rank() != 0:  # under torchrun, rank 0 reports
         return

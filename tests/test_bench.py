@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import bench, runtime
+from pipeline import bench
 from pipeline.cli import app
+from pipeline.runtime import host
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "4", "--image-size", "16", "--steps", "2", "--warmup", "1", "--num-classes", "5",
@@ -82,7 +83,7 @@ def test_cached_host_memory_leaves_ignore_steps_without_page_faults(tmp_path):
 
 
 def test_cache_host_memory_is_a_no_op_off_glibc(monkeypatch):
-    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
-    assert runtime.cache_host_memory() is False
-    monkeypatch.setattr(runtime.platform, "system", lambda: "Darwin")
-    assert runtime.cache_host_memory() is False
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: ("", ""))
+    assert host.cache_host_memory() is False
+    monkeypatch.setattr(host.platform, "system", lambda: "Darwin")
+    assert host.cache_host_memory() is False
