@@ -1,17 +1,28 @@
 """``spml bench``: training-step time (and memory) of several methods on the same model, batch and data.
 
-Each method gets its own copy of one initial model and its own optimizer; all see the same batches. After
-``--warmup`` untimed steps per method, the timed steps alternate between the methods (step 1 of every
-method, then step 2, ...) so that drifting machine load affects all of them alike. One step is what the
-training loop does per batch: ``method.training_step`` + ``score_step`` (the loop's diagnostics) + ``zero_grad``
-+ ``backward`` + ``optimizer.step`` + ``after_optimizer_step``; data loading and augmentation are not timed. The
-step runs at the last epoch of a notional 10-epoch run, past any warm-up, so methods that reject after a
-warm-up do so.
+The bench builds what it times as ``spml train`` does: each method's configuration comes from
+:func:`pipeline.train.resolve_run_config` (its ``train`` blocks, protocol block and ``method_params``,
+variants included), the process is set up by :func:`pipeline.train.setup_process` (threads, host memory,
+device), and the model, method, optimizer, LR schedule, grad scaler and weight EMA come from
+:func:`pipeline.train.build_training`. The timed step is :func:`pipeline.train.train_step`, the loop's own
+(including the loop's scoring of what the method reports against the hidden labels).
+Options (``--model``, ``--image-size``, ``--batch-size``, ``--device``, ``--threads``, ``--amp``,
+``--channels-last``, ``--host-malloc``) replace the params value of the same name; without one, the params
+value holds. Two things differ from training, on purpose: trunk weights are random unless ``--weights``
+says otherwise (timing needs no download), and ``train.deterministic`` is not applied (it is there for
+repeatable metrics, and the published step times were measured without it).
+
+Each method gets its own model, built from the same seed, and all see the same batches: random images (or
+``--prepare DATASET``'s rows), normalised on the device by the loop's :class:`pipeline.data.Normalizer`, with
+a flipped and colour-jittered stand-in for the strong view. After ``--warmup`` untimed steps per method, the
+timed steps alternate between the methods (step 1 of every method, then step 2, ...) so that drifting
+machine load affects all of them alike. Data loading and augmentation are not timed. The step runs at the
+last epoch of the configured run, past any warm-up, so methods that reject after a warm-up do so.
 
 Host memory: like ``spml train``, the bench first makes glibc's malloc keep freed memory for reuse
-(``runtime.cache_host_memory``; params ``train.host_malloc_cache``); ``--host-malloc system`` times glibc's
-default instead, which page-faults each step's activations in again (it costs IGNORE, with its larger working
-set, relatively more than AN). The header line says which one ran.
+(``runtime.host.cache_host_memory``; params ``train.host_malloc_cache``); ``--host-malloc system`` times
+glibc's default instead, which page-faults each step's activations in again (it costs IGNORE, with its larger
+working set, relatively more than AN). The header line says which one ran.
 
 Output, one line per method: median ms/step, images/s, ratio of the median to AN's as ``N.NNx``, the median
 minor page faults of the process per step (Unix), and memory:
@@ -20,37 +31,50 @@ included) and the part above the allocation at step start; on CPU the bytes of t
 for backward in one step (an estimate of activation memory, measured with saved-tensor hooks), since a
 process RSS cannot be split between methods that share the process.
 
-This module imports only torch and numpy at module level (the GPU machine has no typer, dvc or
-pycocotools): ``python -m pipeline.bench --methods an,ignore``. Extension points: models and their options
-(``--model``, ``--model-kwargs`` for tiny variants, ``--weights``: random init unless given, so no download),
-mixed precision (``--amp``: bf16 autocast where the GPU supports it, fp16 otherwise; ignored on CPU) and
-``--channels-last`` (model and batches in NHWC; cudnn.benchmark is on for CUDA), and ``--prepare DATASET``, which calls
-``pipeline.bench_prepare.run(dataset)`` and benchmarks on the ``BenchData`` it returns (random synthetic
-batches otherwise).
+On a GPU machine that has only torch: ``pip install typer rich pyyaml``, then ``python -m pipeline.cli bench``;
+nothing on that path imports dvc, pycocotools, pyarrow, pandas or scikit-learn (docs/bench-gpu.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import importlib
+import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BENCH_EPOCHS = 10
+from pipeline.config import load_params
+from pipeline.data import Normalizer
+from pipeline.errors import SpmlError
+from pipeline.methods import Batch, MethodContext, get_method_class
+from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels
+from pipeline.runtime.distributed import DistContext
+from pipeline.runtime.host import THREADS_ENV, cache_host_memory, usable_cpus
+from pipeline.train import (
+    MIN_IMAGE_SIZE,
+    RunConfig,
+    Training,
+    build_normalizer,
+    build_training,
+    resolve_run_config,
+    setup_process,
+    train_step,
+)
 
+if TYPE_CHECKING:
+    from pipeline.tables import LabelTable
 
-class BenchError(Exception):
-    """A user-fixable bench problem (bad option, missing module); printed as one line, exit code 2."""
+PREPARED_IMAGE_SIZE = 64  # --prepare: the size of the random images that go with the prepared label rows
+PREPARED_ROWS = 512  # --prepare: how many prepared training rows the bench trains on
+# train settings all methods of one bench share (one process, one set of batches), and the option that sets each
+SHARED_SETTINGS = {"image_size": "--image-size", "batch_size": "--batch-size", "channels_last": "--channels-last",
+                   "device": "--device", "threads": "--threads", "host_malloc_cache": "--host-malloc"}
 
 
 @dataclass
@@ -60,8 +84,6 @@ class BenchData:
     images: torch.Tensor
     observed: torch.Tensor
     full: torch.Tensor
-    instances: torch.Tensor | None = None
-    instance_classes: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,7 +94,7 @@ class BenchResult:
     memory_mib: float | None = None
     memory_step_mib: float | None = None
     memory_kind: str = ""
-    host_malloc: str = ""  # "cache" (runtime.cache_host_memory applied) or "system"
+    host_malloc: str = ""  # "cache" (runtime.host.cache_host_memory applied) or "system"
     page_faults: list[int] = field(default_factory=list)  # minor page faults of the process per timed step
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -99,61 +121,85 @@ def random_data(num_images: int, num_classes: int, image_size: int, seed: int = 
     return BenchData(images, observed, full)
 
 
-def _batches(data: BenchData, batch_size: int, device: torch.device, strong: bool, seed: int):
-    """Fixed device batches (weak view, and a flipped + colour-jittered stand-in for the strong view), each
-    with its hidden labels, which only the bench's diagnostics see (as in the training loop)."""
-    from pipeline.methods import Batch
-    from pipeline.methods.diagnostics import HiddenLabels
+def prepared_data(table: LabelTable, seed: int) -> BenchData:
+    """The first training rows of a prepared label table (``pipeline.bench_prepare.run``'s): their true
+    labels, community-sampled observed labels, and random images."""
+    import numpy as np
 
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    from pipeline.sampling import sample_observed_labels
+
+    rows = table.official_rows("train")[:PREPARED_ROWS]
+    full = table.labels[rows].astype(np.float32)
+    observed = sample_observed_labels(table.labels[rows]).astype(np.float32)
+    g = torch.Generator().manual_seed(seed)
+    size = PREPARED_IMAGE_SIZE
+    images = torch.randint(0, 256, (len(rows), 3, size, size), dtype=torch.uint8, generator=g)
+    return BenchData(images=images, observed=torch.from_numpy(observed), full=torch.from_numpy(full))
+
+
+def _batches(data: BenchData, batch_size: int, normalize: Normalizer, strong: bool, seed: int,
+             label_source: str) -> list[tuple[Batch, HiddenLabels]]:
+    """Fixed device batches, normalised as the loop normalises a loader's: the weak view and, if asked, a
+    flipped + colour-jittered stand-in for the strong view; each with its hidden labels, which only the
+    bench's copy of the loop's diagnostics sees (a method gets its ``label_source``'s labels only)."""
     g = torch.Generator().manual_seed(seed)
     n = len(data.images)
     out = []
     for start in range(0, n - batch_size + 1, batch_size):
         idx = torch.arange(start, start + batch_size)
-        img = data.images[idx].to(device).float()
-        weak = (img - mean) / std
-        strong_view = None
+        item = {"index": idx, "image": data.images[idx], "observed": data.observed[idx], "full": data.full[idx]}
         if strong:
             jitter = 1.0 + 0.3 * (torch.rand(batch_size, 1, 1, 1, generator=g) - 0.5)
-            strong_view = ((img.flip(-1) * jitter.to(device)).clamp(0, 255) - mean) / std
-        out.append((
-            Batch(index=idx.to(device), image=weak, observed=data.observed[idx].to(device).float(),
-                  strong=strong_view),
-            HiddenLabels(
-                full=data.full[idx].to(device).float(),
-                instances=data.instances[idx].to(device) if data.instances is not None else None,
-                instance_classes=(data.instance_classes[idx].to(device) if data.instance_classes is not None
-                                  else None)),
-        ))
+            item["strong"] = (data.images[idx].flip(-1) * jitter).clamp(0, 255).to(torch.uint8)
+        out.append((normalize.batch(item, label_source), normalize.hidden(item)))
     if not out:
-        raise BenchError(f"bench data has {n} images, fewer than one batch of {batch_size}; lower --batch-size")
+        raise SpmlError(f"bench data has {n} images, fewer than one batch of {batch_size}; lower --batch-size")
     return out
 
 
-def _load_params(path: Path | None) -> dict[str, Any]:
-    """params.yaml if it exists and PyYAML is installed (method/model settings), else {}."""
-    if path is None or not Path(path).exists():
-        return {}
-    from pipeline.config import load_params
+def bench_configs(params: dict[str, Any], dataset: str, methods: list[str], seed: int, model: str | None = None,
+                  overrides: dict[str, Any] | None = None, model_kwargs: dict[str, Any] | None = None,
+                  weights: str | None = None) -> list[RunConfig]:
+    """Each method's run configuration as ``spml train`` resolves it, with the bench's options applied:
+    ``overrides`` replace ``train`` values, ``model_kwargs`` add to the model's params block, and the trunk
+    weights are ``weights`` or, for a model that takes weights, ``none`` (timing needs no download)."""
+    runs = []
+    for method in methods:
+        run = resolve_run_config(params, dataset, method, seed, model)
+        run.train = dataclasses.replace(run.train, **(overrides or {}))
+        run.model_kwargs.update(model_kwargs or {})
+        if weights is not None:
+            run.model_kwargs["weights"] = weights
+        elif "weights" in run.model_kwargs:
+            run.model_kwargs["weights"] = "none"
+        runs.append(run)
+    for key, option in SHARED_SETTINGS.items():  # protocol: original may give each method its own
+        values = {run.method: getattr(run.train, key) for run in runs}
+        if len(set(values.values())) > 1:
+            listed = ", ".join(f"{method} {value}" for method, value in values.items())
+            raise SpmlError(f"the methods train with different train.{key} ({listed}) under protocol "
+                            f"{runs[0].protocol}; pass {option} to bench them alike")
+    return runs
 
-    try:
-        return load_params(path)
-    except ImportError:  # no PyYAML on this machine: constructor and dataclass defaults
-        return {}
+
+@dataclass
+class _Runner:
+    """One method's model and training parts, and the batches it steps on."""
+
+    method: str
+    training: Training
+    epoch: int  # the configured run's last epoch: past any warm-up
+    batches: list[tuple[Batch, HiddenLabels]]
+    meter: FalseNegativeMeter  # the loop's diagnostics run in the step too (their cost is part of it)
+
+    def step(self, i: int) -> None:
+        t = self.training
+        batch, hidden = self.batches[i % len(self.batches)]
+        train_step(t.model, t.method, batch, self.epoch, t.optimizer, t.scheduler, t.scaler, t.amp, t.ema,
+                   self.meter, hidden)
 
 
-def _method_params(params: dict[str, Any], method_cls, dataset: str, model: str) -> dict[str, Any]:
-    from pipeline.config import deep_merge, scoped
-
-    blocks = params.get("method_params") or {}
-    base = getattr(method_cls, "params_base", None)
-    return deep_merge(scoped(blocks.get(base), dataset, model) if base else {},
-                      scoped(blocks.get(method_cls.name), dataset, model))
-
-
-def _saved_tensor_bytes(step) -> int:
+def _saved_tensor_bytes(step: Callable[[], None]) -> int:
     """Bytes of the distinct storages autograd saves for backward while ``step()`` runs."""
     seen: dict[int, int] = {}
 
@@ -170,111 +216,54 @@ def _saved_tensor_bytes(step) -> int:
     return sum(seen.values())
 
 
-def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64, batch_size: int = 32,
-              steps: int = 20, warmup: int = 3, device: str = "auto", num_classes: int = 20,
-              dataset: str = "synthetic", params_path: Path | None = Path("params.yaml"), seed: int = 0,
-              prepare: str | None = None, num_batches: int = 4, threads: int | None = None,
-              amp: bool = False, channels_last: bool = False, weights: str | None = None,
-              model_kwargs: dict[str, Any] | None = None, host_malloc: str | None = None) -> list[BenchResult]:
-    from pipeline import runtime
-    from pipeline.errors import SpmlError
-    from pipeline.methods import MethodContext, build_method, get_method_class
-    from pipeline.methods.diagnostics import FalseNegativeMeter, score_step
-    from pipeline.models import build_model, parse_model_params
+def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), dataset: str = "synthetic",
+              model: str | None = None, steps: int = 20, warmup: int = 3, num_classes: int = 20, seed: int = 0,
+              prepare: str | None = None, num_batches: int = 4, weights: str | None = None,
+              model_kwargs: dict[str, Any] | None = None,
+              **overrides: Any) -> tuple[list[BenchResult], dict[str, Any]]:
+    """Time ``methods``' training steps. ``overrides``: ``train`` values replaced for every method
+    (image_size, batch_size, device, threads, amp, channels_last, host_malloc_cache).
 
+    Returns one result per method and the settings the bench ran with (the ``# ...`` line)."""
     if not methods:
-        raise BenchError("--methods is empty; pass e.g. --methods an,ignore")
-    if steps < 1 or warmup < 0 or batch_size < 1:
-        raise BenchError("--steps must be >= 1, --warmup >= 0 and --batch-size >= 1")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {device}: CUDA is not available here; use --device cpu")
-    torch.manual_seed(seed)
-    if threads:  # on a shared CPU, fewer intra-op threads than busy cores avoids spin-wait blow-ups
-        torch.set_num_threads(threads)
-
+        raise SpmlError("--methods is empty; pass e.g. --methods an,ignore")
+    if steps < 1 or warmup < 0 or overrides.get("batch_size", 1) < 1 or overrides.get("threads", 1) < 1:
+        raise SpmlError("--steps must be >= 1, --warmup >= 0, --batch-size >= 1 and --threads >= 1")
+    if overrides.get("image_size", MIN_IMAGE_SIZE) < MIN_IMAGE_SIZE:
+        raise SpmlError(f"--image-size must be >= {MIN_IMAGE_SIZE} (every model downsamples by 8 or more)")
     if prepare:
-        try:
-            bench_prepare = importlib.import_module("pipeline.bench_prepare")
-        except ModuleNotFoundError as exc:
-            if exc.name != "pipeline.bench_prepare":
-                raise
-            raise BenchError("--prepare needs pipeline/bench_prepare.py, which this checkout lacks; "
-                             "drop --prepare to benchmark on random data") from None
-        data = bench_prepare.run(prepare)
-        if not isinstance(data, BenchData):
-            raise BenchError(f"pipeline.bench_prepare.run({prepare!r}) returned {type(data).__name__}, "
-                             "not pipeline.bench.BenchData")
-        dataset, num_classes, image_size = prepare, data.full.shape[1], data.images.shape[-1]
+        dataset, overrides = prepare, {**overrides, "image_size": PREPARED_IMAGE_SIZE}
+    runs = bench_configs(load_params(params_path), dataset, methods, seed, model, overrides, model_kwargs, weights)
+    cfg = runs[0].train  # what every method shares (bench_configs checked)
+    device = setup_process(cfg, DistContext())
+    # asked again only to report it: the call is idempotent and says whether glibc took the setting
+    malloc_used = "cache" if cfg.host_malloc_cache and cache_host_memory() else "system"
+    torch.manual_seed(seed)
+    if prepare:
+        from pipeline import bench_prepare
+
+        data = prepared_data(bench_prepare.run(prepare), seed)
     else:
-        data = random_data(batch_size * num_batches, num_classes, image_size, seed)
+        data = random_data(cfg.batch_size * num_batches, num_classes, cfg.image_size, seed)
 
-    params = _load_params(params_path)
-    if host_malloc is None:  # as training does: params train.host_malloc_cache (default on)
-        from pipeline.config import scoped
-
-        host_malloc = "cache" if scoped(params.get("train"), dataset, model).get("host_malloc_cache", True) else "system"
-    if host_malloc not in ("cache", "system"):
-        raise BenchError(f"--host-malloc {host_malloc!r}: use cache or system")
-    malloc_used = "cache" if host_malloc == "cache" and runtime.cache_host_memory() else "system"
-    extra_kwargs = model_kwargs or {}
-    try:  # the same check as `spml train`: a model's sizes live only in params.yaml (no second default in code)
-        model_kwargs = parse_model_params(model, (params.get("models") or {}).get(model))
-    except SpmlError as exc:
-        raise BenchError(f"{exc} (bench reads {params_path}: run from the project folder or pass --params)") from None
-    model_kwargs.update(extra_kwargs)
-    if weights is not None:
-        model_kwargs["weights"] = weights
-    elif "weights" in model_kwargs:  # timing needs no pretrained weights (and no download)
-        model_kwargs["weights"] = "none"
-    amp_dtype = runtime.amp_dtype(amp, "auto", dev)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    classes = {name: get_method_class(name) for name in methods}
-    strong = any(cls.needs_strong_view for cls in classes.values())
-    batches = _batches(data, batch_size, dev, strong, seed)
-    for b, _hidden in batches:
-        b.image = b.image.contiguous(memory_format=memory_format)
-        if b.strong is not None:
-            b.strong = b.strong.contiguous(memory_format=memory_format)
-
+    strong = any(get_method_class(run.method).needs_strong_view for run in runs)
+    batches: dict[tuple[bool, str], list[tuple[Batch, HiddenLabels]]] = {}  # lac views: [0, 1] images
     runners = []
-    base_models: dict[str, torch.nn.Module] = {}
-    for name, cls in classes.items():
-        ctx = MethodContext(dataset=dataset, model=model, num_classes=num_classes, num_train=len(data.images),
-                            epochs=BENCH_EPOCHS, steps_per_epoch=len(batches), mean_positives=float(
-                                data.full.sum(1).mean()), device=dev,
-                            observed_train=(data.full if cls.label_source == "full" else data.observed).to(dev).float())
-        method = build_method(name, _method_params(params, cls, dataset, model), ctx)
-        extra = method.model_kwargs()  # a method may need its own model variant (plc-lac: a projector)
-        key = repr(sorted(extra.items()))
-        if key not in base_models:
-            torch.manual_seed(seed)
-            base_models[key] = build_model(model, num_classes, **{**model_kwargs, **extra}).to(
-                dev, memory_format=memory_format)
-        net = copy.deepcopy(base_models[key])
-        groups = [g for g in net.parameter_groups(1e-4, 1.0) + method.parameter_groups(1e-4) if g["params"]]
-        runners.append((name, net, method, torch.optim.Adam(groups, lr=1e-4)))
-    meters = {name: FalseNegativeMeter(dev) for name in classes}  # the loop's diagnostics cost, then dropped
-
-    def make_step(net, method, optimizer, pair):
-        batch, hidden = pair
-        if method.label_source == "full":  # as the training loop: `full` gets the full labels as observed
-            batch = dataclasses.replace(batch, observed=hidden.full)
-        meter = meters[method.name]
-
-        def step():  # what train_one_epoch does per batch (see the module docstring)
-            with runtime.autocast(dev, amp_dtype):
-                out = method.training_step(net, batch, BENCH_EPOCHS)
-            score_step(meter, batch, out, hidden)
-            loss = out.loss
-            del out
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            method.after_optimizer_step(batch, BENCH_EPOCHS)
-        return step
+    for run in runs:
+        label_source = get_method_class(run.method).label_source
+        ctx = MethodContext(dataset=run.dataset, model=run.train.model, num_classes=data.full.shape[1],
+                            num_train=len(data.images), epochs=run.train.epochs,
+                            # every step of the bench in one epoch: a OneCycle schedule never runs out
+                            steps_per_epoch=warmup + steps + 1, mean_positives=float(data.full.sum(1).mean()),
+                            observed_train=(data.full if label_source == "full" else data.observed).to(device).float(),
+                            device=device)
+        torch.manual_seed(seed)  # each method's model starts from the same draws (methods that draw none)
+        training = build_training(run, ctx)
+        normalize = build_normalizer(run.train, device)
+        key = (normalize.imagenet, label_source)
+        if key not in batches:
+            batches[key] = _batches(data, cfg.batch_size, normalize, strong, seed, label_source)
+        runners.append(_Runner(run.method, training, run.train.epochs, batches[key], FalseNegativeMeter(device)))
 
     try:
         import resource
@@ -284,46 +273,50 @@ def run_bench(methods: list[str], model: str = "smallcnn", image_size: int = 64,
     except ImportError:  # not on Unix
         faults = None
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    for name, net, method, opt in runners:
-        net.train()
-        method.on_epoch_start(BENCH_EPOCHS)
+    for r in runners:
+        r.training.model.train()
+        r.training.method.on_epoch_start(r.epoch)
         for i in range(warmup):
-            make_step(net, method, opt, batches[i % len(batches)])()
+            r.step(i)
     sync()
 
-    results = {name: BenchResult(name, [], batch_size, host_malloc=malloc_used) for name, *_ in runners}
+    results = {r.method: BenchResult(r.method, [], cfg.batch_size, host_malloc=malloc_used) for r in runners}
     for i in range(steps):
-        batch = batches[i % len(batches)]
-        for name, net, method, opt in runners:
-            step = make_step(net, method, opt, batch)
-            if dev.type == "cuda":
-                start_alloc = torch.cuda.memory_allocated(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
+        for r in runners:
+            if device.type == "cuda":
+                start_alloc = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             sync()
             f0 = faults() if faults else 0
             t0 = time.perf_counter()
-            step()
+            r.step(i)
             sync()
-            results[name].times_ms.append(1000.0 * (time.perf_counter() - t0))
+            result = results[r.method]
+            result.times_ms.append(1000.0 * (time.perf_counter() - t0))
             if faults:
-                results[name].page_faults.append(faults() - f0)
-            if dev.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(dev)
-                r = results[name]
-                r.memory_mib = max(r.memory_mib or 0.0, peak / 2**20)
-                r.memory_step_mib = max(r.memory_step_mib or 0.0, (peak - start_alloc) / 2**20)
-                r.memory_kind = "cuda"
+                result.page_faults.append(faults() - f0)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+                result.memory_mib = max(result.memory_mib or 0.0, peak / 2**20)
+                result.memory_step_mib = max(result.memory_step_mib or 0.0, (peak - start_alloc) / 2**20)
+                result.memory_kind = "cuda"
 
-    if dev.type != "cuda":  # one extra, untimed step per method to measure what autograd keeps
-        for name, net, method, opt in runners:
-            saved = _saved_tensor_bytes(make_step(net, method, opt, batches[0]))
-            results[name].memory_step_mib = saved / 2**20
-            results[name].memory_kind = "cpu-saved"
-    return [results[name] for name in methods]
+    if device.type != "cuda":  # one extra, untimed step per method to measure what autograd keeps
+        for r in runners:
+            results[r.method].memory_step_mib = _saved_tensor_bytes(functools.partial(r.step, 0)) / 2**20
+            results[r.method].memory_kind = "cpu-saved"
+    for r in runners:  # drop what the meters accumulated
+        r.meter.reset()
+    amp = runners[0].training.amp
+    header = {"model": cfg.model, "image_size": cfg.image_size, "batch": cfg.batch_size, "steps": steps,
+              "device": _device_name(device), "amp": str(amp).replace("torch.", "") if amp else "off",
+              "channels_last": cfg.channels_last, "host_malloc": malloc_used, "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    return [results[name] for name in methods], header
 
 
 def format_results(results: list[BenchResult], header: dict[str, Any] | None = None) -> str:
@@ -346,84 +339,9 @@ def format_results(results: list[BenchResult], header: dict[str, Any] | None = N
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default="an,ignore", help="comma-separated method names (default an,ignore)")
-    p.add_argument("--model", default="smallcnn")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per method")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--num-classes", type=int, default=20)
-    p.add_argument("--dataset", default="synthetic", help="dataset whose method_params/train blocks apply")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--amp", choices=["on", "off"], default="off",
-                   help="mixed precision: bf16 autocast where supported, fp16 otherwise (CUDA only)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC model and batches")
-    p.add_argument("--weights", default=None, help="trunk weights (none, imagenet, PATH); default: random init")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON",
-                   help='extra model arguments, e.g. \'{"layers": [1, 1, 1, 1]}\' for a tiny ResNet')
-    p.add_argument("--host-malloc", choices=["cache", "system"], default=None,
-                   help="glibc malloc keeps freed memory (cache) or returns it (system); default: params "
-                        "train.host_malloc_cache, on")
-    p.add_argument("--prepare", default=None, metavar="DATASET",
-                   help="benchmark on data from pipeline.bench_prepare.run(DATASET)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        import json
-
-        extra = json.loads(args.model_kwargs) if args.model_kwargs else None
-        if extra is not None and not isinstance(extra, dict):
-            raise BenchError("--model-kwargs must be a JSON object")
-        results = run_bench(methods, args.model, args.image_size, args.batch_size, args.steps, args.warmup,
-                            args.device, args.num_classes, args.dataset, args.params, args.seed, args.prepare,
-                            threads=args.threads, amp=args.amp == "on", channels_last=args.channels_last,
-                            weights=args.weights, model_kwargs=extra, host_malloc=args.host_malloc)
-    except json.JSONDecodeError as exc:
-        print(f"error: --model-kwargs is not valid JSON ({exc})", file=sys.stderr)
-        return 2
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # SpmlError (unknown method/model, bad params) without importing its module early
-        if type(exc).__name__ == "SpmlError":
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
-    print(format_results(results, run_header(results, args.model, args.image_size, args.batch_size, args.steps,
-                                             args.device, args.amp == "on", args.channels_last)))
-    return 0
-
-
-def run_header(results: list[BenchResult], model: str, image_size: int, batch_size: int, steps: int, device: str,
-               amp: bool, channels_last: bool) -> dict[str, Any]:
-    """The settings a bench ran with, for the ``# ...`` line above the results."""
-    return {"model": model, "image_size": image_size, "batch": batch_size, "steps": steps,
-            "device": _device_name(device), "amp": _amp_name(amp, device), "channels_last": channels_last,
-            "host_malloc": results[0].host_malloc if results else "",
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def _amp_name(amp: bool, device: str) -> str:
-    from pipeline import runtime
-
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    dtype = runtime.amp_dtype(amp, "auto", dev)
-    return str(dtype).replace("torch.", "") if dtype is not None else "off"
-
-
-def _device_name(device: str) -> str:
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if dev.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(dev)).replace(" ", "_")
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
     return "cpu"
 
 
@@ -459,25 +377,20 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
     import subprocess
     import tempfile
 
-    from pipeline import runtime
-    from pipeline.config import deep_merge, load_params
-    from pipeline.errors import SpmlError
+    from pipeline.config import deep_merge
 
     if count < 1:
-        raise BenchError(f"--parallel {count}: run at least 1 training")
+        raise SpmlError(f"--parallel {count}: run at least 1 training")
     if threads is not None and threads < 1:
-        raise BenchError(f"--threads {threads}: use at least 1 thread")
+        raise SpmlError(f"--threads {threads}: use at least 1 thread")
     import yaml
 
-    try:
-        params = deep_merge(load_params(params_path), PARALLEL_WORKLOAD)
-    except SpmlError as exc:  # the base params file is missing or invalid
-        raise BenchError(str(exc)) from None
-    share = threads if threads is not None else max(1, runtime.usable_cpus() // count)
+    params = deep_merge(load_params(params_path), PARALLEL_WORKLOAD)
+    share = threads if threads is not None else max(1, usable_cpus() // count)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
            "SPML_NO_PROGRESS": "1"}
-    env.pop(runtime.THREADS_ENV, None)
+    env.pop(THREADS_ENV, None)
 
     def spml(*args: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env={**env, **(extra_env or {})},
@@ -487,7 +400,7 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
         for proc in procs:
             _, stderr = proc.communicate()
             if proc.returncode:
-                raise BenchError(f"spml {' '.join(proc.args[3:])} failed: {stderr.strip().splitlines()[-1:]}")
+                raise SpmlError(f"spml {' '.join(proc.args[3:])} failed: {stderr.strip().splitlines()[-1:]}")
 
     results = []
     with tempfile.TemporaryDirectory(prefix="spml-bench-parallel-") as tmp:
@@ -500,7 +413,7 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
                 stage.run("synthetic")
         wait([spml("train", "synthetic", method, "--out", "runs/warm", "--no-resume", cwd=work)])  # builds the cache
         modes = [("one after another", False, None), ("side by side", True, None),
-                 ("side by side", True, {runtime.THREADS_ENV: str(share)})]
+                 ("side by side", True, {THREADS_ENV: str(share)})]
         for index, (mode, together, extra_env) in enumerate(modes):
             outs = [f"runs/{index}-{k}" for k in range(count)]
             started = time.perf_counter()
@@ -513,20 +426,15 @@ def run_parallel_bench(count: int, params_path: Path = Path("params.yaml"), thre
                                extra_env=extra_env)])
             wall = time.perf_counter() - started
             used = [json.loads((work / out / "metrics.json").read_text())["threads"] for out in outs]
-            label = f"{mode}, {runtime.THREADS_ENV}={extra_env[runtime.THREADS_ENV]}" if extra_env else f"{mode}, auto"
+            label = f"{mode}, {THREADS_ENV}={extra_env[THREADS_ENV]}" if extra_env else f"{mode}, auto"
             results.append(ParallelResult(label, wall, used))
     return results
 
 
 def format_parallel(results: list[ParallelResult], count: int) -> str:
-    from pipeline import runtime
-
     epochs = PARALLEL_WORKLOAD["train"]["default"]["epochs"]
-    lines = [f"# {count} tiny trainings (spml train, {epochs} epochs); usable CPUs {runtime.usable_cpus()}"]
+    lines = [f"# {count} tiny trainings (spml train, {epochs} epochs); usable CPUs {usable_cpus()}"]
     for r in results:
         lines.append(f"{r.mode:<36} wall {r.wall_s:7.2f} s   threads per training {r.threads}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,10 +16,11 @@ included) and of the formatting call alone, and the peak resident memory of the 
 libraries included; not ``ru_maxrss``, which Linux carries over from the parent across fork + exec, so a
 child of ``spml bench`` (torch imported) would report the parent's RSS). The rows, paths and labels of both outputs are asserted identical.
 
-``spml bench --prepare coco2014`` calls :func:`run`, which prints the table and returns a
-``pipeline.bench.BenchData`` made of the first prepared training rows (true labels, community-sampled
-observed labels, random images), so the training-step benchmark that follows runs at COCO's label
-statistics. Standalone: ``python -m pipeline.bench_prepare``.
+``spml bench --prepare coco2014`` calls :func:`run`, which prints the table and returns the prepared label
+table; the bench then trains on its first training rows (``pipeline.bench.prepared_data``: true labels,
+community-sampled observed labels, random images), so the training-step benchmark that follows runs at
+COCO's label statistics. This module does not import the bench (the bench imports it, for ``--prepare``
+only). Standalone: ``python -m pipeline.bench_prepare``.
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from pipeline.errors import SpmlError
+
+if TYPE_CHECKING:
+    from pipeline.tables import LabelTable
 
 CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 SHAPES = {  # phase: (images, annotated images, annotations), as in COCO 2014
     "train": (82_783, 82_081, 604_907),
     "val": (40_504, 40_137, 291_875),
 }
-BENCH_ROWS = 512  # rows handed to the training-step benchmark
 
 PEAK_MB = r"""
 import resource
@@ -169,7 +175,7 @@ def _child(code: str, raw: Path, out: Path) -> dict[str, float]:
     return result
 
 
-def _check_identical(ours_dir: Path, community_dir: Path):
+def _check_identical(ours_dir: Path, community_dir: Path) -> LabelTable:
     from pipeline.tables import read_label_table
 
     table = read_label_table(ours_dir / "coco2014.parquet")
@@ -185,10 +191,10 @@ def _check_identical(ours_dir: Path, community_dir: Path):
 
 
 def run(dataset: str = "coco2014", seed: int = 0, scale: float = 1.0, workdir: str | None = None,
-        quiet: bool = False):
-    """Benchmark ``prepare`` on generated files; print the table; return BenchData for ``spml bench``."""
+        quiet: bool = False) -> LabelTable:
+    """Benchmark ``prepare`` on generated files; print the table; return our prepared label table."""
     if dataset != "coco2014":
-        raise ValueError(f"--prepare supports coco2014 only (the large instance files), got {dataset!r}")
+        raise SpmlError(f"--prepare supports coco2014 only (the large instance files), got {dataset!r}")
     with tempfile.TemporaryDirectory(prefix="spml-bench-prepare-", dir=workdir) as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
@@ -208,22 +214,7 @@ def run(dataset: str = "coco2014", seed: int = 0, scale: float = 1.0, workdir: s
         lines.append("rows, paths and labels identical: yes (asserted); peak RSS = VmHWM of each child process")
         if not quiet:
             print("\n".join(lines), flush=True)
-        return _bench_data(table, seed)
-
-
-def _bench_data(table, seed: int):
-    """The first prepared training rows as training-step benchmark data (random 64 px images)."""
-    import torch
-
-    from pipeline.bench import BenchData
-    from pipeline.sampling import sample_observed_labels
-
-    rows = table.official_rows("train")[:BENCH_ROWS]
-    full = table.labels[rows].astype(np.float32)
-    observed = sample_observed_labels(table.labels[rows]).astype(np.float32)
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (len(rows), 3, 64, 64), dtype=torch.uint8, generator=g)
-    return BenchData(images=images, observed=torch.from_numpy(observed), full=torch.from_numpy(full))
+        return table
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -109,7 +109,7 @@ def train(dataset: DatasetArg,
     from stages import train as stage
 
     metrics = _run(stage.run, dataset, method, seed, params, out, resume, weights)
-    from pipeline.runtime import env_rank
+    from pipeline.runtime.distributed import env_rank
 
     if metrics is None or env_rank() != 0:  # under torchrun, rank 0 reports
         return
@@ -185,19 +185,24 @@ def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Pat
 
 @app.command()
 def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; the ratio column is relative to an")] = "an,ignore",
-          model: Annotated[str, typer.Option(help="model name")] = "smallcnn",
-          image_size: Annotated[int, typer.Option(help="square input size")] = 64,
-          batch_size: Annotated[int, typer.Option(help="training batch size")] = 32,
+          model: Annotated[str | None, typer.Option(help="model name (default: params train.model)")] = None,
+          image_size: Annotated[int | None, typer.Option(
+              help="square input size (default: params train.image_size)")] = None,
+          batch_size: Annotated[int | None, typer.Option(
+              help="training batch size (default: params train.batch_size)")] = None,
           steps: Annotated[int, typer.Option(help="timed steps per method")] = 20,
           warmup: Annotated[int, typer.Option(help="untimed steps per method first")] = 3,
-          device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+          device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (default: params train.device)")] = None,
           num_classes: Annotated[int, typer.Option(help="classes of the random bench data")] = 20,
-          dataset: Annotated[str, typer.Option(help="dataset whose method_params blocks apply")] = "synthetic",
+          dataset: Annotated[str, typer.Option(help="dataset whose params blocks apply")] = "synthetic",
           prepare: Annotated[str | None, typer.Option(
               help="DATASET: bench on pipeline.bench_prepare.run(DATASET) data instead of random data")] = None,
-          threads: Annotated[int | None, typer.Option(help="torch intra-op threads (CPU)")] = None,
-          amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast where supported (CUDA only)")] = False,
-          channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC model and batches")] = False,
+          threads: Annotated[int | None, typer.Option(
+              help="torch intra-op threads (default: params train.threads; $SPML_THREADS wins, as in spml train)")] = None,
+          amp: Annotated[bool | None, typer.Option(
+              "--amp/--no-amp", help="autocast in params train.amp_dtype (default: params train.amp)")] = None,
+          channels_last: Annotated[bool | None, typer.Option(
+              "--channels-last/--no-channels-last", help="NHWC model and batches (default: params train.channels_last)")] = None,
           weights: Annotated[str | None, typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
           model_kwargs: Annotated[str | None, typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
           host_malloc: Annotated[str | None, typer.Option(
@@ -209,17 +214,12 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
           params: ParamsOption = Path("params.yaml")):
     """Median training-step time, images/s, ratio to AN and memory of METHODS on one model and batch.
 
-    Also runnable without typer/dvc: python -m pipeline.bench --methods an,ignore."""
+    Each method's config, model, optimizer and step are spml train's (pipeline/bench.py says how). On a GPU
+    machine with only torch: pip install typer rich pyyaml; python -m pipeline.cli bench ... (docs/bench-gpu.md)."""
     from pipeline import bench as bench_mod
 
     if parallel is not None:
-        def _parallel():
-            try:
-                return bench_mod.run_parallel_bench(parallel, params, threads)
-            except bench_mod.BenchError as exc:
-                raise SpmlError(str(exc)) from None
-
-        typer.echo(bench_mod.format_parallel(_run(_parallel), parallel))
+        typer.echo(bench_mod.format_parallel(_run(bench_mod.run_parallel_bench, parallel, params, threads), parallel))
         return
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -231,17 +231,19 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
             extra = json.loads(model_kwargs) if model_kwargs else None
         except ValueError as exc:
             raise SpmlError(f"--model-kwargs is not valid JSON ({exc})") from None
-        try:
-            return bench_mod.run_bench(names, model, image_size, batch_size, steps, warmup, device, num_classes,
-                                       dataset, params, 0, prepare, threads=threads, amp=amp,
-                                       channels_last=channels_last, weights=weights, model_kwargs=extra,
-                                       host_malloc=host_malloc)
-        except bench_mod.BenchError as exc:
-            raise SpmlError(str(exc)) from None
+        if extra is not None and not isinstance(extra, dict):
+            raise SpmlError(f"--model-kwargs must be a JSON object such as '{{\"width\": 8}}', got {model_kwargs}")
+        if host_malloc not in (None, "cache", "system"):
+            raise SpmlError(f"--host-malloc {host_malloc!r}: use cache or system")
+        given = {"image_size": image_size, "batch_size": batch_size, "device": device, "threads": threads, "amp": amp,
+                 "channels_last": channels_last,
+                 "host_malloc_cache": None if host_malloc is None else host_malloc == "cache"}
+        return bench_mod.run_bench(names, params, dataset, model, steps, warmup, num_classes, 0, prepare,
+                                   weights=weights, model_kwargs=extra,
+                                   **{key: value for key, value in given.items() if value is not None})
 
-    results = _run(_bench)
-    typer.echo(bench_mod.format_results(results, bench_mod.run_header(results, model, image_size, batch_size, steps,
-                                                                      device, amp, channels_last)))
+    results, header = _run(_bench)
+    typer.echo(bench_mod.format_results(results, header))
 
 
 def main() -> None:  # pragma: no cover - console entry point

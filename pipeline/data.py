@@ -15,7 +15,7 @@ For the paper's datasets at 448 px the images do not fit in RAM (COCO: ~74 GB of
 uint8 memory map keyed by the images' names and content (:func:`cache_key`), built with a progress bar
 and moved into place atomically; training reads rows from it (:class:`ImageArray`), with decoding off the critical path.
 
-Augmentation is seeded per sample: a loader key ``(row, seed)`` (see :class:`pipeline.runtime.EpochSampler`)
+Augmentation is seeded per sample: a loader key ``(row, seed)`` (see :class:`pipeline.runtime.distributed.EpochSampler`)
 makes the flips and RandAugment of a sample a function of that seed alone.
 """
 

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import runtime
 from pipeline.config import Range, parse_dataclass
 from pipeline.datasets.synthetic import SOURCE_SHAPES, render_image
 from pipeline.errors import SpmlError
 from pipeline.metrics import mean_average_precision
 from pipeline.models import build_model, parse_model_params
 from pipeline.progress import progress_bar
+from pipeline.runtime.host import torch_threads
 
 TRUNK_FILE = "trunk.pt"
 OUTPUT_FILES = (TRUNK_FILE, "metrics.json")
@@ -98,7 +98,7 @@ def pretrain(p: PretrainParams, model_params: dict[str, Any]) -> tuple[dict[str,
     """Full-label BCE training of smallcnn on the source task; returns (trunk state dict, metrics)."""
     from pipeline.data import Normalizer  # the train loop's own input scaling, so fine-tuning sees the same
 
-    torch.set_num_threads(runtime.torch_threads(None))
+    torch.set_num_threads(torch_threads(None))
     torch.manual_seed(p.seed)
     torch.use_deterministic_algorithms(True)
     images, labels = render_source(p)

@@ -2,25 +2,29 @@
 
 Model selection follows the SPML protocol: after every epoch the clean-label val mAP is computed; the
 reported number is the test mAP of the checkpoint from the best-val epoch (strictly better wins).
+
+``fit`` is the recipe, one line per step; the steps are the functions above it, in the order it calls them.
+``spml bench`` (:mod:`pipeline.bench`) resolves its config, builds its model, method and optimizer and runs
+its timed step through the same functions (:func:`resolve_run_config`, :func:`build_training`,
+:func:`train_step`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import platform
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import __version__, paths, runtime
+from pipeline import __version__, paths
 from pipeline.config import Range, deep_merge, derive_seed, parse_dataclass, scoped
 from pipeline.data import (
     EvalSet,
@@ -33,12 +37,20 @@ from pipeline.data import (
     pad_instance_classes,
 )
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, MethodContext, build_method, get_method_class
-from pipeline.methods.diagnostics import FalseNegativeMeter, score_step
-from pipeline.metrics import mean_average_precision
+from pipeline.methods import Batch, Method, MethodContext, StepOutput, build_method, get_method_class
+from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, score_step
 from pipeline.models import build_model, model_names, parse_model_params, weight_files
 from pipeline.progress import progress_bar
-from pipeline.tables import LabelTable, read_label_table, read_observed_table
+from pipeline.runtime.checkpoint import Best, Checkpoint, clear_resume, run_fingerprint
+from pipeline.runtime.distributed import DistContext, EpochSampler, broadcast_buffers, gather_arrays
+from pipeline.runtime.host import cache_host_memory, torch_threads
+from pipeline.runtime.optim import WeightEMA, amp_dtype, autocast, build_scheduler
+
+# pipeline.tables (pyarrow) and pipeline.metrics (scikit-learn) are imported where they are used: `spml bench`
+# builds through this module on GPU machines that have torch but neither of those (docs/bench-gpu.md)
+if TYPE_CHECKING:
+    from pipeline.metrics import MapResult
+    from pipeline.tables import LabelTable
 
 # The smallest input: every trunk downsamples by 8 or more, and a CAM needs at least 2x2 maps (smallcnn).
 MIN_IMAGE_SIZE = 16
@@ -66,12 +78,12 @@ class TrainConfig:
     strong_num_ops: Annotated[int, Range(ge=0)]  # RandAugment of the strong view
     strong_magnitude: Annotated[int, Range(ge=0, le=30)]  # RandAugment's 31 magnitude bins: 0..30
     deterministic: bool  # torch deterministic algorithms (CPU metrics are then reproducible)
-    host_malloc_cache: bool  # glibc malloc keeps freed memory for reuse (runtime.cache_host_memory)
-    threads: Annotated[int, Range(ge=1)] | None  # torch intra-op threads; None: runtime.torch_threads decides
+    host_malloc_cache: bool  # glibc malloc keeps freed memory for reuse (runtime.host.cache_host_memory)
+    threads: Annotated[int, Range(ge=1)] | None  # torch intra-op threads; None: runtime.host.torch_threads decides
     # a step loss above this (or any non-finite one) stops the run as diverged; None: only non-finite losses
     max_loss: Annotated[float, Range(gt=0)] | None
-    # GPU path (see pipeline/runtime.py); all of it is ignored or a no-op on CPU
-    amp: bool  # mixed precision, opt-in (see runtime.amp_dtype)
+    # GPU path (see pipeline/runtime/); all of it is ignored or a no-op on CPU
+    amp: bool  # mixed precision, opt-in (see runtime.optim.amp_dtype)
     amp_dtype: Literal["auto", "bf16", "fp16"]  # auto: bf16 where supported, else fp16 + GradScaler
     channels_last: bool
     cudnn_benchmark: bool
@@ -125,19 +137,22 @@ def protocol_block(params: dict[str, Any], method: str) -> tuple[str, dict[str, 
     return protocol, block or {}
 
 
-def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: int) -> RunConfig:
+def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: int,
+                       model: str | None = None) -> RunConfig:
     """The run's full configuration: ``train`` blocks, then the active protocol's block for the method
-    (``protocol: original``: its authors' published protocol), then the method's params."""
+    (``protocol: original``: its authors' published protocol), then the method's params.
+
+    ``model`` replaces params ``train.model`` before anything is scoped by it (``spml bench --model``)."""
     get_method_class(method)  # unknown method names fail first, listing the valid ones
     train_section = params.get("train") or {}
-    model = scoped(train_section, dataset).get("model")
-    if model is None:
+    chosen = model or scoped(train_section, dataset).get("model")
+    if chosen is None:
         raise SpmlError("params train.model is missing; add it to params.yaml")
-    if not isinstance(model, str):
-        raise SpmlError(f"params train.model must be one of {', '.join(model_names())}, got {model!r}")
+    if not isinstance(chosen, str):
+        raise SpmlError(f"params train.model must be one of {', '.join(model_names())}, got {chosen!r}")
     protocol, proto = protocol_block(params, method)
-    train = parse_dataclass(TrainConfig, deep_merge(scoped(train_section, dataset, model),
-                                                    scoped(proto, dataset, model)), "train")
+    values = deep_merge(scoped(train_section, dataset, chosen), scoped(proto, dataset, chosen))
+    train = parse_dataclass(TrainConfig, {**values, "model": model} if model else values, "train")
     model_kwargs = parse_model_params(train.model, (params.get("models") or {}).get(train.model))
     # each method reads its own block only (a train cell tracks only that block in dvc.yaml)
     method_params = scoped((params.get("method_params") or {}).get(method), dataset, train.model)
@@ -177,9 +192,28 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise SpmlError(f"params train.device {name!r} is not a torch device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpmlError(f"params train.device {name!r}: CUDA is not available on this machine; use auto or cpu")
+    return device
+
+
+def setup_process(cfg: TrainConfig, dist: DistContext) -> torch.device:
+    """Threads, host memory and the device, before any work (``spml bench`` starts the same way)."""
+    torch.set_num_threads(torch_threads(cfg.threads))  # before any work (see runtime.host.torch_threads)
+    if cfg.host_malloc_cache:
+        cache_host_memory()
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        if dist.enabled:
+            device = torch.device("cuda", dist.local_rank)
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if cfg.batch_size % dist.world_size:  # checked here, before the data are loaded (or cached)
+        raise SpmlError(f"params train.batch_size {cfg.batch_size} is not divisible by the {dist.world_size} "
+                        "DDP processes; change one of them")
+    return device
 
 
 @dataclass
@@ -192,7 +226,9 @@ class RunData:
 
 
 def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
-                  dist: runtime.DistContext | None = None) -> RunData:
+                  dist: DistContext | None = None) -> RunData:
+    from pipeline.tables import read_label_table, read_observed_table
+
     table = read_label_table(paths.label_table(dataset))
     observed = read_observed_table(paths.observed_table(dataset))
     if not np.array_equal(observed.image_id, table.image_id):
@@ -204,7 +240,7 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
         if len(idx) == 0:
             raise SpmlError(f"label table {paths.label_table(dataset)} has no {split} rows; check params split/data")
     # all rows decoded and resized once into data/cache/<dataset>/ (one builder per node under DDP)
-    dist = dist or runtime.DistContext()
+    dist = dist or DistContext()
     cache_args = (root, list(table.path), cfg.image_size, paths.DATA / "cache" / dataset,
                   table.meta["provenance"]["labels_sha256"], f"{dataset} images", cfg.num_workers)
     if dist.local_rank == 0:
@@ -226,12 +262,110 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
                    table, rows["train"])
 
 
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    sampler: EpochSampler  # the train loader's; set_epoch before every epoch
+    generator: torch.Generator  # the train loader's; a checkpoint saves it
+
+
+def build_loaders(data: RunData, cfg: TrainConfig, seed: int, device: torch.device, dist: DistContext) -> Loaders:
+    """Seeded loaders (see :class:`EpochSampler`); under DDP each rank loads its share of every batch."""
+    generator = torch.Generator().manual_seed(seed)
+    loader_kwargs = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda",
+                     "worker_init_fn": _seed_worker, "persistent_workers": cfg.num_workers > 0}
+    sampler = EpochSampler(len(data.train), seed, True, dist.rank, dist.world_size)
+    train = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=sampler,
+                       generator=generator, drop_last=cfg.drop_last, **loader_kwargs)
+    val, test = (
+        DataLoader(split, batch_size=cfg.eval_batch_size, **loader_kwargs, generator=torch.Generator(),
+                   sampler=EpochSampler(len(split), 0, False, dist.rank, dist.world_size),
+                   drop_last=cfg.eval_drop_last)
+        for split in (data.val, data.test))
+    for name, loader, size in (("batch_size", train, cfg.batch_size), ("eval_batch_size", val, cfg.eval_batch_size),
+                               ("eval_batch_size", test, cfg.eval_batch_size)):
+        if len(loader) == 0:
+            raise SpmlError(f"train.{name} {size} with drop_last leaves no batch of the {len(loader.dataset)} "
+                            "images of a split; lower it")
+    return Loaders(train, val, test, sampler, generator)
+
+
+def build_normalizer(cfg: TrainConfig, device: torch.device) -> Normalizer:
+    # augment: lac feeds Xie et al.'s views, which are not ImageNet-normalised
+    return Normalizer(device, channels_last=cfg.channels_last, imagenet=cfg.augment != "lac")
+
+
+def method_context(run: RunConfig, data: RunData, steps_per_epoch: int, device: torch.device) -> MethodContext:
+    stats = data.table.meta.get("stats", {})
+    return MethodContext(
+        dataset=run.dataset, model=run.train.model, num_classes=data.table.num_classes, num_train=len(data.train),
+        epochs=run.train.epochs, steps_per_epoch=steps_per_epoch,
+        mean_positives=float(stats.get("mean_positives_train", 1.0)),
+        # a method gets its label_source's labels only: the observed ones, or the full ones for `full`
+        observed_train=(data.train.full if get_method_class(run.method).label_source == "full"
+                        else data.train.observed).to(device),
+        device=device,
+    )
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, method: Method) -> torch.optim.Optimizer:
     groups = model.parameter_groups(cfg.lr, cfg.head_lr_mult) + method.parameter_groups(cfg.lr)
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Training:
+    """The model and everything one training step uses; :func:`build_training` makes it for ``fit`` and
+    ``spml bench`` alike."""
+
+    model: torch.nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped every iteration
+    scaler: torch.amp.GradScaler | None  # fp16 autocast only
+    ema: WeightEMA | None
+    amp: torch.dtype | None  # autocast dtype; None: fp32
+
+
+def build_training(run: RunConfig, ctx: MethodContext, dist: DistContext | None = None,
+                   init_model: dict[str, torch.Tensor] | None = None) -> Training:
+    """The method, then the model (the method may ask for a variant: plc-lac's projector), then what
+    updates the weights. ``init_model``: starting weights (keys the model lacks or adds are allowed)."""
+    cfg, device, dist = run.train, ctx.device, dist or DistContext()
+    method = build_method(run.method, run.method_params, ctx)
+    model = build_model(cfg.model, ctx.num_classes, **{**run.model_kwargs, **method.model_kwargs()})
+    if dist.enabled and cfg.sync_bn and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if init_model is not None:
+        model.load_state_dict(init_model, strict=False)
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    optimizer = build_optimizer(cfg, model, method)
+    ema = WeightEMA(model, cfg.weight_ema) if cfg.weight_ema is not None else None
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, ctx.steps_per_epoch, cfg.onecycle_pct_start)
+    amp = amp_dtype(cfg.amp, cfg.amp_dtype, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    return Training(model, method, optimizer, scheduler, scaler, ema, amp)
+
+
+def resume_fingerprint(run: RunConfig, dist: DistContext) -> dict[str, Any]:
+    """What a resume checkpoint of this run must match (:func:`pipeline.runtime.checkpoint.run_fingerprint`)."""
+    inputs = [paths.label_table(run.dataset), paths.observed_table(run.dataset),
+              *weight_files(run.train.model, run.model_kwargs)]  # a retrained `pretrain` trunk invalidates a resume
+    return run_fingerprint(run.to_dict(), dist.world_size, inputs)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, dist: DistContext) -> torch.nn.Module:
+    """The module the training steps run through: under DDP a wrapper that averages gradients over the
+    ranks (evaluation, the EMA's copy and checkpoints use the bare model), else the model itself."""
+    if not dist.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda"
+                                                     else None)
 
 
 class DivergedError(SpmlError):
@@ -249,9 +383,39 @@ def _first_bad_step(loss: torch.Tensor, max_loss: float | None) -> torch.Tensor:
     return bad if max_loss is None else bad | (loss.abs() > max_loss)
 
 
+def train_step(model: torch.nn.Module, method: Method, batch: Batch, epoch: int, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+               scaler: torch.amp.GradScaler | None = None, amp: torch.dtype | None = None,
+               ema: WeightEMA | None = None, meter: FalseNegativeMeter | None = None,
+               hidden: HiddenLabels | None = None) -> StepOutput:
+    """One training step, as the loop runs it and ``spml bench`` times it: the method's forward passes and
+    loss, what it reported scored against the hidden labels (``meter``, ``hidden``), backward, the optimizer
+    (and LR schedule) step, the method's post-step hook, the weight EMA. Returns the loss and logs only."""
+    with autocast(batch.image.device, amp):
+        out = method.training_step(model, batch, epoch)
+    if meter is not None and hidden is not None:
+        # scored before backward so the report's tensors are freed early (no_grad, draws no random numbers)
+        score_step(meter, batch, out, hidden)
+    out = StepOutput(out.loss, out.logs)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # fp16 only; bf16 needs no loss scaling
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        out.loss.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    method.after_optimizer_step(batch, epoch)
+    if ema is not None:
+        ema.update(model)
+    return out
+
+
 def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normalizer, epoch: int,
                     bar=None, task=None, scheduler=None, scaler=None, amp: torch.dtype | None = None,
-                    ema: runtime.WeightEMA | None = None, max_loss: float | None = None) -> dict[str, float]:
+                    ema: WeightEMA | None = None, max_loss: float | None = None) -> dict[str, float]:
     """One pass over ``loader``; no host-device synchronisation inside the loop (logs stay on the device).
 
     The method gets each batch without its hidden labels (:meth:`Normalizer.batch`); what it reports in its
@@ -271,31 +435,14 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
     steps = 0
     for item in loader:
         batch = normalize.batch(item, method.label_source)
-        with runtime.autocast(normalize.device, amp):
-            out = method.training_step(model, batch, epoch)
-        # scored before backward so the report's tensors are freed as early as before (no_grad, no RNG)
-        score_step(meter, batch, out, normalize.hidden(item))
-        step_loss, logs = out.loss, out.logs
-        del out
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16 only; bf16 needs no loss scaling
-            scaler.scale(step_loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            step_loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        method.after_optimizer_step(batch, epoch)
-        if ema is not None:
-            ema.update(model)
-        loss = step_loss.detach().float()
+        out = train_step(model, method, batch, epoch, optimizer, scheduler, scaler, amp, ema, meter,
+                         normalize.hidden(item))
+        loss = out.loss.detach().float()
         newly_bad = _first_bad_step(loss, max_loss) & (first_bad == no_step)
         first_bad = torch.where(newly_bad, steps, first_bad)
         bad_loss = torch.where(newly_bad, loss, bad_loss)
         total_loss += loss
-        for key, value in logs.items():
+        for key, value in out.logs.items():
             log_sums[key] = log_sums.get(key, 0) + value.detach().float()
         steps += 1
         if bar is not None:
@@ -313,12 +460,12 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
 
 @torch.no_grad()
 def predict(model, method: Method, loader, normalize: Normalizer, amp: torch.dtype | None = None,
-            dist: runtime.DistContext | None = None) -> tuple[np.ndarray, np.ndarray]:
+            dist: DistContext | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid scores and full labels of the whole loader; under DDP gathered from every rank, in row order."""
     model.eval()
     scores, targets, index = [], [], []
     for item in loader:
-        with runtime.autocast(normalize.device, amp):
+        with autocast(normalize.device, amp):
             logits = method.predict(model, normalize(item["image"]))
         scores.append(torch.sigmoid(logits.float()))
         targets.append(item["full"])
@@ -326,20 +473,36 @@ def predict(model, method: Method, loader, normalize: Normalizer, amp: torch.dty
             index.append(item["index"])
     s, t = torch.cat(scores).cpu().numpy(), torch.cat(targets).numpy()
     if dist is not None and dist.enabled:
-        s, t, idx = runtime.gather_arrays(dist, s, t, torch.cat(index).numpy())
+        s, t, idx = gather_arrays(dist, s, t, torch.cat(index).numpy())
         order = np.argsort(idx, kind="stable")
         s, t = s[order], t[order]
     return s, t
 
 
 def evaluate(model, method: Method, loader, normalize: Normalizer, amp: torch.dtype | None = None,
-             dist: runtime.DistContext | None = None, epoch: int | None = None, split: str = "val"):
+             dist: DistContext | None = None, epoch: int | None = None, split: str = "val") -> MapResult:
+    from pipeline.metrics import mean_average_precision
+
     scores, targets = predict(model, method, loader, normalize, amp, dist)
     if not np.isfinite(scores).all():  # a NaN would otherwise reach scikit-learn as a traceback
         bad = int((~np.isfinite(scores)).any(axis=1).sum())
         where = f"{split} evaluation" if epoch is None else f"{split} evaluation after its last step"
         raise diverged(epoch or 0, where, f"{bad} of {len(scores)} images got non-finite scores")
     return mean_average_precision(targets, scores)
+
+
+def validate(training: Training, loader: DataLoader, normalize: Normalizer, dist: DistContext,
+             epoch: int) -> tuple[dict[str, float], torch.nn.Module]:
+    """The epoch's history columns for val mAP and the model they select: the trained weights or, with a
+    weight EMA, the better of those and the EMA's (Xie et al. keep the better of the two every epoch)."""
+    model, method, amp = training.model, training.method, training.amp
+    val = evaluate(model, method, loader, normalize, amp, dist, epoch)
+    if training.ema is None:
+        return {"val_map": val.map}, model
+    val_ema = evaluate(training.ema.model, method, loader, normalize, amp, dist, epoch)
+    if val_ema.map > val.map:
+        return {"val_map_raw": val.map, "val_map_ema": val_ema.map, "val_map": val_ema.map}, training.ema.model
+    return {"val_map_raw": val.map, "val_map_ema": val_ema.map, "val_map": val.map}, model
 
 
 def should_stop(rule: str, value: float, history: list[dict[str, Any]]) -> bool:
@@ -360,161 +523,37 @@ def should_stop(rule: str, value: float, history: list[dict[str, Any]]) -> bool:
     raise SpmlError(f"unknown early-stopping rule {rule!r}")
 
 
-def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
-        dist: runtime.DistContext | None = None, init_model: dict[str, torch.Tensor] | None = None,
-        stage1: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train one (dataset, method, seed) run and write its outputs into ``out_dir`` (rank 0 only).
+def select_and_stop(state: Checkpoint, row: dict[str, Any], selected: torch.nn.Module, cfg: TrainConfig) -> bool:
+    """Record the epoch's ``row``; if its val mAP is a new best (strictly better wins), keep CPU copies of
+    the ``selected`` weights and of the method's state; then say whether the early-stopping rule ends
+    training here."""
+    state.history.append(row)
+    state.epoch = row["epoch"]
+    if row["val_map"] > state.best.val_map:
+        # deepcopy: on CPU .cpu() returns the live tensors, which the next step would change
+        weights = copy.deepcopy({k: v.detach().cpu() for k, v in selected.state_dict().items()})
+        state.best = Best(row["val_map"], row["epoch"], weights, _to_cpu(state.method.state_dict()))
+    return should_stop(cfg.early_stop, cfg.early_stop_value, state.history)
 
-    With ``resume_dir``, a checkpoint is written there after every epoch and, when one for the same
-    config, input tables and code exists, training continues from it; the directory is removed once the
-    outputs are written. A diverged run (:class:`DivergedError`) writes nothing.
-    ``init_model``: starting weights (a previous stage's best; keys the model lacks or adds are allowed),
-    ``stage1`` that stage's metrics, recorded in this run's.
-    """
+
+def evaluate_best(training: Training, best: Best, loader: DataLoader, normalize: Normalizer,
+                  dist: DistContext) -> MapResult:
+    """Test mAP of the best epoch's weights and method state, the number the protocol reports."""
+    training.model.load_state_dict(best.model)
+    training.method.load_state_dict(best.method)
+    return evaluate(training.model, training.method, loader, normalize, training.amp, dist, best.epoch, "test")
+
+
+def run_metrics(run: RunConfig, data: RunData, state: Checkpoint, test: MapResult, train_seconds: float,
+                stage1: dict[str, Any] | None, device: torch.device, dist: DistContext,
+                amp: torch.dtype | None) -> dict[str, Any]:
+    """metrics.json: the selected epoch's val and test mAP, how the run went, and what it ran on."""
     cfg = run.train
-    dist = dist or runtime.DistContext()
-    torch.set_num_threads(runtime.torch_threads(cfg.threads))  # before any work (see runtime.torch_threads)
-    seed_everything(run.run_seed, cfg.deterministic)
-    if cfg.host_malloc_cache:
-        runtime.cache_host_memory()
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        if dist.enabled:
-            device = torch.device("cuda", dist.local_rank)
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    if cfg.batch_size % dist.world_size:
-        raise SpmlError(f"params train.batch_size {cfg.batch_size} is not divisible by the {dist.world_size} "
-                        "DDP processes; change one of them")
-    method_cls = get_method_class(run.method)
-    data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances, dist)
-    num_classes = data.table.num_classes
-
-    generator = torch.Generator().manual_seed(run.run_seed)
-    loader_kwargs = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda",
-                     "worker_init_fn": _seed_worker, "persistent_workers": cfg.num_workers > 0}
-    train_sampler = runtime.EpochSampler(len(data.train), run.run_seed, True, dist.rank, dist.world_size)
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=train_sampler,
-                              generator=generator, drop_last=cfg.drop_last, **loader_kwargs)
-    val_loader, test_loader = (
-        DataLoader(split, batch_size=cfg.eval_batch_size, **loader_kwargs, generator=torch.Generator(),
-                   sampler=runtime.EpochSampler(len(split), 0, False, dist.rank, dist.world_size),
-                   drop_last=cfg.eval_drop_last)
-        for split in (data.val, data.test))
-    for name, loader, size in (("batch_size", train_loader, cfg.batch_size),
-                               ("eval_batch_size", val_loader, cfg.eval_batch_size),
-                               ("eval_batch_size", test_loader, cfg.eval_batch_size)):
-        if len(loader) == 0:
-            raise SpmlError(f"train.{name} {size} with drop_last leaves no batch of the {len(loader.dataset)} "
-                            "images of a split; lower it")
-    normalize = Normalizer(device, channels_last=cfg.channels_last, imagenet=cfg.augment != "lac")
-
-    stats = data.table.meta.get("stats", {})
-    ctx = MethodContext(
-        dataset=run.dataset, model=cfg.model, num_classes=num_classes, num_train=len(data.train),
-        epochs=cfg.epochs, steps_per_epoch=len(train_loader),
-        mean_positives=float(stats.get("mean_positives_train", 1.0)),
-        # a method gets its label_source's labels only: the observed ones, or the full ones for `full`
-        observed_train=(data.train.full if method_cls.label_source == "full" else data.train.observed).to(device),
-        device=device,
-    )
-    method = build_method(run.method, run.method_params, ctx)
-    model = build_model(cfg.model, num_classes, **{**run.model_kwargs, **method.model_kwargs()})
-    if dist.enabled and cfg.sync_bn and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if init_model is not None:
-        model.load_state_dict(init_model, strict=False)
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    optimizer = build_optimizer(cfg, model, method)
-    ema = runtime.WeightEMA(model, cfg.weight_ema) if cfg.weight_ema is not None else None
-    scheduler = runtime.build_scheduler(cfg.scheduler, optimizer, cfg.epochs, len(train_loader),
-                                        cfg.onecycle_pct_start)
-    amp = runtime.amp_dtype(cfg.amp, cfg.amp_dtype, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-
-    history: list[dict[str, Any]] = []
-    best = {"val_map": -math.inf, "epoch": 0, "model": None, "method": None}
-    start_epoch, elapsed = 1, 0.0
-    inputs = [paths.label_table(run.dataset), paths.observed_table(run.dataset),
-              *weight_files(cfg.model, run.model_kwargs)]  # a retrained `pretrain` trunk invalidates a resume
-    fingerprint = runtime.run_fingerprint(run.to_dict(), dist.world_size, inputs)
-    loaded = runtime.load_resume(resume_dir, fingerprint) if resume_dir is not None else None
-    if loaded is not None:
-        state, best_state = loaded
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        method.load_state_dict(state["method"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-        history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["train_seconds"]
-        best = {"val_map": state["best_val_map"], "epoch": state["best_epoch"],
-                "model": best_state["model"] if best_state else None,
-                "method": best_state["method"] if best_state else None}
-        runtime.set_rng_state(state["rng"])
-        generator.set_state(state["loader_generator"])
-    train_model = model
-    if dist.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-
-    started = time.perf_counter() - elapsed
-    stopped = should_stop(cfg.early_stop, cfg.early_stop_value, history) if history else False
-    with progress_bar() as bar:
-        task = bar.add_task(f"{run.dataset}/{run.method}/{run.seed}", total=cfg.epochs * len(train_loader),
-                            completed=(start_epoch - 1) * len(train_loader))
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if stopped:
-                break
-            t0 = time.perf_counter()
-            if dist.enabled:  # rank-distinct dropout / method randomness, reproducible per epoch
-                torch.manual_seed(derive_seed(run.run_seed, dist.rank, epoch))
-            train_sampler.set_epoch(epoch)
-            row: dict[str, Any] = {"epoch": epoch}
-            row.update(train_one_epoch(train_model, method, train_loader, optimizer, normalize, epoch, bar, task,
-                                       scheduler, scaler, amp, ema, cfg.max_loss))
-            # the train loader as the method sees it: batches without the hidden labels
-            method.on_epoch_end(epoch, model, MethodBatches(train_loader, normalize, method.label_source))
-            row.update(method.epoch_diagnostics())  # what needs no hidden labels (tau...); fn_* came above
-            runtime.broadcast_buffers(dist, model)
-            val = evaluate(model, method, val_loader, normalize, amp, dist, epoch)
-            selected = model
-            if ema is not None:  # Xie et al.: each epoch keeps the better of the raw and the EMA weights
-                val_ema = evaluate(ema.model, method, val_loader, normalize, amp, dist, epoch)
-                row["val_map_raw"], row["val_map_ema"] = val.map, val_ema.map
-                if val_ema.map > val.map:
-                    val, selected = val_ema, ema.model
-            row["val_map"] = val.map
-            row["epoch_seconds"] = time.perf_counter() - t0
-            history.append(row)
-            if val.map > best["val_map"]:
-                best = {"val_map": val.map, "epoch": epoch,
-                        "model": copy.deepcopy({k: v.detach().cpu() for k, v in selected.state_dict().items()}),
-                        "method": _to_cpu(method.state_dict())}
-            stopped = should_stop(cfg.early_stop, cfg.early_stop_value, history)
-            if resume_dir is not None and dist.is_main:
-                runtime.save_resume(resume_dir, {
-                    "fingerprint": fingerprint, "epoch": epoch, "history": history,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "method": method.state_dict(), "rng": runtime.rng_state(),
-                    "loader_generator": generator.get_state(), "best_val_map": best["val_map"],
-                    "ema": ema.model.state_dict() if ema is not None else None,
-                    "train_seconds": time.perf_counter() - started,
-                }, {"model": best["model"], "method": best["method"]}, best["epoch"])
-            bar.update(task, description=f"{run.dataset}/{run.method}/{run.seed} val mAP {val.map:.2f}")
-
-    model.load_state_dict(best["model"])
-    method.load_state_dict(best["method"])
-    test = evaluate(model, method, test_loader, normalize, amp, dist, best["epoch"], "test")
-    metrics = {
+    return {
         "dataset": run.dataset, "method": run.method, "model": cfg.model, "seed": run.seed,
-        "val_map": best["val_map"], "test_map": test.map, "best_epoch": best["epoch"],
-        "epochs": cfg.epochs, "epochs_run": len(history), "protocol": run.protocol,
-        "train_seconds": time.perf_counter() - started,
+        "val_map": state.best.val_map, "test_map": test.map, "best_epoch": state.best.epoch,
+        "epochs": cfg.epochs, "epochs_run": len(state.history), "protocol": run.protocol,
+        "train_seconds": train_seconds,
         "test_classes_without_positives": test.classes_without_positives,
         "class_names": data.table.class_names, "test_per_class_ap": test.per_class_ap,
         "versions": {"spml_bench": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -523,12 +562,20 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None,
         "device": str(device), "threads": torch.get_num_threads(), "world_size": dist.world_size,
         "amp": str(amp).replace("torch.", "") if amp else "off",
     }
-    if dist.is_main:
-        _write_run(out_dir, run, metrics, history, best)
-        if resume_dir is not None:
-            runtime.clear_resume(resume_dir)
-    dist.barrier()
-    return metrics
+
+
+def write_run(out_dir: Path, run: RunConfig, metrics: dict[str, Any], history: list[dict[str, Any]],
+              best: Best) -> None:
+    """The run folder's :data:`RUN_FILES`; ``best.pt`` holds the selected epoch's weights and method state."""
+    import json
+
+    import pandas as pd  # here, not at module level: spml bench imports this module where pandas is absent
+
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
+    torch.save({"model": best.model, "method": best.method, "epoch": best.epoch, "config": run.to_dict()},
+               out_dir / "best.pt")
 
 
 def _to_cpu(state: Any) -> Any:
@@ -541,16 +588,69 @@ def _to_cpu(state: Any) -> Any:
     return copy.deepcopy(state)
 
 
-def _write_run(out_dir: Path, run: RunConfig, metrics, history, best) -> None:
-    import json
+def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None, dist: DistContext | None = None,
+        init_model: dict[str, torch.Tensor] | None = None, stage1: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one (dataset, method, seed) run and write its outputs into ``out_dir`` (rank 0 only).
 
-    import pandas as pd
+    With ``resume_dir``, a checkpoint is written there after every epoch and, when one for the same
+    config, input tables and code exists, training continues from it; the directory is removed once the
+    outputs are written. A diverged run (:class:`DivergedError`) writes nothing.
+    ``init_model``: starting weights (a previous stage's best; keys the model lacks or adds are allowed),
+    ``stage1`` that stage's metrics, recorded in this run's.
+    """
+    cfg, dist = run.train, dist or DistContext()
+    device = setup_process(cfg, dist)
+    seed_everything(run.run_seed, cfg.deterministic)
+    method_cls = get_method_class(run.method)
+    data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances, dist)
+    loaders = build_loaders(data, cfg, run.run_seed, device, dist)
+    normalize = build_normalizer(cfg, device)
+    # the method, then the model, draw their initial values from the seeded RNG: reordering moves every number
+    training = build_training(run, method_context(run, data, len(loaders.train), device), dist, init_model)
+    model, method = training.model, training.method
+    state = Checkpoint(model, training.optimizer, method, loaders.generator, training.scheduler, training.scaler,
+                       training.ema)
+    fingerprint = resume_fingerprint(run, dist)
+    if resume_dir is not None:
+        state.load(resume_dir, fingerprint)
+    train_model = wrap_ddp(model, device, dist)
 
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
-    torch.save({"model": best["model"], "method": best["method"], "epoch": best["epoch"],
-                "config": run.to_dict()}, out_dir / "best.pt")
+    started = time.perf_counter() - state.train_seconds
+    stopped = bool(state.history) and should_stop(cfg.early_stop, cfg.early_stop_value, state.history)
+    with progress_bar() as bar:
+        name, steps = f"{run.dataset}/{run.method}/{run.seed}", len(loaders.train)
+        task = bar.add_task(name, total=cfg.epochs * steps, completed=state.epoch * steps)
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            if stopped:
+                break
+            t0 = time.perf_counter()
+            if dist.enabled:  # rank-distinct dropout / method randomness, reproducible per epoch
+                torch.manual_seed(derive_seed(run.run_seed, dist.rank, epoch))
+            loaders.sampler.set_epoch(epoch)
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update(train_one_epoch(train_model, method, loaders.train, training.optimizer, normalize, epoch,
+                                       bar, task, training.scheduler, training.scaler, training.amp, training.ema,
+                                       cfg.max_loss))
+            # the train loader as the method sees it: batches without the hidden labels
+            method.on_epoch_end(epoch, model, MethodBatches(loaders.train, normalize, method.label_source))
+            row.update(method.epoch_diagnostics())  # what needs no hidden labels (tau...); fn_* came above
+            broadcast_buffers(dist, model)
+            val, selected = validate(training, loaders.val, normalize, dist, epoch)
+            row.update(val, epoch_seconds=time.perf_counter() - t0)
+            stopped = select_and_stop(state, row, selected, cfg)
+            if resume_dir is not None and dist.is_main:
+                state.train_seconds = time.perf_counter() - started
+                state.save(resume_dir, fingerprint)
+            bar.update(task, description=f"{name} val mAP {row['val_map']:.2f}")
+
+    test = evaluate_best(training, state.best, loaders.test, normalize, dist)
+    metrics = run_metrics(run, data, state, test, time.perf_counter() - started, stage1, device, dist, training.amp)
+    if dist.is_main:
+        write_run(out_dir, run, metrics, state.history, state.best)
+        if resume_dir is not None:
+            clear_resume(resume_dir)
+    dist.barrier()
+    return metrics
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

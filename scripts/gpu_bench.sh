@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `spml bench` on a GPU machine that has only torch/torchvision/numpy: AN and IGNORE (and Q2L's methods)
-# at the paper's setting (448 px, batch 16), AMP off and on. Results go to $OUT (default ./bench-out).
+# `spml bench` on a GPU machine that has only torch/torchvision/numpy plus `pip install typer rich pyyaml`
+# (python -m pipeline.cli bench needs no dvc, pycocotools, pyarrow, pandas or scikit-learn): AN and IGNORE (and
+# Q2L's methods) at the paper's setting (448 px, batch 16), AMP off and on. Results go to $OUT (default ./bench-out).
 #   OUT=/tmp/b bash scripts/gpu_bench.sh
 # Tiny CPU dry run: SIZE=64 BATCH=2 STEPS=2 WARMUP=1 DEVICE=cpu RESNET_KW='{"layers":[1,1,1,1],"width_per_group":4}' \
 #   Q2L_KW='{"layers":[1,1,1,1],"width_per_group":4,"hidden_dim":32,"dim_feedforward":64}' bash scripts/gpu_bench.sh
@@ -23,9 +24,9 @@ PY=${PYTHON:-python}
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
 } 2>&1 | tee "$OUT/env.txt"
 
-bench() {  # name, then python -m pipeline.bench arguments
+bench() {  # name, then spml bench arguments
   local name=$1; shift
-  local cmd=($PY -m pipeline.bench --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
+  local cmd=($PY -m pipeline.cli bench --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
              --device "$DEVICE" --weights none "$@")
   echo "\$ ${cmd[*]}" | tee "$OUT/$name.txt"
   timeout "$PER_RUN_TIMEOUT" "${cmd[@]}" 2>&1 | tee -a "$OUT/$name.txt"
@@ -37,9 +38,9 @@ R=(--model resnet50 --methods an,ignore)
 Q=(--model q2l --methods an,ignore,plc-lac)
 [ -n "$Q2L_KW" ] && Q+=(--model-kwargs "$Q2L_KW")
 
-bench resnet50-amp-off "${R[@]}" --amp off
-bench resnet50-amp-on "${R[@]}" --amp on
-bench resnet50-amp-on-cl "${R[@]}" --amp on --channels-last
-bench q2l-amp-on "${Q[@]}" --amp on
-bench q2l-amp-off "${Q[@]}" --amp off
+bench resnet50-amp-off "${R[@]}" --no-amp
+bench resnet50-amp-on "${R[@]}" --amp
+bench resnet50-amp-on-cl "${R[@]}" --amp --channels-last
+bench q2l-amp-on "${Q[@]}" --amp
+bench q2l-amp-off "${Q[@]}" --no-amp
 echo done | tee "$OUT/done.txt"

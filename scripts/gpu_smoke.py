@@ -44,10 +44,11 @@ STUBBED = _stub_missing("pyarrow", "pyarrow.parquet", "sklearn", "sklearn.metric
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import runtime
 from pipeline.data import EvalSet, Normalizer, TrainSet
 from pipeline.methods import MethodContext, build_method
 from pipeline.models import build_model
+from pipeline.runtime.distributed import EpochSampler
+from pipeline.runtime.optim import amp_dtype, build_scheduler
 from pipeline.train import predict, train_one_epoch
 
 TINY = {"resnet50": {"layers": [1, 1, 1, 1], "width_per_group": 4},
@@ -81,9 +82,9 @@ def main() -> int:
     for model_name, method_name in cases:
         for amp_name in ("bf16", "fp16"):
             torch.manual_seed(0)
-            amp = runtime.amp_dtype(True, amp_name, dev)
+            amp = amp_dtype(True, amp_name, dev)
             train = TrainSet(images, observed, full, strong=True)
-            sampler = runtime.EpochSampler(n, 0)
+            sampler = EpochSampler(n, 0)
             loader = DataLoader(train, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                                 pin_memory=dev.type == "cuda", persistent_workers=args.workers > 0,
                                 generator=torch.Generator())
@@ -95,7 +96,7 @@ def main() -> int:
             groups = [gr for gr in model.parameter_groups(1e-5, 10.0) + method.parameter_groups(1e-5)
                       if gr["params"]]
             opt = torch.optim.AdamW(groups, lr=1e-5, weight_decay=1e-2)
-            sched = runtime.build_scheduler("onecycle", opt, 2, len(loader), 0.2)
+            sched = build_scheduler("onecycle", opt, 2, len(loader), 0.2)
             scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
             norm = Normalizer(dev, channels_last=True)
             times = []

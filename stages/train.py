@@ -17,11 +17,12 @@ from typing import Any
 import torch
 import torch.distributed
 
-from pipeline import paths, runtime
+from pipeline import paths
 from pipeline.config import load_params
 from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
+from pipeline.runtime import checkpoint, distributed
 from pipeline.train import RUN_FILES, fit, resolve_run_config, stage1_config
 
 # config.json of a run holds these keys (pipeline.train.RunConfig); together with "only run files"
@@ -32,7 +33,7 @@ RUN_CONFIG_KEYS = {"dataset", "method", "seed", "run_seed", "train", "model_kwar
 def resume_dir_for(dataset: str, method: str, seed: int, out_dir: Path | None) -> Path:
     """runs/.resume/<dataset>/<method>/<seed> (outside DVC's outputs), or <out>/../.resume/<name> for --out."""
     if out_dir is None:
-        return runtime.resume_dir(dataset, method, seed)
+        return checkpoint.resume_dir(dataset, method, seed)
     out_dir = Path(os.path.abspath(out_dir))  # `--out .` or `--out x/..` have no usable name otherwise
     return out_dir.parent / ".resume" / out_dir.name
 
@@ -86,7 +87,7 @@ def check_resume_dir(resume_dir: Path) -> None:
                 raise SpmlError(f"cannot keep the resume checkpoint in {resume_dir}: {parent} is a file; "
                                 "move it away or pass another --out")
             break
-    foreign = runtime.foreign_resume_files(resume_dir)
+    foreign = checkpoint.foreign_resume_files(resume_dir)
     if foreign:
         raise SpmlError(f"resume folder {resume_dir} holds files that are not resume checkpoints "
                         f"({', '.join(foreign[:3])}); move them away or pass another --out")
@@ -107,8 +108,8 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     resume_dir = resume_dir_for(dataset, method, seed, out_dir)
     check_resume_dir(resume_dir)
     if not resume:
-        runtime.clear_resume(resume_dir)
-    dist = runtime.init_distributed(run_cfg.train.device)
+        checkpoint.clear_resume(resume_dir)
+    dist = distributed.init_distributed(run_cfg.train.device)
     try:
         with contextlib.ExitStack() as stack:
             init_model, stage1 = None, None
@@ -117,12 +118,12 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
                 stage1_resume = resume_dir.with_name(f"{resume_dir.name}.stage1")  # its own checkpoints
                 check_resume_dir(stage1_resume)
                 if not resume:
-                    runtime.clear_resume(stage1_resume)
+                    checkpoint.clear_resume(stage1_resume)
                 stage1_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 stage1 = fit(stage1_cfg, stage1_dir, stage1_resume, dist)
                 init_model = torch.load(stage1_dir / "best.pt", map_location="cpu", weights_only=True)["model"] \
                     if dist.is_main else None
-                init_model = runtime.broadcast_object(dist, init_model)
+                init_model = distributed.broadcast_object(dist, init_model)
             out = Path(stack.enter_context(tempfile.TemporaryDirectory())) if not dist.is_main \
                 else stack.enter_context(atomic_dir(target))
             metrics = fit(run_cfg, out, resume_dir, dist, init_model=init_model, stage1=stage1)

@@ -1,4 +1,4 @@
-"""`spml bench` / `python -m pipeline.bench`: tiny smoke runs (no timing assertions)."""
+"""`spml bench`: tiny smoke runs (no timing assertions), and the bench resolving what `spml train` resolves."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import bench, runtime
+from pipeline import bench
 from pipeline.cli import app
+from pipeline.config import load_params
+from pipeline.errors import SpmlError
+from pipeline.runtime import host
+from pipeline.train import resolve_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "4", "--image-size", "16", "--steps", "2", "--warmup", "1", "--num-classes", "5",
@@ -32,7 +36,7 @@ def test_cli_bench_prints_one_line_per_method_with_ratio(tmp_path, monkeypatch):
 def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["bench", "--methods", "an"] + TINY)  # no params.yaml here
-    assert result.exit_code == 2 and "params models.smallcnn.width, models.smallcnn.weights are missing" in " ".join(
+    assert result.exit_code == 2 and "params file params.yaml does not exist" in " ".join(
         result.output.split()) and "pass --params" in " ".join(result.output.split())
     assert "Traceback" not in result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an,nope", "--params", REPO / "params.yaml"] + TINY)
@@ -42,16 +46,27 @@ def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--host-malloc 'jemalloc': use cache or system" in result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an", "--prepare", "voc2012", "--params", REPO / "params.yaml"]
                                  + TINY)
-    if not (REPO / "pipeline" / "bench_prepare.py").exists():
-        assert result.exit_code == 2 and "bench_prepare" in result.output
+    assert result.exit_code == 2 and "--prepare supports coco2014 only" in result.output
+    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--image-size", "8", "--params", REPO / "params.yaml"]
+                                 + TINY[:2] + TINY[4:])
+    assert result.exit_code == 2 and "--image-size must be >= 16" in result.output
 
 
-def test_module_entry_point_runs_without_typer(tmp_path):
-    code = ("import sys; sys.modules['typer'] = None; sys.modules['dvc'] = None; "
-            "from pipeline.bench import main; sys.exit(main(sys.argv[1:]))")
-    out = subprocess.run([sys.executable, "-c", code, "--methods", "an,an-cons", "--params", str(REPO / "params.yaml")]
-                         + TINY, cwd=tmp_path, check=False,
-                         capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": ""})
+# What the GPU machine lacks (docs/bench-gpu.md); typer, rich and pyyaml are installed there for `spml bench`.
+ABSENT_ON_GPU_MACHINE = ("dvc", "pycocotools", "pyarrow", "pandas", "sklearn")
+
+
+def spml_without(absent: tuple[str, ...], *args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m pipeline.cli ARGS` in a fresh process in which importing any of ``absent`` fails."""
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({absent!r})); sys.argv = ['spml', *sys.argv[1:]]; "
+            "runpy.run_module('pipeline.cli', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, check=False, capture_output=True, text=True,
+                          timeout=timeout, env={"PYTHONPATH": str(REPO), "PATH": "", "SPML_NO_PROGRESS": "1"})
+
+
+def test_cli_bench_runs_without_dvc_pycocotools_pyarrow_pandas_sklearn(tmp_path):
+    out = spml_without(ABSENT_ON_GPU_MACHINE, "bench", "--methods", "an,an-cons", "--params",
+                       str(REPO / "params.yaml"), *TINY, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "an-cons" in out.stdout and "x vs an" in out.stdout
 
@@ -63,7 +78,9 @@ def test_bench_batches_hold_no_hidden_labels_and_full_trains_on_them(monkeypatch
     from pipeline.methods import get_method_class
 
     data = bench.random_data(8, 5, 16, seed=0)
-    pairs = bench._batches(data, 4, torch.device("cpu"), False, 0)
+    from pipeline.data import Normalizer
+
+    pairs = bench._batches(data, 4, Normalizer(torch.device("cpu")), False, 0, "observed")
     for (batch, hidden), rows in zip(pairs, (slice(0, 4), slice(4, 8)), strict=True):
         assert not hasattr(batch, "full") and torch.equal(batch.observed, data.observed[rows])
         assert torch.equal(hidden.full, data.full[rows])
@@ -72,11 +89,52 @@ def test_bench_batches_hold_no_hidden_labels_and_full_trains_on_them(monkeypatch
     step = full_cls.training_step
     monkeypatch.setattr(full_cls, "training_step", lambda self, model, batch, epoch: (
         seen.append(batch), step(self, model, batch, epoch))[1])
-    bench.run_bench(["full"], image_size=16, batch_size=4, steps=2, warmup=0, device="cpu", num_classes=5,
-                    params_path=REPO / "params.yaml", num_batches=2, threads=1)
+    bench.run_bench(["full"], REPO / "params.yaml", steps=2, warmup=0, num_classes=5, num_batches=2, device="cpu",
+                    threads=1, batch_size=4, image_size=16)
     assert len(seen) >= 2
     for batch in seen:
         assert torch.equal(batch.observed, data.full[batch.index])
+
+
+def test_bench_resolves_each_method_as_train_does():
+    """An ablation (ignore-gap: its own block, IGNORE's values through params.yaml's anchor) and a dataset block
+    (the synthetic EMA decays) reach the bench exactly as they reach `spml train`."""
+    params = load_params(REPO / "params.yaml")
+    runs = bench.bench_configs(params, "synthetic", ["ignore", "ignore-gap", "an"], 0)
+    for run in runs:
+        train = resolve_run_config(params, "synthetic", run.method, 0)
+        assert run.method_params == train.method_params and run.train == train.train
+        assert run.model_kwargs == {**train.model_kwargs, "weights": "none"}  # random trunk: no download
+    assert runs[1].method_params["gap_decay"] == 0.99714  # its synthetic block
+    assert runs[1].method_params["cam_threshold"] == params["method_params"]["ignore"]["default"]["cam_threshold"]
+    # an option replaces the params value; --model rescopes every block by the new model
+    run = bench.bench_configs(params, "synthetic", ["ignore"], 0, "q2l", {"batch_size": 4})[0]
+    train = resolve_run_config(params, "synthetic", "ignore", 0, "q2l")
+    assert run.train.model == "q2l" and run.train.batch_size == 4 and run.method_params["spbc_weight"] == 0.5
+    assert run.method_params == train.method_params
+
+
+def test_bench_refuses_methods_whose_protocols_disagree_on_the_batch():
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    with pytest.raises(SpmlError, match=r"train.batch_size .*; pass --batch-size"):
+        bench.bench_configs(params, "synthetic", ["an", "em"], 0)
+    runs = bench.bench_configs(params, "synthetic", ["an", "em"], 0, overrides={"batch_size": 8})
+    assert {run.train.batch_size for run in runs} == {8}
+
+
+def test_bench_steps_the_schedule_and_ema_the_loop_would(tmp_path):
+    """The timed step is the loop's: a OneCycle schedule and a weight EMA step with it (and the schedule,
+    sized for the bench's steps, does not run out)."""
+    from tests.conftest import tiny_params, write_params
+
+    params = tiny_params()
+    params["train"]["default"].update(scheduler="onecycle", weight_ema=0.9)
+    write_params(tmp_path, params)
+    results, header = bench.run_bench(["an", "ignore"], tmp_path / "params.yaml", steps=3, warmup=2, num_classes=5,
+                                      device="cpu", threads=1, batch_size=4, image_size=16)
+    assert [r.method for r in results] == ["an", "ignore"] and all(len(r.times_ms) == 3 for r in results)
+    assert header["batch"] == 4 and header["image_size"] == 16
 
 
 def test_results_are_relative_to_an():
@@ -92,11 +150,9 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 def test_cached_host_memory_leaves_ignore_steps_without_page_faults(tmp_path):
     """The synthetic model at its real size (64 px, batch 32): with glibc's defaults IGNORE's step page-faults
     its activations in again (thousands of faults a step); with the cache, steady-state steps fault ~never."""
-    code = "import sys; from pipeline.bench import main; sys.exit(main(sys.argv[1:]))"
-    out = subprocess.run([sys.executable, "-c", code, "--methods", "an,ignore", "--steps", "10", "--warmup", "4",
-                          "--device", "cpu", "--threads", "1", "--host-malloc", "cache",
-                          "--params", str(REPO / "params.yaml")], cwd=tmp_path, check=False,
-                         capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    out = spml_without((), "bench", "--methods", "an,ignore", "--steps", "10", "--warmup", "4", "--device", "cpu",
+                       "--threads", "1", "--host-malloc", "cache", "--params", str(REPO / "params.yaml"),
+                       cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "host_malloc=cache" in out.stdout.splitlines()[0]
     faults = {ln.split()[0]: float(re.search(r"(\d+) page faults/step", ln).group(1))
@@ -105,7 +161,7 @@ def test_cached_host_memory_leaves_ignore_steps_without_page_faults(tmp_path):
 
 
 def test_cache_host_memory_is_a_no_op_off_glibc(monkeypatch):
-    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
-    assert runtime.cache_host_memory() is False
-    monkeypatch.setattr(runtime.platform, "system", lambda: "Darwin")
-    assert runtime.cache_host_memory() is False
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: ("", ""))
+    assert host.cache_host_memory() is False
+    monkeypatch.setattr(host.platform, "system", lambda: "Darwin")
+    assert host.cache_host_memory() is False

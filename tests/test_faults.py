@@ -19,12 +19,13 @@ from real_fixtures import make_voc
 from test_download import archive_for, server  # noqa: F401 - `server` is a fixture used below
 from typer.testing import CliRunner
 
-from pipeline import runtime
 from pipeline.cli import app
 from pipeline.datasets import coco2014, cub, voc2012
 from pipeline.download import fetch
 from pipeline.errors import SpmlError
 from pipeline.io import write_json
+from pipeline.runtime import checkpoint
+from pipeline.runtime.checkpoint import Checkpoint
 from stages import sample as sample_stage
 from stages import train as train_stage
 from tests.conftest import tiny_params, write_params
@@ -145,8 +146,8 @@ def test_p01_clear_resume_removes_only_checkpoints(tmp_path):
     folder.mkdir(parents=True)
     for name in ("last.pt", "best-e3.pt", ".last.pt.tmp-1-x", "best-notes.pt", "keep.txt"):
         (folder / name).write_text(name)
-    assert runtime.foreign_resume_files(folder) == ["best-notes.pt", "keep.txt"]
-    runtime.clear_resume(folder)
+    assert checkpoint.foreign_resume_files(folder) == ["best-notes.pt", "keep.txt"]
+    checkpoint.clear_resume(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["best-notes.pt", "keep.txt"]
 
 
@@ -154,19 +155,33 @@ def test_p01_clear_resume_removes_only_checkpoints(tmp_path):
 
 
 def _kill_after_first_epoch(monkeypatch, workspace: Path, out: Path) -> Path:
-    original = runtime.save_resume
+    original = Checkpoint.save
 
-    def save_then_die(directory, state, best_model, best_epoch):
-        original(directory, state, best_model, best_epoch)
+    def save_then_die(self, directory, fingerprint):
+        original(self, directory, fingerprint)
         raise Killed  # as if the process were killed right after epoch 1's checkpoint
 
-    monkeypatch.setattr(runtime, "save_resume", save_then_die)
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
     with pytest.raises(Killed):
         train_stage.run("synthetic", "an", 0, out_dir=out)
-    monkeypatch.setattr(runtime, "save_resume", original)
+    monkeypatch.setattr(Checkpoint, "save", original)
     resume_dir = train_stage.resume_dir_for("synthetic", "an", 0, out)
     assert (resume_dir / "last.pt").exists()
     return resume_dir
+
+
+def _record_loads(monkeypatch) -> list[int | None]:
+    """Per Checkpoint.load call: the epoch it resumed after, or None where it started over."""
+    loads: list[int | None] = []
+    real_load = Checkpoint.load
+
+    def load(self, *args):
+        resumed = real_load(self, *args)
+        loads.append(self.epoch if resumed else None)
+        return resumed
+
+    monkeypatch.setattr(Checkpoint, "load", load)
+    return loads
 
 
 def _read_run(folder: Path):
@@ -186,9 +201,7 @@ def test_p03_resume_discarded_after_resampling(tiny_workspace, monkeypatch, caps
     assert sampled.read_bytes() != old  # other observed labels: the checkpoint was trained on stale ones
     capsys.readouterr()
 
-    loads = []
-    real_load = runtime.load_resume
-    monkeypatch.setattr(runtime, "load_resume", lambda *a: loads.append(r := real_load(*a)) or r)
+    loads = _record_loads(monkeypatch)
     train_stage.run("synthetic", "an", 0, out_dir=out)
     notice = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice:")]
     assert loads == [None]
@@ -213,16 +226,14 @@ def test_p03_resume_fingerprint_covers_code_config_and_format(tiny_workspace, mo
     out = tiny_workspace / "run"
     resume_dir = _kill_after_first_epoch(monkeypatch, tiny_workspace, out)
     if change == "code":
-        monkeypatch.setattr(runtime, "code_fingerprint", lambda: "another-version")
+        monkeypatch.setattr(checkpoint, "code_fingerprint", lambda: "another-version")
     elif change == "config":
         set_params(tiny_workspace, epochs=2, lr=1e-3)
     else:  # a checkpoint written by the previous format, keyed by the config alone
         state = torch.load(resume_dir / "last.pt", weights_only=False)
         torch.save({**state, "fingerprint": state["fingerprint"]["config"], "format": 1}, resume_dir / "last.pt")
     capsys.readouterr()
-    loads = []
-    real_load = runtime.load_resume
-    monkeypatch.setattr(runtime, "load_resume", lambda *a: loads.append(r := real_load(*a)) or r)
+    loads = _record_loads(monkeypatch)
     train_stage.run("synthetic", "an", 0, out_dir=out)
     assert loads == [None]
     assert words in capsys.readouterr().err
@@ -232,12 +243,10 @@ def test_p03_unchanged_run_still_resumes(tiny_workspace, monkeypatch, capsys):
     set_params(tiny_workspace, epochs=2)
     out = tiny_workspace / "run"
     _kill_after_first_epoch(monkeypatch, tiny_workspace, out)
-    loads = []
-    real_load = runtime.load_resume
-    monkeypatch.setattr(runtime, "load_resume", lambda *a: loads.append(r := real_load(*a)) or r)
+    loads = _record_loads(monkeypatch)
     capsys.readouterr()
     train_stage.run("synthetic", "an", 0, out_dir=out)
-    assert loads and loads[0] is not None and loads[0][0]["epoch"] == 1
+    assert loads == [1]
     assert "notice:" not in capsys.readouterr().err
 
 

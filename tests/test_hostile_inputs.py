@@ -18,12 +18,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import runtime
 from pipeline.cli import app
 from pipeline.config import Range, parse_dataclass
 from pipeline.data import cached_images
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir, atomic_file, write_text
+from pipeline.runtime import host
 from pipeline.tables import read_label_table, write_label_table
 from pipeline.train import TrainConfig, resolve_run_config
 from tests.conftest import tiny_params, write_params
@@ -371,22 +371,22 @@ def test_p11_usable_cpus_reads_affinity_and_cgroup_quota(tmp_path, cpu_max, v1, 
         (tmp_path / "cpu").mkdir()
         (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0])
         (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1])
-    assert runtime.usable_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
+    assert host.usable_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
 
 
 def test_p11_usable_cpus_follows_the_affinity_mask(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
-    assert runtime.usable_cpus(tmp_path) == 5
+    assert host.usable_cpus(tmp_path) == 5
     (tmp_path / "cpu.max").write_text("300000 100000\n")
-    assert runtime.usable_cpus(tmp_path) == 3
+    assert host.usable_cpus(tmp_path) == 3
 
 
 def test_p11_thread_count_precedence():
-    assert runtime.torch_threads(3, {}) == 3
-    assert runtime.torch_threads(3, {"SPML_THREADS": "1"}) == 1  # the launcher of side-by-side runs wins
-    assert runtime.torch_threads(None, {}) == runtime.usable_cpus()
+    assert host.torch_threads(3, {}) == 3
+    assert host.torch_threads(3, {"SPML_THREADS": "1"}) == 1  # the launcher of side-by-side runs wins
+    assert host.torch_threads(None, {}) == host.usable_cpus()
     with pytest.raises(SpmlError, match="SPML_THREADS='0' must be a positive integer"):
-        runtime.torch_threads(None, {"SPML_THREADS": "0"})
+        host.torch_threads(None, {"SPML_THREADS": "0"})
 
 
 def test_p11_fit_applies_the_thread_count(tiny_workspace):

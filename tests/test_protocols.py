@@ -158,7 +158,7 @@ def test_early_stopping_rules(rule, value, history, stop):
 
 
 def test_weight_ema_tracks_weights_and_copies_counters():
-    from pipeline.runtime import WeightEMA
+    from pipeline.runtime.optim import WeightEMA
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema = WeightEMA(model, 0.9)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import runtime
+from pipeline.runtime.checkpoint import Checkpoint
 from stages import train as train_stage
 from tests.conftest import tiny_params, write_params
 
@@ -28,8 +28,7 @@ def _params(workspace, epochs: int = 3, model: str = "smallcnn") -> None:
     params["train"]["default"].update(epochs=epochs, scheduler="onecycle", lr=3e-3, model=model)
     params["models"]["q2l"] = TINY_Q2L
     # plc-lac: the LAC queue is method state carried across the kill; q2l adds dropout (RNG state)
-    params["method_params"]["plc-lac"] = {"default": {"stage1_epochs": 0, "threshold": 0.6, "queue_size": 64,
-                                                      "proj_dim": 8}}
+    params["method_params"]["plc-lac"]["default"].update(stage1_epochs=0, threshold=0.6, queue_size=64, proj_dim=8)
     if model == "q2l":
         params["train"]["default"]["batch_size"] = 32
     write_params(workspace, params)
@@ -54,26 +53,26 @@ def test_killed_then_resumed_equals_uninterrupted(tiny_workspace, monkeypatch, m
 
     resumed = tiny_workspace / "resumed"
     resume_dir = train_stage.resume_dir_for("synthetic", method, 0, resumed)
-    original = runtime.save_resume
+    original = Checkpoint.save
 
-    def save_then_die(directory, state, best_model, best_epoch):
-        original(directory, state, best_model, best_epoch)
-        if state["epoch"] == kill_after:
+    def save_then_die(self, directory, fingerprint):
+        original(self, directory, fingerprint)
+        if self.epoch == kill_after:
             raise Killed  # as if the process were killed right after this epoch's checkpoint
 
-    monkeypatch.setattr(runtime, "save_resume", save_then_die)
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
     with pytest.raises(Killed):
         train_stage.run("synthetic", method, 0, out_dir=resumed)
     assert not resumed.exists()  # nothing half-written
     assert (resume_dir / "last.pt").exists()
     assert torch.load(resume_dir / "last.pt", weights_only=False)["epoch"] == kill_after
-    monkeypatch.setattr(runtime, "save_resume", original)
+    monkeypatch.setattr(Checkpoint, "save", original)
 
     calls = []
-    real_load = runtime.load_resume
-    monkeypatch.setattr(runtime, "load_resume", lambda *a: calls.append(r := real_load(*a)) or r)
+    real_load = Checkpoint.load
+    monkeypatch.setattr(Checkpoint, "load", lambda self, *a: calls.append(r := real_load(self, *a)) or r)
     train_stage.run("synthetic", method, 0, out_dir=resumed)
-    assert calls and calls[0] is not None  # it did resume rather than start over
+    assert calls == [True]  # it did resume rather than start over
     assert not resume_dir.exists()
 
     m1, h1, s1 = _read(straight)
@@ -89,25 +88,25 @@ def test_changed_config_starts_over_and_no_resume_flag(tiny_workspace, monkeypat
     _params(tiny_workspace, epochs=1)
     out = tiny_workspace / "run"
     resume_dir = train_stage.resume_dir_for("synthetic", "an", 0, out)
-    original = runtime.save_resume
+    original = Checkpoint.save
 
-    def die(directory, state, best_model, best_epoch):
-        original(directory, state, best_model, best_epoch)
+    def die(self, directory, fingerprint):
+        original(self, directory, fingerprint)
         raise Killed
 
-    monkeypatch.setattr(runtime, "save_resume", die)
+    monkeypatch.setattr(Checkpoint, "save", die)
     with pytest.raises(Killed):
         train_stage.run("synthetic", "an", 0, out_dir=out)
-    monkeypatch.setattr(runtime, "save_resume", original)
+    monkeypatch.setattr(Checkpoint, "save", original)
     assert (resume_dir / "last.pt").exists()
 
     # another config: the checkpoint does not fit and is ignored (a fresh 2-epoch run)
     _params(tiny_workspace, epochs=2)
     fingerprint_calls = []
-    real_load = runtime.load_resume
-    monkeypatch.setattr(runtime, "load_resume", lambda *a: fingerprint_calls.append(r := real_load(*a)) or r)
+    real_load = Checkpoint.load
+    monkeypatch.setattr(Checkpoint, "load", lambda self, *a: fingerprint_calls.append(r := real_load(self, *a)) or r)
     metrics = train_stage.run("synthetic", "an", 0, out_dir=out)
-    assert fingerprint_calls == [None] and metrics["epochs"] == 2
+    assert fingerprint_calls == [False] and metrics["epochs"] == 2
 
     # --no-resume deletes a leftover checkpoint before training
     resume_dir.mkdir(parents=True)

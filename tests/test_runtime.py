@@ -10,15 +10,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline import runtime
 from pipeline.config import parse_dataclass
 from pipeline.data import ImageArray, TrainSet, cached_images
 from pipeline.errors import SpmlError
+from pipeline.runtime.distributed import EpochSampler
+from pipeline.runtime.optim import amp_dtype, build_scheduler
 from pipeline.train import TrainConfig
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_cover_everything():
-    s = runtime.EpochSampler(10, seed=5)
+    s = EpochSampler(10, seed=5)
     s.set_epoch(1)
     first = list(s)
     assert sorted(i for i, _ in first) == list(range(10))
@@ -29,7 +30,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_cover_everythi
     s.set_epoch(1)
     shards = []
     for rank in (0, 1, 2):
-        r = runtime.EpochSampler(10, seed=5, rank=rank, world_size=3)
+        r = EpochSampler(10, seed=5, rank=rank, world_size=3)
         r.set_epoch(1)
         shards.append(list(r))
         assert len(shards[-1]) == len(r) == 4
@@ -37,7 +38,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_cover_everythi
     seeds = dict(first)
     assert all(seeds[i] == seed for shard in shards for i, seed in shard)  # a row's seed is rank-independent
     # evaluation: in order, disjoint, no padding
-    ev = [list(runtime.EpochSampler(7, 0, shuffle=False, rank=r, world_size=2)) for r in (0, 1)]
+    ev = [list(EpochSampler(7, 0, shuffle=False, rank=r, world_size=2)) for r in (0, 1)]
     assert sorted(i for shard in ev for i, _ in shard) == list(range(7))
 
 
@@ -56,7 +57,7 @@ def test_augmentation_depends_on_the_sample_seed_only():
     assert any(not torch.equal(ds[(3, s)]["strong"], a["strong"]) for s in range(5))
 
     def batches(workers):
-        sampler = runtime.EpochSampler(12, seed=3)
+        sampler = EpochSampler(12, seed=3)
         sampler.set_epoch(2)
         loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers, generator=torch.Generator())
         return [(b["index"], b["image"], b["strong"]) for b in loader]
@@ -112,16 +113,16 @@ def test_broken_image_fails_the_cache_cleanly(tmp_path):
 
 
 def test_amp_is_opt_in_and_onecycle_follows_torch_per_iteration():
-    assert runtime.amp_dtype(True, "auto", torch.device("cpu")) is None
-    assert runtime.amp_dtype(True, "fp16", torch.device("cpu")) is None
-    assert runtime.amp_dtype(True, "bf16", torch.device("cpu")) is torch.bfloat16  # explicit CPU bf16
-    assert runtime.amp_dtype(False, "bf16", torch.device("cpu")) is None
-    assert runtime.amp_dtype(False, "bf16", torch.device("cuda")) is None
+    assert amp_dtype(True, "auto", torch.device("cpu")) is None
+    assert amp_dtype(True, "fp16", torch.device("cpu")) is None
+    assert amp_dtype(True, "bf16", torch.device("cpu")) is torch.bfloat16  # explicit CPU bf16
+    assert amp_dtype(False, "bf16", torch.device("cpu")) is None
+    assert amp_dtype(False, "bf16", torch.device("cuda")) is None
     model = torch.nn.Linear(2, 2)
     groups = [{"params": [model.weight], "lr": 1e-5}, {"params": [model.bias], "lr": 1e-4}]
     opt = torch.optim.AdamW(groups, lr=1e-5)
-    assert runtime.build_scheduler("none", opt, 3, 10, 0.2) is None
-    sched = runtime.build_scheduler("onecycle", opt, 3, 10, 0.2)  # 30 iterations, the peak after 20%
+    assert build_scheduler("none", opt, 3, 10, 0.2) is None
+    sched = build_scheduler("onecycle", opt, 3, 10, 0.2)  # 30 iterations, the peak after 20%
     lrs = []
     for _ in range(30):
         lrs.append([g["lr"] for g in opt.param_groups])
