@@ -102,28 +102,53 @@ def test_train_and_ablate_cells_differ_only_in_the_method_module():
     assert stages["train"]["params"] == stages["ablate"]["params"]
 
 
-def test_a_training_run_imports_only_its_cells_dependencies(tiny_workspace):
-    """Train em for real (tiny) in a fresh interpreter and list every module of the project it imported:
-    each one that can change a number must be a dependency of the cell in dvc.yaml."""
-    script = ("import json, sys\nfrom stages import train\ntrain.run('synthetic', 'em', 0)\n"
+def imported_by(workspace: Path, call: str) -> set[str]:
+    """The project modules a fresh interpreter imports while running ``call`` in ``workspace``."""
+    script = (f"import json, sys\n{call}\n"
               "print(json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) "
               "if getattr(m, '__file__', None))))")
     env = dict(os.environ, PYTHONPATH=str(REPO), SPML_NO_PROGRESS="1")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tiny_workspace, env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=workspace, env=env, check=True,
                          capture_output=True, text=True).stdout
-    imported = {os.path.relpath(f, REPO) for f in json.loads(out.splitlines()[-1])
-                if f.startswith((str(REPO / "pipeline") + os.sep, str(REPO / "stages") + os.sep))}
+    return {os.path.relpath(f, REPO) for f in json.loads(out.splitlines()[-1])
+            if f.startswith((str(REPO / "pipeline") + os.sep, str(REPO / "stages") + os.sep))}
+
+
+# modules that cannot change a number: errors, paths, progress bars, atomic writes, the version string
+HARMLESS = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/paths.py", "pipeline/progress.py",
+            "pipeline/io.py", "pipeline/runtime/__init__.py", "stages/__init__.py"}
+
+
+def uncovered(imported: set[str], deps: list[str], also_harmless: tuple[str, ...] = ()) -> list[str]:
+    return sorted(f for f in imported if f not in HARMLESS and not f.startswith(also_harmless)
+                  and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+
+
+def test_a_training_run_imports_only_its_cells_dependencies(tiny_workspace):
+    """Train em for real (tiny) in a fresh interpreter and list every module of the project it imported:
+    each one that can change a number must be a dependency of the cell in dvc.yaml."""
+    imported = imported_by(tiny_workspace, "from stages import train\ntrain.run('synthetic', 'em', 0)")
     deps = [d.replace("${item.method}", "em") for d in stage_deps("train") if not d.startswith("data/")]
-    # modules that cannot change a number: errors, paths, progress bars, atomic writes, the version string,
-    # the dataset sources (`prepare`'s business: a cell reads the prepared tables, which are its deps)
-    harmless = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/paths.py", "pipeline/progress.py",
-                "pipeline/io.py", "pipeline/download.py", "stages/__init__.py"}
-    uncovered = sorted(f for f in imported if f not in harmless and not f.startswith("pipeline/datasets/")
-                       and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
-    assert not uncovered, f"imported by a training run but not a dependency of its cell: {uncovered}"
+    # the dataset sources are `prepare`'s business: a cell reads the prepared tables, which are its deps
+    missing = uncovered(imported, deps, ("pipeline/datasets/", "pipeline/download.py"))
+    assert not missing, f"imported by a training run but not a dependency of its cell: {missing}"
     assert "pipeline/methods/em.py" in imported
     others = {f"pipeline/methods/{m}.py" for m in METHODS.names()} - {"pipeline/methods/em.py"}
     assert not imported & others, "training em imported another method's module"
+
+
+def test_pretraining_imports_only_the_pretrain_stages_dependencies(tiny_workspace):
+    imported = imported_by(tiny_workspace, "from stages import pretrain\npretrain.run()")
+    deps = stage_deps("pretrain")
+    # the other model modules are imported by the registry's scan for `smallcnn` and build nothing here
+    models = tuple(f"pipeline/models/{p.name}" for p in (REPO / "pipeline/models").glob("*.py")
+                   if p.name not in ("__init__.py", "small_cnn.py"))
+    # pipeline/data.py imports the method base for the Batch types Normalizer.batch builds; pretraining calls
+    # only Normalizer's image scaling (data.py, a dependency)
+    types_only = ("pipeline/methods/__init__.py", "pipeline/methods/diagnostics.py")
+    missing = uncovered(imported, deps, ("pipeline/datasets/__init__.py", "pipeline/download.py", *models,
+                                         *types_only))
+    assert not missing, f"imported by pretraining but not a dependency of the pretrain stage: {missing}"
 
 
 # --------------------------------------------------------------------------- one source of truth
