@@ -19,10 +19,13 @@ timed steps alternate between the methods (step 1 of every method, then step 2, 
 machine load affects all of them alike. Data loading and augmentation are not timed. The step runs at the
 last epoch of the configured run, past any warm-up, so methods that reject after a warm-up do so.
 
-Host memory: like ``spml train``, the bench first makes glibc's malloc keep freed memory for reuse
-(``runtime.host.cache_host_memory``; params ``train.host_malloc_cache``); ``--host-malloc system`` times
-glibc's default instead, which page-faults each step's activations in again (it costs IGNORE, with its larger
-working set, relatively more than AN). The header line says which one ran.
+Host memory: like ``spml train``, the bench runs with a caching allocator (jemalloc, else tcmalloc) when
+one is installed, preloaded by the ``spml`` command's re-exec (``runtime.host.preload_allocator``; params
+``train.host_allocator``), else with glibc's malloc made to keep freed memory for reuse
+(``runtime.host.cache_host_memory``; params ``train.host_malloc_cache``). ``--host-malloc`` picks one:
+jemalloc, tcmalloc, cache (glibc keeping blocks up to 32 MiB), system (glibc's default, which page-faults each
+step's activations in again; it costs IGNORE, with its larger working set, relatively more than AN). The
+header line says which one ran (``host_malloc=``).
 
 Output, one line per method: median ms/step, images/s, ratio of the median to AN's as ``N.NNx``, the median
 minor page faults of the process per step (Unix), and memory:
@@ -55,7 +58,7 @@ from pipeline.errors import SpmlError
 from pipeline.methods import Batch, MethodContext, get_method_class
 from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels
 from pipeline.runtime.distributed import DistContext
-from pipeline.runtime.host import THREADS_ENV, cache_host_memory, usable_cpus
+from pipeline.runtime.host import THREADS_ENV, host_memory, usable_cpus
 from pipeline.train import (
     MIN_IMAGE_SIZE,
     RunConfig,
@@ -74,7 +77,8 @@ PREPARED_IMAGE_SIZE = 64  # --prepare: the size of the random images that go wit
 PREPARED_ROWS = 512  # --prepare: how many prepared training rows the bench trains on
 # train settings all methods of one bench share (one process, one set of batches), and the option that sets each
 SHARED_SETTINGS = {"image_size": "--image-size", "batch_size": "--batch-size", "channels_last": "--channels-last",
-                   "device": "--device", "threads": "--threads", "host_malloc_cache": "--host-malloc"}
+                   "device": "--device", "threads": "--threads", "host_allocator": "--host-malloc",
+                   "host_malloc_cache": "--host-malloc"}
 
 
 @dataclass
@@ -94,7 +98,7 @@ class BenchResult:
     memory_mib: float | None = None
     memory_step_mib: float | None = None
     memory_kind: str = ""
-    host_malloc: str = ""  # "cache" (runtime.host.cache_host_memory applied) or "system"
+    host_malloc: str = ""  # jemalloc, tcmalloc, or glibc's: cache (runtime.host.cache_host_memory) or system
     page_faults: list[int] = field(default_factory=list)  # minor page faults of the process per timed step
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -222,7 +226,7 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
               model_kwargs: dict[str, Any] | None = None,
               **overrides: Any) -> tuple[list[BenchResult], dict[str, Any]]:
     """Time ``methods``' training steps. ``overrides``: ``train`` values replaced for every method
-    (image_size, batch_size, device, threads, amp, channels_last, host_malloc_cache).
+    (image_size, batch_size, device, threads, amp, channels_last, host_allocator, host_malloc_cache).
 
     Returns one result per method and the settings the bench ran with (the ``# ...`` line)."""
     if not methods:
@@ -236,8 +240,8 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
     runs = bench_configs(load_params(params_path), dataset, methods, seed, model, overrides, model_kwargs, weights)
     cfg = runs[0].train  # what every method shares (bench_configs checked)
     device = setup_process(cfg, DistContext())
-    # asked again only to report it: the call is idempotent and says whether glibc took the setting
-    malloc_used = "cache" if cfg.host_malloc_cache and cache_host_memory() else "system"
+    # asked again only to report it: the call is idempotent and says what runs
+    malloc_used = host_memory(cfg.host_allocator, cfg.host_malloc_cache).label
     torch.manual_seed(seed)
     if prepare:
         from pipeline import bench_prepare

@@ -206,8 +206,9 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
           weights: Annotated[str | None, typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
           model_kwargs: Annotated[str | None, typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
           host_malloc: Annotated[str | None, typer.Option(
-              help="cache: glibc malloc keeps freed memory, as spml train does; system: glibc's default. "
-                   "Default: params train.host_malloc_cache")] = None,
+              help="jemalloc or tcmalloc: that library preloaded (the spml command re-executes itself); cache: "
+                   "glibc malloc keeping freed memory; system: glibc's default. Default: params "
+                   "train.host_allocator and train.host_malloc_cache ($SPML_ALLOCATOR wins, as in spml train)")] = None,
           parallel: Annotated[int | None, typer.Option(
               help="N: instead, time N tiny whole trainings one after another and side by side (threads each: "
                    "--threads, default usable CPUs / N)")] = None,
@@ -233,20 +234,25 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
             raise SpmlError(f"--model-kwargs is not valid JSON ({exc})") from None
         if extra is not None and not isinstance(extra, dict):
             raise SpmlError(f"--model-kwargs must be a JSON object such as '{{\"width\": 8}}', got {model_kwargs}")
-        if host_malloc not in (None, "cache", "system"):
-            raise SpmlError(f"--host-malloc {host_malloc!r}: use cache or system")
+        if host_malloc not in (None, "jemalloc", "tcmalloc", "cache", "system"):
+            raise SpmlError(f"--host-malloc {host_malloc!r}: use jemalloc, tcmalloc, cache or system")
         given = {"image_size": image_size, "batch_size": batch_size, "device": device, "threads": threads, "amp": amp,
-                 "channels_last": channels_last,
-                 "host_malloc_cache": None if host_malloc is None else host_malloc == "cache"}
+                 "channels_last": channels_last}
+        if host_malloc is not None:
+            given["host_allocator"] = "glibc" if host_malloc in ("cache", "system") else host_malloc
+            given["host_malloc_cache"] = host_malloc != "system"
+        given = {key: value for key, value in given.items() if value is not None}
         return bench_mod.run_bench(names, params, dataset, model, steps, warmup, num_classes, 0, prepare,
-                                   weights=weights, model_kwargs=extra,
-                                   **{key: value for key, value in given.items() if value is not None})
+                                   weights=weights, model_kwargs=extra, **given)
 
     results, header = _run(_bench)
     typer.echo(bench_mod.format_results(results, header))
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    from pipeline.runtime.host import preload_allocator
+
+    preload_allocator()  # before torch is imported: re-executes train/bench with jemalloc preloaded, if installed
     sys.exit(app())
 
 

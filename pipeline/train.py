@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import platform
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from pipeline.models import build_model, model_names, parse_model_params, weight
 from pipeline.progress import progress_bar
 from pipeline.runtime.checkpoint import Best, Checkpoint, clear_resume, run_fingerprint
 from pipeline.runtime.distributed import DistContext, EpochSampler, broadcast_buffers, gather_arrays
-from pipeline.runtime.host import cache_host_memory, torch_threads
+from pipeline.runtime.host import announcing, host_memory, torch_threads
 from pipeline.runtime.optim import WeightEMA, amp_dtype, autocast, build_scheduler
 
 # pipeline.tables (pyarrow) and pipeline.metrics (scikit-learn) are imported where they are used: `spml bench`
@@ -78,7 +79,10 @@ class TrainConfig:
     strong_num_ops: Annotated[int, Range(ge=0)]  # RandAugment of the strong view
     strong_magnitude: Annotated[int, Range(ge=0, le=30)]  # RandAugment's 31 magnitude bins: 0..30
     deterministic: bool  # torch deterministic algorithms (CPU metrics are then reproducible)
-    host_malloc_cache: bool  # glibc malloc keeps freed memory for reuse (runtime.host.cache_host_memory)
+    # which malloc serves host memory: auto (jemalloc, else tcmalloc, else glibc) | jemalloc | tcmalloc | glibc;
+    # the CLI preloads the library by a re-exec (runtime.host.preload_allocator); $SPML_ALLOCATOR wins
+    host_allocator: Literal["auto", "jemalloc", "tcmalloc", "glibc"]
+    host_malloc_cache: bool  # where glibc's malloc runs: keep freed memory for reuse (runtime.host.cache_host_memory)
     threads: Annotated[int, Range(ge=1)] | None  # torch intra-op threads; None: runtime.host.torch_threads decides
     # a step loss above this (or any non-finite one) stops the run as diverged; None: only non-finite losses
     max_loss: Annotated[float, Range(gt=0)] | None
@@ -203,8 +207,9 @@ def pick_device(name: str) -> torch.device:
 def setup_process(cfg: TrainConfig, dist: DistContext) -> torch.device:
     """Threads, host memory and the device, before any work (``spml bench`` starts the same way)."""
     torch.set_num_threads(torch_threads(cfg.threads))  # before any work (see runtime.host.torch_threads)
-    if cfg.host_malloc_cache:
-        cache_host_memory()
+    memory = host_memory(cfg.host_allocator, cfg.host_malloc_cache)  # the glibc fallback is applied here
+    if announcing() and dist.is_main:  # one line, from the spml command (in-process callers stay quiet)
+        print(memory.notice, file=sys.stderr, flush=True)
     device = pick_device(cfg.device)
     if device.type == "cuda":
         if dist.enabled:

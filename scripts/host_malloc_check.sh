@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# `spml bench` of an vs ignore on the synthetic model with glibc's default malloc and with the host-memory
-# cache, on the CPU (default threads and 2 threads) and, where there is one, the GPU. Needs only torch, typer,
-# rich and pyyaml.
+# `spml bench` of an vs ignore on the synthetic model with glibc's default malloc, with the host-memory
+# cache and, where installed (apt-get install libjemalloc2 libtcmalloc-minimal4), with jemalloc and tcmalloc
+# preloaded, on the CPU (default threads and 2 threads) and, where there is one, the GPU. Needs only torch,
+# typer, rich and pyyaml. ResNet-50 at 224 px instead: ARGS="--model resnet50 --image-size 224 --batch-size 8
+# --weights none" STEPS=20.
 #   OUT=/tmp/m bash scripts/host_malloc_check.sh
 set -u
 OUT=${OUT:-malloc-out}
 STEPS=${STEPS:-40}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
+ARGS=${ARGS:-}
+TIMEOUT=${TIMEOUT:-120}
+MODES=(system cache)
+for lib in jemalloc tcmalloc; do
+  if $PY -c "import sys; from pipeline.runtime.host import find_allocator as f; sys.exit(f('$lib') is None)"; then
+    MODES+=("$lib")
+  fi
+done
 run() {
-  echo "\$ $PY -m pipeline.cli bench --methods an,ignore --steps $STEPS $*"
-  timeout 120 $PY -m pipeline.cli bench --methods an,ignore --steps "$STEPS" "$@" 2>&1
+  echo "\$ $PY -m pipeline.cli bench --methods an,ignore --steps $STEPS $ARGS $*"
+  # shellcheck disable=SC2086  # ARGS: several options
+  timeout "$TIMEOUT" $PY -m pipeline.cli bench --methods an,ignore --steps "$STEPS" $ARGS "$@" 2>&1
 }
 {
   nproc; $PY -c "import torch, platform; print('torch', torch.__version__, platform.libc_ver())"
-  for mode in system cache system cache; do run --device cpu --host-malloc "$mode"; done
+  for round in 1 2; do for mode in "${MODES[@]}"; do run --device cpu --host-malloc "$mode"; done; done
   for mode in system cache; do run --device cpu --threads 2 --host-malloc "$mode"; done
   if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     for mode in system cache; do run --device cuda --host-malloc "$mode"; done

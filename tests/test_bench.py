@@ -41,9 +41,9 @@ def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     assert "Traceback" not in result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an,nope", "--params", REPO / "params.yaml"] + TINY)
     assert result.exit_code == 2 and "unknown method 'nope'" in result.output
-    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--host-malloc", "jemalloc", "--params", REPO / "params.yaml"]
+    result = CliRunner().invoke(app, ["bench", "--methods", "an", "--host-malloc", "nope", "--params", REPO / "params.yaml"]
                                  + TINY)
-    assert result.exit_code == 2 and "--host-malloc 'jemalloc': use cache or system" in result.output
+    assert result.exit_code == 2 and "--host-malloc 'nope': use jemalloc, tcmalloc, cache or system" in result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an", "--prepare", "voc2012", "--params", REPO / "params.yaml"]
                                  + TINY)
     assert result.exit_code == 2 and "--prepare supports coco2014 only" in result.output
@@ -158,6 +158,28 @@ def test_cached_host_memory_leaves_ignore_steps_without_page_faults(tmp_path):
     faults = {ln.split()[0]: float(re.search(r"(\d+) page faults/step", ln).group(1))
               for ln in out.stdout.splitlines()[1:]}
     assert set(faults) == {"an", "ignore"} and faults["ignore"] < 200, out.stdout
+
+
+JEMALLOC = host.find_allocator("jemalloc")
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="libjemalloc2 is not installed (apt-get install libjemalloc2)")
+def test_the_spml_command_preloads_jemalloc_and_ignore_steps_fault_no_pages(tmp_path):
+    """The command re-executes itself once with jemalloc preloaded (params train.host_allocator: auto), says so
+    on stderr and in the header, and IGNORE's steady-state steps fault ~no pages; --host-malloc cache keeps
+    glibc (no re-exec)."""
+    out = spml_without((), "bench", "--methods", "an,ignore", "--steps", "10", "--warmup", "4", "--device", "cpu",
+                       "--threads", "1", "--params", str(REPO / "params.yaml"), cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "host_malloc=jemalloc" in out.stdout.splitlines()[0]
+    assert f"host memory: jemalloc ({JEMALLOC[1]})" in out.stderr and out.stderr.count("host memory:") == 1
+    faults = {ln.split()[0]: float(re.search(r"(\d+) page faults/step", ln).group(1))
+              for ln in out.stdout.splitlines()[1:]}
+    assert set(faults) == {"an", "ignore"} and faults["ignore"] < 200, out.stdout
+    out = spml_without((), "bench", "--methods", "an", *TINY, "--host-malloc", "cache", "--params",
+                       str(REPO / "params.yaml"), cwd=tmp_path)
+    assert out.returncode == 0 and "host_malloc=cache" in out.stdout.splitlines()[0], out.stderr
+    assert "host memory: glibc malloc, cache" in out.stderr
 
 
 def test_cache_host_memory_is_a_no_op_off_glibc(monkeypatch):

@@ -142,3 +142,101 @@ def test_train_config_validates_the_new_options():
     assert cfg.scheduler == "onecycle" and cfg.amp_dtype == "auto"
     with pytest.raises(SpmlError, match="train.scheduler"):
         parse_dataclass(TrainConfig, {**train, "scheduler": "cosine"}, "train")
+
+
+# ---------------------------------------------------------------- host memory: the caching allocator
+
+
+def _libs(tmp_path, *names):
+    """A fake library folder holding ``names`` (empty files: only their presence is looked at)."""
+    folder = tmp_path / "lib"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+    return [folder]
+
+
+def _maps(tmp_path, *libraries):
+    """A fake /proc/self/maps listing ``libraries`` (and libc)."""
+    lines = [f"7f00-7f01 r-xp 00000000 08:01 1 {lib}" for lib in ("/usr/lib/x86_64-linux-gnu/libc.so.6", *libraries)]
+    path = tmp_path / "maps"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_find_allocator_prefers_jemalloc_then_tcmalloc_and_glibc_needs_none(tmp_path):
+    from pipeline.runtime import host
+
+    assert host.find_allocator("auto", _libs(tmp_path)) is None
+    dirs = _libs(tmp_path, "libtcmalloc_minimal.so.4")
+    assert host.find_allocator("auto", dirs) == ("tcmalloc", dirs[0] / "libtcmalloc_minimal.so.4")
+    assert host.find_allocator("jemalloc", dirs) is None
+    dirs = _libs(tmp_path, "libjemalloc.so.2")
+    assert host.find_allocator("auto", dirs) == ("jemalloc", dirs[0] / "libjemalloc.so.2")
+    assert host.find_allocator("tcmalloc", dirs)[0] == "tcmalloc"
+    assert host.find_allocator("glibc", dirs) is None
+    with pytest.raises(SpmlError, match="must be one of auto, jemalloc, tcmalloc, glibc"):
+        host.find_allocator("mimalloc", dirs)
+
+
+def test_reexec_preloads_the_library_once_and_keeps_the_users_settings(tmp_path, monkeypatch):
+    from pipeline.runtime import host
+
+    monkeypatch.setattr(host.platform, "system", lambda: "Linux")
+    dirs, maps = _libs(tmp_path, "libjemalloc.so.2"), _maps(tmp_path)
+    argv = ["-m", "pipeline.cli", "train", "synthetic", "an"]
+    exe, args, env = host.reexec_command("auto", {"LD_PRELOAD": "/opt/mine.so", "PATH": "/bin"}, argv, "/py", dirs,
+                                         maps)
+    assert exe == "/py" and args == ["/py", *argv]
+    assert env["LD_PRELOAD"] == f"{dirs[0] / 'libjemalloc.so.2'} /opt/mine.so" and env["PATH"] == "/bin"
+    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1" and env[host.REEXEC_MARK] == "jemalloc"
+    # the re-executed process (the marker) never re-executes again, even where the preload did not take
+    assert host.reexec_command("auto", env, argv, "/py", dirs, maps) is None
+    # a user's MALLOC_CONF wins; $SPML_ALLOCATOR wins over params; glibc asked for: nothing to do
+    assert host.reexec_command("auto", {"MALLOC_CONF": "narenas:1"}, argv, "/py", dirs, maps)[2]["MALLOC_CONF"] == \
+        "narenas:1"
+    assert host.reexec_command("auto", {host.ALLOCATOR_ENV: "glibc"}, argv, "/py", dirs, maps) is None
+    assert host.reexec_command("glibc", {}, argv, "/py", dirs, maps) is None
+    assert host.reexec_command("glibc", {host.ALLOCATOR_ENV: "jemalloc"}, argv, "/py", dirs, maps) is not None
+    with pytest.raises(SpmlError, match="SPML_ALLOCATOR 'nope'"):
+        host.reexec_command("auto", {host.ALLOCATOR_ENV: "nope"}, argv, "/py", dirs, maps)
+    # no library installed, or one already running (preloaded by the user): nothing to do
+    assert host.reexec_command("auto", {}, argv, "/py", [], maps) is None
+    assert host.reexec_command("auto", {}, argv, "/py", dirs, _maps(tmp_path, "/opt/libtcmalloc.so.4")) is None
+    monkeypatch.setattr(host.platform, "system", lambda: "Darwin")
+    assert host.reexec_command("auto", {}, argv, "/py", dirs, maps) is None
+
+
+def test_the_command_line_says_which_allocator_before_torch_is_imported(tmp_path, monkeypatch):
+    from pipeline.runtime import host
+
+    monkeypatch.chdir(tmp_path)
+    assert host.requested_allocator(["train", "synthetic", "an"]) == "auto"  # no params.yaml: the command says so
+    (tmp_path / "params.yaml").write_text("train:\n  default:\n    host_allocator: tcmalloc\n")
+    (tmp_path / "other.yaml").write_text("train:\n  default:\n    host_allocator: glibc\n")
+    assert host.requested_allocator(["train", "synthetic", "an"]) == "tcmalloc"
+    assert host.requested_allocator(["train", "synthetic", "an", "--params", "other.yaml"]) == "glibc"
+    assert host.requested_allocator(["bench", "--params=other.yaml"]) == "glibc"
+    assert host.requested_allocator(["bench", "--host-malloc", "jemalloc"]) == "jemalloc"
+    assert host.requested_allocator(["bench", "--host-malloc=cache"]) == "glibc"
+    assert host.requested_allocator(["bench", "--host-malloc", "nope"]) is None  # the bench reports it
+    for args in (["config", "synthetic", "an"], ["aggregate"], ["--help"], []):
+        assert host.requested_allocator(args) is None  # nothing to gain outside train and bench
+
+
+def test_without_a_caching_allocator_glibc_keeps_freed_memory_and_the_notice_says_how_to_install(tmp_path,
+                                                                                              monkeypatch):
+    from pipeline.runtime import host
+
+    monkeypatch.setattr(host, "library_dirs", lambda: [])
+    monkeypatch.setattr(host, "cache_host_memory", lambda: True)
+    memory = host.host_memory("auto", True, {}, _maps(tmp_path))
+    assert (memory.allocator, memory.label) == ("glibc", "cache")
+    assert "apt-get install libjemalloc2" in memory.notice
+    assert host.host_memory("glibc", False, {}, _maps(tmp_path)).label == "system"
+    assert "install" not in host.host_memory("glibc", True, {}, _maps(tmp_path)).notice
+    jemalloc = host.host_memory("auto", True, {}, _maps(tmp_path, "/usr/lib/libjemalloc.so.2"))
+    assert (jemalloc.allocator, jemalloc.label) == ("jemalloc", "jemalloc")
+    assert jemalloc.notice == "host memory: jemalloc (/usr/lib/libjemalloc.so.2)"
+    with pytest.raises(SpmlError, match="params train.host_allocator 'x'"):
+        host.host_memory("x", True, {}, _maps(tmp_path))
