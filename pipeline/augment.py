@@ -1,4 +1,18 @@
-"""Strong-view augmentation of PLC + LAC (Xie et al., NeurIPS 2022), without ImageNet normalisation.
+"""Augmentation beyond the loader's flips: the strong view of PLC + LAC, and the standard views on the device.
+
+**The standard views on the training device** (``train.augment_on: device``, :class:`DeviceAugment`): the
+loader hands out the cached uint8 image and, per sample, the random draws of its views (:func:`draw_views`:
+the same draws, from the same per-sample seed and in the same order, as the loader path's flip and
+torchvision's ``RandAugment``); the flips and RandAugment then run batched on the device, with torchvision's
+``transforms.v2.functional`` kernels, one call per (slot, op, sign) group of samples. The op table
+(:data:`RANDAUGMENT_OPS`, :func:`randaugment_magnitude`) is torchvision's RandAugment's. Outputs equal the
+loader path's for the same seed and a natively sized image, except that v2's Color and Sharpness round
+where v1 truncates and its AutoContrast divides where v1 multiplies (at most 1 level of 255 per op). For images stored at another size (the real datasets)
+the loader path runs RandAugment on the full-resolution file before its resize; the device path runs it on the
+cached, resized image (translations are a fraction of the side either way; rotations and shears resample
+a coarser grid).
+
+**Strong-view augmentation of PLC + LAC** (Xie et al., NeurIPS 2022), without ImageNet normalisation.
 
 Source: the official code ``xiemk/SPML-LAC`` (``lib/dataset/get_dataset.py``: ``CutoutPIL`` and the
 ``strong`` pipeline of ``TransformUnlabeled_WS``) and the pip package ``randaugment`` 1.0.2 (jizongFox's
@@ -25,12 +39,16 @@ axes. It also paints the caller's image in place; this module works on a copy.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F2
 
 FILL = (128, 128, 128)           # the package's fill for shear / translate / rotate
 RA_CUTOUT_FILL = (125, 122, 113)  # the package's Cutout colour (an ImageNet-mean grey)
@@ -171,3 +189,116 @@ def lac_strong_view(image: Image.Image, *, p_jitter: float = 0.8, p_gray: float 
     if torch.rand(()) < p_gray:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     return TF.pil_to_tensor(img)
+
+
+# ------------------------------------------------------------------ standard views on the device
+
+# torchvision's RandAugment ops, in its order (the index a draw picks), and whether each takes a random sign
+RANDAUGMENT_OPS: tuple[tuple[str, bool], ...] = (
+    ("Identity", False), ("ShearX", True), ("ShearY", True), ("TranslateX", True), ("TranslateY", True),
+    ("Rotate", True), ("Brightness", True), ("Color", True), ("Contrast", True), ("Sharpness", True),
+    ("Posterize", False), ("Solarize", False), ("AutoContrast", False), ("Equalize", False),
+)
+NUM_MAGNITUDE_BINS = 31  # torchvision's default: magnitude bins 0..30
+
+
+@functools.lru_cache(maxsize=None)
+def randaugment_magnitude(op: str, magnitude: int, height: int, width: int) -> float:
+    """Unsigned magnitude of ``op`` at bin ``magnitude``, from the same float32 tables as torchvision's
+    ``RandAugment`` (shear 0..0.3, translate 0..150/331 of the side in pixels, rotate 0..30 degrees, colour
+    0..0.9, posterize 8..4 bits, solarize threshold 255..0; the rest take none)."""
+    bins = NUM_MAGNITUDE_BINS
+    ranges = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150.0 / 331.0 * width, "TranslateY": 150.0 / 331.0 * height,
+              "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9, "Sharpness": 0.9}
+    if op in ranges:
+        return float(torch.linspace(0.0, ranges[op], bins)[magnitude].item())
+    if op == "Posterize":
+        return float((8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int())[magnitude].item())
+    if op == "Solarize":
+        return float(torch.linspace(255.0, 0.0, bins)[magnitude].item())
+    return 0.0
+
+
+def draw_views(num_ops: int | None) -> dict[str, torch.Tensor]:
+    """One sample's view draws from the global torch RNG, in the loader path's order: the weak flip, then
+    (``num_ops`` not None: a strong view) RandAugment's op index and sign per slot as torchvision's
+    ``RandAugment.forward`` draws them, then the strong view's flip."""
+    out = {"flip": torch.tensor(bool(torch.rand(()) < 0.5))}
+    if num_ops is None:
+        return out
+    ops, signs = [], []
+    for _ in range(num_ops):
+        index = int(torch.randint(len(RANDAUGMENT_OPS), (1,)).item())
+        negative = RANDAUGMENT_OPS[index][1] and bool(torch.randint(2, (1,)))
+        ops.append(index)
+        signs.append(-1 if negative else 1)
+    out["strong_ops"] = torch.tensor(ops, dtype=torch.int64)
+    out["strong_signs"] = torch.tensor(signs, dtype=torch.int8)
+    out["strong_flip"] = torch.tensor(bool(torch.rand(()) < 0.5))
+    return out
+
+
+def apply_op(images: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
+    """One RandAugment op with a signed ``magnitude`` on a uint8 batch (..., 3, H, W), as torchvision's
+    RandAugment applies it to a tensor (nearest-neighbour resampling, black fill)."""
+    nearest = InterpolationMode.NEAREST
+    if op == "ShearX":
+        return F2.affine(images, angle=0.0, translate=[0, 0], scale=1.0, interpolation=nearest,
+                         shear=[math.degrees(math.atan(magnitude)), 0.0], center=[0, 0])
+    if op == "ShearY":
+        return F2.affine(images, angle=0.0, translate=[0, 0], scale=1.0, interpolation=nearest,
+                         shear=[0.0, math.degrees(math.atan(magnitude))], center=[0, 0])
+    if op == "TranslateX":
+        return F2.affine(images, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0],
+                         interpolation=nearest)
+    if op == "TranslateY":
+        return F2.affine(images, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0],
+                         interpolation=nearest)
+    if op == "Rotate":
+        return F2.rotate(images, magnitude, interpolation=nearest)
+    ops = {"Brightness": lambda x: F2.adjust_brightness(x, 1.0 + magnitude),
+           "Color": lambda x: F2.adjust_saturation(x, 1.0 + magnitude),
+           "Contrast": lambda x: F2.adjust_contrast(x, 1.0 + magnitude),
+           "Sharpness": lambda x: F2.adjust_sharpness(x, 1.0 + magnitude),
+           "Posterize": lambda x: F2.posterize(x, int(magnitude)),
+           "Solarize": lambda x: F2.solarize(x, magnitude),
+           "AutoContrast": F2.autocontrast, "Equalize": F2.equalize, "Identity": lambda x: x}
+    return ops[op](images)
+
+
+class DeviceAugment:
+    """The standard views of a batch on its device, from the draws the loader sent (:func:`draw_views`).
+
+    ``num_ops`` / ``magnitude``: params ``train.strong_num_ops`` / ``strong_magnitude``. The draws stay on
+    the host (they decide which samples form a group), so the device never waits for the host."""
+
+    def __init__(self, num_ops: int, magnitude: int):
+        self.num_ops, self.magnitude = num_ops, magnitude
+
+    @staticmethod
+    def flip(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """Each image of (B, ..., W) mirrored where its flag is set."""
+        flags = flags.to(images.device, non_blocking=True).view(-1, *([1] * (images.dim() - 1)))
+        return torch.where(flags, images.flip(-1), images)
+
+    def rand_augment(self, images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """RandAugment of a uint8 batch (B, 3, H, W): slot by slot, each sample's op (``ops`` (B, num_ops),
+        indices into :data:`RANDAUGMENT_OPS`) with its sign (``signs``, +-1), one call per (op, sign) group."""
+        height, width = images.shape[-2:]
+        out = None
+        for slot in range(ops.shape[1]):
+            keys = ops[:, slot].cpu() * 2 + (signs[:, slot].cpu() < 0)
+            for key in torch.unique(keys).tolist():
+                name = RANDAUGMENT_OPS[key // 2][0]
+                if name == "Identity":
+                    continue
+                out = images.clone() if out is None else out  # the weak view shares the input
+                rows = torch.nonzero(keys == key).flatten().to(images.device, non_blocking=True)
+                magnitude = randaugment_magnitude(name, self.magnitude, height, width) * (-1.0 if key % 2 else 1.0)
+                out.index_copy_(0, rows, apply_op(out.index_select(0, rows), name, magnitude))
+        return images if out is None else out
+
+    def strong(self, images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
+               flips: torch.Tensor) -> torch.Tensor:
+        """The strong view: RandAugment, then the flip (the loader path's order)."""
+        return self.flip(self.rand_augment(images, ops, signs), flips)

@@ -17,6 +17,10 @@ and moved into place atomically; training reads rows from it (:class:`ImageArray
 
 Augmentation is seeded per sample: a loader key ``(row, seed)`` (see :class:`pipeline.runtime.distributed.EpochSampler`)
 makes the flips and RandAugment of a sample a function of that seed alone.
+
+With ``augment_on="device"`` (params ``train.augment_on``) the loader does none of that work: it hands out the
+cached image and the sample's draws (:func:`pipeline.augment.draw_views`, the same draws from the same seed),
+and :class:`Normalizer` makes the views on the device, batched (:class:`pipeline.augment.DeviceAugment`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +42,9 @@ from pipeline.errors import SpmlError
 from pipeline.methods import Batch
 from pipeline.methods.diagnostics import HiddenLabels
 from pipeline.progress import progress_bar
+
+if TYPE_CHECKING:
+    from pipeline.augment import DeviceAugment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,15 +203,23 @@ class TrainSet(Dataset):
     and each row's file, read when its size differs from the cached one), resize, random flip.
     ``augment="lac"`` (Xie et al.): strong = random flip of the resized image, then
     :func:`pipeline.augment.lac_strong_view`.
+    ``augment_on="device"`` (``augment="standard"`` only; the lac views are always made here): the item holds
+    the unflipped cached image (and instance map) and the sample's view draws instead of the views
+    (:func:`pipeline.augment.draw_views`).
     """
 
     def __init__(self, images: torch.Tensor, observed: torch.Tensor, full: torch.Tensor,
                  strong: bool = False, strong_num_ops: int = 3, strong_magnitude: int = 5,
                  instances: torch.Tensor | None = None, instance_classes: torch.Tensor | None = None,
-                 source: tuple[Path, list[str]] | None = None, augment: str = "standard"):
+                 source: tuple[Path, list[str]] | None = None, augment: str = "standard",
+                 augment_on: str = "loader"):
         self.images, self.observed, self.full = images, observed, full
         self.instances, self.instance_classes = instances, instance_classes
         self.source, self.augment = source, augment
+        if augment_on not in ("loader", "device"):
+            raise ValueError(f"augment_on must be loader or device, got {augment_on!r}")
+        self.augment_on = augment_on if augment == "standard" else "loader"  # Xie et al.'s views: PIL, in the loader
+        self.strong_num_ops = strong_num_ops if strong else None
         # per row: 1 if its file is stored at the training size (the cache holds its pixels), 0 if not, -1 not
         # yet known; probed once per row and process, not every epoch (a header read costs ~0.5 ms)
         self._native = np.full(len(observed), -1, dtype=np.int8)
@@ -222,6 +237,8 @@ class TrainSet(Dataset):
         return self._item(key)
 
     def _item(self, i: int) -> dict[str, Any]:
+        if self.augment_on == "device":
+            return self._draws_item(i)
         image = self.images[i]
         flip = bool(torch.rand(()) < 0.5)
         item = {"index": i, "image": image.flip(-1) if flip else image,
@@ -231,6 +248,15 @@ class TrainSet(Dataset):
             item["instance_classes"] = self.instance_classes[i]
         if self.randaugment is not None:
             item["strong"] = self._strong(i, image)
+        return item
+
+    def _draws_item(self, i: int) -> dict[str, Any]:
+        from pipeline.augment import draw_views  # here: pretraining imports this module, not the augmentations
+
+        item = {"index": i, "image": self.images[i], "observed": self.observed[i], "full": self.full[i],
+                **draw_views(self.strong_num_ops)}
+        if self.instances is not None:
+            item["instances"], item["instance_classes"] = self.instances[i], self.instance_classes[i]
         return item
 
     def _strong(self, i: int, image: torch.Tensor) -> torch.Tensor:
@@ -274,11 +300,13 @@ class EvalSet(Dataset):
 @dataclass
 class Normalizer:
     """uint8 images to ImageNet-normalised floats (or to [0, 1] with ``imagenet=False``, Xie et al.'s
-    pipeline), on the device, for a whole batch at once."""
+    pipeline), on the device, for a whole batch at once; with ``augment``, training items that carry view
+    draws (``TrainSet(augment_on="device")``) get their views made here first."""
 
     device: torch.device
     channels_last: bool = False
     imagenet: bool = True
+    augment: DeviceAugment | None = None
 
     def __post_init__(self):
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.imagenet else ((0.0,) * 3, (1.0,) * 3)
@@ -294,19 +322,32 @@ class Normalizer:
         """A loader item as a method sees it: no hidden labels; ``item[label_source]`` (the method's
         ``Method.label_source``: "observed", or "full" for the full-label upper bound) as ``observed``."""
         dev = self.device
+        weak, strong = item["image"], item.get("strong")
+        if "flip" in item:  # the loader sent draws, not views: make them here, batched
+            if self.augment is None:
+                raise SpmlError("the training loader hands out view draws (train.augment_on device) but the "
+                                "normaliser has no device augmentation; build it with pipeline.train.build_normalizer")
+            raw = weak.to(dev, non_blocking=True)
+            weak = self.augment.flip(raw, item["flip"])
+            if "strong_ops" in item:
+                strong = self.augment.strong(raw, item["strong_ops"], item["strong_signs"], item["strong_flip"])
         return Batch(
             index=item["index"].to(dev, non_blocking=True),
-            image=self(item["image"]),
+            image=self(weak),
             observed=item[label_source].to(dev, non_blocking=True).float(),
-            strong=self(item["strong"]) if "strong" in item else None,
+            strong=self(strong) if strong is not None else None,
         )
 
     def hidden(self, item: dict[str, Any]) -> HiddenLabels:
         """The item's ground truth, for the training loop's diagnostics only (never handed to a method)."""
         dev = self.device
+        instances = item["instances"].to(dev, non_blocking=True) if "instances" in item else None
+        if instances is not None and "flip" in item:  # device views: the weak view's flip, as the loader's
+            flags = item["flip"].to(dev, non_blocking=True).view(-1, 1, 1)
+            instances = torch.where(flags, instances.flip(-1), instances)
         return HiddenLabels(
             full=item["full"].to(dev, non_blocking=True).float(),
-            instances=item["instances"].to(dev, non_blocking=True) if "instances" in item else None,
+            instances=instances,
             instance_classes=(item["instance_classes"].to(dev, non_blocking=True)
                               if "instance_classes" in item else None),
         )

@@ -78,6 +78,9 @@ class TrainConfig:
     device: str  # auto: cuda if available, else cpu
     strong_num_ops: Annotated[int, Range(ge=0)]  # RandAugment of the strong view
     strong_magnitude: Annotated[int, Range(ge=0, le=30)]  # RandAugment's 31 magnitude bins: 0..30
+    # where the flips and the strong view's RandAugment run: loader (per sample, in the loader's processes) |
+    # device (batched on the training device, pipeline.augment.DeviceAugment); augment: lac's views stay in the loader
+    augment_on: Literal["loader", "device"]
     deterministic: bool  # torch deterministic algorithms (CPU metrics are then reproducible)
     # which malloc serves host memory: auto (jemalloc, else tcmalloc, else glibc) | jemalloc | tcmalloc | glibc;
     # the CLI preloads the library by a re-exec (runtime.host.preload_allocator); $SPML_ALLOCATOR wins
@@ -262,7 +265,8 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
         inst_classes = pad_instance_classes([table.extras["instance_classes"][i] for i in tr])
     train = TrainSet(images["train"], torch.from_numpy(observed.labels[rows["train"]].astype(np.float32)),
                      full[rows["train"]], strong, cfg.strong_num_ops, cfg.strong_magnitude, inst, inst_classes,
-                     source=(root, [table.path[i] for i in rows["train"]]), augment=cfg.augment)
+                     source=(root, [table.path[i] for i in rows["train"]]), augment=cfg.augment,
+                     augment_on=cfg.augment_on)
     return RunData(train, EvalSet(images["val"], full[rows["val"]]), EvalSet(images["test"], full[rows["test"]]),
                    table, rows["train"])
 
@@ -298,8 +302,14 @@ def build_loaders(data: RunData, cfg: TrainConfig, seed: int, device: torch.devi
 
 
 def build_normalizer(cfg: TrainConfig, device: torch.device) -> Normalizer:
+    """The loop's input scaling; with ``augment_on: device`` it also makes the training views (batched)."""
+    augment = None
+    if cfg.augment_on == "device" and cfg.augment == "standard":  # Xie et al.'s views stay in the loader
+        from pipeline.augment import DeviceAugment
+
+        augment = DeviceAugment(cfg.strong_num_ops, cfg.strong_magnitude)
     # augment: lac feeds Xie et al.'s views, which are not ImageNet-normalised
-    return Normalizer(device, channels_last=cfg.channels_last, imagenet=cfg.augment != "lac")
+    return Normalizer(device, channels_last=cfg.channels_last, imagenet=cfg.augment != "lac", augment=augment)
 
 
 def method_context(run: RunConfig, data: RunData, steps_per_epoch: int, device: torch.device) -> MethodContext:

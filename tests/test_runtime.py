@@ -142,6 +142,16 @@ def test_train_config_validates_the_new_options():
     assert cfg.scheduler == "onecycle" and cfg.amp_dtype == "auto"
     with pytest.raises(SpmlError, match="train.scheduler"):
         parse_dataclass(TrainConfig, {**train, "scheduler": "cosine"}, "train")
+    for key, bad in (("augment_on", "gpu"), ("host_allocator", "mimalloc")):
+        with pytest.raises(SpmlError, match=f"train.{key}"):
+            parse_dataclass(TrainConfig, {**train, key: bad}, "train")
+    # the device makes the standard views only: Xie et al.'s (augment: lac) stay in the loader
+    from pipeline.train import build_normalizer
+
+    cfg = parse_dataclass(TrainConfig, {**train, "augment": "lac", "augment_on": "device"}, "train")
+    assert build_normalizer(cfg, torch.device("cpu")).augment is None
+    assert build_normalizer(parse_dataclass(TrainConfig, {**train, "augment_on": "device"}, "train"),
+                            torch.device("cpu")).augment is not None
 
 
 # ---------------------------------------------------------------- host memory: the caching allocator
