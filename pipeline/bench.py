@@ -27,6 +27,14 @@ jemalloc, tcmalloc, cache (glibc keeping blocks up to 32 MiB), system (glibc's d
 step's activations in again; it costs IGNORE, with its larger working set, relatively more than AN). The
 header line says which one ran (``host_malloc=``).
 
+``--compile`` compiles each model (``train.compile``); its compilation happens in the untimed warm-up steps
+(at least 2 then), whose total time the header reports as ``warmup_s``.
+
+``--loader`` times the input pipeline instead of the step (:func:`run_loader_bench`): the training loader
+over a cached-image memory map of random images, with the params' workers (``--workers``), then the loop's
+:class:`pipeline.data.Normalizer` on the device, views made where ``train.augment_on`` says
+(``--augment-on loader|device``); images/s delivered, to set against the step's.
+
 Output, one line per method: median ms/step, images/s, ratio of the median to AN's as ``N.NNx``, the median
 minor page faults of the process per step (Unix), and memory:
 on CUDA the peak of ``torch.cuda.max_memory_allocated`` during the method's steps (all models' weights
@@ -44,6 +52,7 @@ import dataclasses
 import functools
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,7 +87,9 @@ PREPARED_ROWS = 512  # --prepare: how many prepared training rows the bench trai
 # train settings all methods of one bench share (one process, one set of batches), and the option that sets each
 SHARED_SETTINGS = {"image_size": "--image-size", "batch_size": "--batch-size", "channels_last": "--channels-last",
                    "device": "--device", "threads": "--threads", "host_allocator": "--host-malloc",
-                   "host_malloc_cache": "--host-malloc"}
+                   "host_malloc_cache": "--host-malloc", "compile": "--compile", "num_workers": "--workers",
+                   "augment_on": "--augment-on"}
+COMPILE_WARMUP = 2  # --compile: at least this many untimed steps (the first compiles, the second may recompile)
 
 
 @dataclass
@@ -226,7 +237,7 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
               model_kwargs: dict[str, Any] | None = None,
               **overrides: Any) -> tuple[list[BenchResult], dict[str, Any]]:
     """Time ``methods``' training steps. ``overrides``: ``train`` values replaced for every method
-    (image_size, batch_size, device, threads, amp, channels_last, host_allocator, host_malloc_cache).
+    (image_size, batch_size, device, threads, amp, channels_last, host_allocator, host_malloc_cache, compile).
 
     Returns one result per method and the settings the bench ran with (the ``# ...`` line)."""
     if not methods:
@@ -242,6 +253,8 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
     device = setup_process(cfg, DistContext())
     # asked again only to report it: the call is idempotent and says what runs
     malloc_used = host_memory(cfg.host_allocator, cfg.host_malloc_cache).label
+    if cfg.compile:
+        warmup = max(warmup, COMPILE_WARMUP)
     torch.manual_seed(seed)
     if prepare:
         from pipeline import bench_prepare
@@ -281,12 +294,14 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    warmup_started = time.perf_counter()
     for r in runners:
         r.training.model.train()
         r.training.method.on_epoch_start(r.epoch)
         for i in range(warmup):
             r.step(i)
     sync()
+    warmup_s = time.perf_counter() - warmup_started
 
     results = {r.method: BenchResult(r.method, [], cfg.batch_size, host_malloc=malloc_used) for r in runners}
     for i in range(steps):
@@ -320,6 +335,8 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
               "device": _device_name(device), "amp": str(amp).replace("torch.", "") if amp else "off",
               "channels_last": cfg.channels_last, "host_malloc": malloc_used, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
+    if cfg.compile:
+        header.update(compile="on", warmup_s=f"{warmup_s:.1f}")
     return [results[name] for name in methods], header
 
 
@@ -347,6 +364,94 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "_")
     return "cpu"
+
+
+# ------------------------------------------------------------------------- the input pipeline (--loader)
+
+LOADER_ROWS_PER_BATCH = 8  # --loader: distinct cached images, in batches; the sampler cycles over them by epoch
+
+
+@dataclass
+class LoaderResult:
+    augment_on: str
+    times_ms: list[float]  # per batch: from the previous batch's views on the device to this one's
+    batch_size: int
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 * self.batch_size / self.median_ms
+
+
+def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml"), dataset: str = "synthetic",
+                     steps: int = 20, warmup: int = 3, num_classes: int = 20, seed: int = 0,
+                     **overrides: Any) -> tuple[LoaderResult, dict[str, Any]]:
+    """Time the training input pipeline as ``spml train`` builds it: :class:`pipeline.data.TrainSet` over a
+    cached-image memory map (:class:`pipeline.data.ImageArray`) of random uint8 images, the seeded loader
+    (:func:`pipeline.train.build_loaders`' settings: workers, pinned memory on CUDA, persistent workers),
+    and the loop's :class:`pipeline.data.Normalizer` on the device, which makes the views there with
+    ``augment_on: device``. A strong view is made if one of ``methods`` needs it. ``overrides``: ``train``
+    values (image_size, batch_size, device, threads, num_workers, augment_on). Returns the median time per
+    delivered batch after ``warmup`` batches (the workers' start), and the header."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import ImageArray, TrainSet
+    from pipeline.runtime.distributed import EpochSampler
+    from pipeline.train import loader_settings
+
+    if not methods:
+        raise SpmlError("--methods is empty; pass e.g. --methods an,ignore")
+    if steps < 1 or warmup < 0 or overrides.get("batch_size", 1) < 1 or overrides.get("num_workers", 0) < 0:
+        raise SpmlError("--steps must be >= 1, --warmup >= 0, --batch-size >= 1 and --workers >= 0")
+    runs = bench_configs(load_params(params_path), dataset, methods, seed, None, overrides)
+    cfg = runs[0].train
+    device = setup_process(cfg, DistContext())
+    strong = any(get_method_class(run.method).needs_strong_view for run in runs)
+    data = random_data(cfg.batch_size * LOADER_ROWS_PER_BATCH, num_classes, cfg.image_size, seed)
+    normalize = build_normalizer(cfg, device)
+    times = []
+    with tempfile.TemporaryDirectory(prefix="spml-bench-loader-") as tmp:
+        path = Path(tmp) / "images.npy"
+        np.save(path, data.images.numpy())
+        train = TrainSet(ImageArray(path), data.observed, data.full, strong, cfg.strong_num_ops, cfg.strong_magnitude,
+                         augment=cfg.augment, augment_on=cfg.augment_on)
+        sampler = EpochSampler(len(train), seed)
+        loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed),
+                            **loader_settings(cfg, device))
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        epoch, done, last = 0, 0, time.perf_counter()
+        while done < warmup + steps:
+            epoch += 1
+            sampler.set_epoch(epoch)
+            for item in loader:
+                batch = normalize.batch(item)
+                sync()
+                now = time.perf_counter()
+                if done >= warmup:
+                    times.append(1000.0 * (now - last))
+                last, done = now, done + 1
+                if done == warmup + steps:
+                    break
+            del batch
+        del loader  # its workers exit before the temporary file goes
+    header = {"loader": "train", "image_size": cfg.image_size, "batch": cfg.batch_size, "workers": cfg.num_workers,
+              "device": _device_name(device), "augment_on": cfg.augment_on,
+              "views": "weak+strong" if strong else "weak", "batches": steps, "threads": torch.get_num_threads()}
+    return LoaderResult(cfg.augment_on, times, cfg.batch_size), header
+
+
+def format_loader(result: LoaderResult, header: dict[str, Any]) -> str:
+    return "\n".join(["# " + " ".join(f"{k}={v}" for k, v in header.items()),
+                      f"loader  augment_on={result.augment_on:<6}  {result.median_ms:8.2f} ms/batch  "
+                      f"{result.images_per_s:8.1f} img/s delivered"])
 
 
 # ------------------------------------------------------------------------- trainings side by side (--parallel)

@@ -209,6 +209,16 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
               help="jemalloc or tcmalloc: that library preloaded (the spml command re-executes itself); cache: "
                    "glibc malloc keeping freed memory; system: glibc's default. Default: params "
                    "train.host_allocator and train.host_malloc_cache ($SPML_ALLOCATOR wins, as in spml train)")] = None,
+          compile_model: Annotated[bool | None, typer.Option(
+              "--compile/--no-compile", help="torch.compile each model; compiling happens in the untimed warm-up "
+                                              "(default: params train.compile)")] = None,
+          loader: Annotated[bool, typer.Option(
+              "--loader", help="instead, time the training input pipeline (loader, views, normalisation on the "
+                               "device): images/s delivered")] = False,
+          workers: Annotated[int | None, typer.Option(
+              help="--loader: loader worker processes (default: params train.num_workers)")] = None,
+          augment_on: Annotated[str | None, typer.Option(
+              help="--loader: where the views are made, loader or device (default: params train.augment_on)")] = None,
           parallel: Annotated[int | None, typer.Option(
               help="N: instead, time N tiny whole trainings one after another and side by side (threads each: "
                    "--threads, default usable CPUs / N)")] = None,
@@ -236,17 +246,21 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
             raise SpmlError(f"--model-kwargs must be a JSON object such as '{{\"width\": 8}}', got {model_kwargs}")
         if host_malloc not in (None, "jemalloc", "tcmalloc", "cache", "system"):
             raise SpmlError(f"--host-malloc {host_malloc!r}: use jemalloc, tcmalloc, cache or system")
+        if augment_on not in (None, "loader", "device"):
+            raise SpmlError(f"--augment-on {augment_on!r}: use loader or device")
         given = {"image_size": image_size, "batch_size": batch_size, "device": device, "threads": threads, "amp": amp,
-                 "channels_last": channels_last}
+                 "channels_last": channels_last, "compile": compile_model, "num_workers": workers, "augment_on": augment_on}
         if host_malloc is not None:
             given["host_allocator"] = "glibc" if host_malloc in ("cache", "system") else host_malloc
             given["host_malloc_cache"] = host_malloc != "system"
         given = {key: value for key, value in given.items() if value is not None}
+        if loader:
+            return bench_mod.run_loader_bench(names, params, dataset, steps, warmup, num_classes, 0, **given)
         return bench_mod.run_bench(names, params, dataset, model, steps, warmup, num_classes, 0, prepare,
                                    weights=weights, model_kwargs=extra, **given)
 
     results, header = _run(_bench)
-    typer.echo(bench_mod.format_results(results, header))
+    typer.echo(bench_mod.format_loader(results, header) if loader else bench_mod.format_results(results, header))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -94,6 +94,7 @@ class TrainConfig:
     amp_dtype: Literal["auto", "bf16", "fp16"]  # auto: bf16 where supported, else fp16 + GradScaler
     channels_last: bool
     cudnn_benchmark: bool
+    compile: bool  # torch.compile the model (its first steps compile it: slower start, faster steps on a GPU)
     sync_bn: bool  # DDP: BatchNorm statistics over all ranks' samples (the global batch)
     scheduler: Literal["none", "onecycle"]  # onecycle: OneCycleLR (max_lr = lr), stepped every iteration
     onecycle_pct_start: Annotated[float, Range(gt=0, lt=1)]
@@ -280,11 +281,16 @@ class Loaders:
     generator: torch.Generator  # the train loader's; a checkpoint saves it
 
 
+def loader_settings(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The DataLoader settings of every loader (``spml bench --loader`` builds its loader with them too)."""
+    return {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "worker_init_fn": _seed_worker,
+            "persistent_workers": cfg.num_workers > 0}
+
+
 def build_loaders(data: RunData, cfg: TrainConfig, seed: int, device: torch.device, dist: DistContext) -> Loaders:
     """Seeded loaders (see :class:`EpochSampler`); under DDP each rank loads its share of every batch."""
     generator = torch.Generator().manual_seed(seed)
-    loader_kwargs = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda",
-                     "worker_init_fn": _seed_worker, "persistent_workers": cfg.num_workers > 0}
+    loader_kwargs = loader_settings(cfg, device)
     sampler = EpochSampler(len(data.train), seed, True, dist.rank, dist.world_size)
     train = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=sampler,
                        generator=generator, drop_last=cfg.drop_last, **loader_kwargs)
@@ -361,10 +367,20 @@ def build_training(run: RunConfig, ctx: MethodContext, dist: DistContext | None 
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model, method)
     ema = WeightEMA(model, cfg.weight_ema) if cfg.weight_ema is not None else None
+    if cfg.compile:  # in place, after the EMA's copy: parameters, state_dict keys and checkpoints stay as they are
+        compile_model(model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, ctx.steps_per_epoch, cfg.onecycle_pct_start)
     amp = amp_dtype(cfg.amp, cfg.amp_dtype, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     return Training(model, method, optimizer, scheduler, scaler, ema, amp)
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """``torch.compile`` the model's forward in place (``nn.Module.compile``). Its first calls in each mode
+    (training, no-grad, eval) compile a graph, which ``spml bench`` leaves to its untimed warm-up steps."""
+    if not hasattr(torch, "compile"):
+        raise SpmlError(f"train.compile is true but torch {torch.__version__} has no torch.compile; set it to false")
+    model.compile()
 
 
 def resume_fingerprint(run: RunConfig, dist: DistContext) -> dict[str, Any]:

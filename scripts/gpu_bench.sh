@@ -43,4 +43,11 @@ bench resnet50-amp-on "${R[@]}" --amp
 bench resnet50-amp-on-cl "${R[@]}" --amp --channels-last
 bench q2l-amp-on "${Q[@]}" --amp
 bench q2l-amp-off "${Q[@]}" --no-amp
+bench resnet50-amp-on-cl-compile "${R[@]}" --amp --channels-last --compile --warmup "$((WARMUP > 3 ? WARMUP : 3))"
+# the input pipeline alone (images/s delivered to the device), the loader's views against the device's
+for workers in 4 8; do
+  for place in loader device; do
+    bench "loader-$place-w$workers" --methods ignore --loader --workers "$workers" --augment-on "$place"
+  done
+done
 echo done | tee "$OUT/done.txt"

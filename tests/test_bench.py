@@ -44,6 +44,9 @@ def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "--methods", "an", "--host-malloc", "nope", "--params", REPO / "params.yaml"]
                                  + TINY)
     assert result.exit_code == 2 and "--host-malloc 'nope': use jemalloc, tcmalloc, cache or system" in result.output
+    result = CliRunner().invoke(app, ["bench", "--loader", "--augment-on", "gpu", "--params", REPO / "params.yaml"]
+                                 + TINY)
+    assert result.exit_code == 2 and "--augment-on 'gpu': use loader or device" in result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an", "--prepare", "voc2012", "--params", REPO / "params.yaml"]
                                  + TINY)
     assert result.exit_code == 2 and "--prepare supports coco2014 only" in result.output
@@ -180,6 +183,17 @@ def test_the_spml_command_preloads_jemalloc_and_ignore_steps_fault_no_pages(tmp_
                        str(REPO / "params.yaml"), cwd=tmp_path)
     assert out.returncode == 0 and "host_malloc=cache" in out.stdout.splitlines()[0], out.stderr
     assert "host memory: glibc malloc, cache" in out.stderr
+
+
+def test_cli_bench_loader_prints_images_per_second_for_both_places(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for place in ("loader", "device"):
+        result = CliRunner().invoke(app, ["bench", "--loader", "--augment-on", place, "--workers", "0",
+                                          "--params", REPO / "params.yaml"] + TINY)
+        assert result.exit_code == 0, result.output
+        header, line = result.output.splitlines()[-2:]
+        assert f"augment_on={place}" in header and "views=weak+strong" in header and "workers=0" in header
+        assert re.search(r"^loader +augment_on=\w+ +\d+\.\d\d ms/batch +\d+\.\d img/s delivered$", line), line
 
 
 def test_cache_host_memory_is_a_no_op_off_glibc(monkeypatch):

@@ -142,7 +142,7 @@ def test_train_config_validates_the_new_options():
     assert cfg.scheduler == "onecycle" and cfg.amp_dtype == "auto"
     with pytest.raises(SpmlError, match="train.scheduler"):
         parse_dataclass(TrainConfig, {**train, "scheduler": "cosine"}, "train")
-    for key, bad in (("augment_on", "gpu"), ("host_allocator", "mimalloc")):
+    for key, bad in (("augment_on", "gpu"), ("host_allocator", "mimalloc"), ("compile", "yes")):
         with pytest.raises(SpmlError, match=f"train.{key}"):
             parse_dataclass(TrainConfig, {**train, key: bad}, "train")
     # the device makes the standard views only: Xie et al.'s (augment: lac) stay in the loader
@@ -250,3 +250,44 @@ def test_without_a_caching_allocator_glibc_keeps_freed_memory_and_the_notice_say
     assert jemalloc.notice == "host memory: jemalloc (/usr/lib/libjemalloc.so.2)"
     with pytest.raises(SpmlError, match="params train.host_allocator 'x'"):
         host.host_memory("x", True, {}, _maps(tmp_path))
+
+
+# ---------------------------------------------------------------- train.compile
+
+
+def _compiles() -> bool:
+    import shutil
+
+    return hasattr(torch, "compile") and (shutil.which("cc") or shutil.which("gcc")) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _compiles(), reason="torch.compile needs torch >= 2 and a C compiler (inductor's CPU backend)")
+def test_compiled_model_trains_to_the_eager_losses():
+    """train.compile on the CPU, smallcnn at width 8, IGNORE (a training and a no-grad forward per step): the
+    same losses, step by step, as eager to float tolerance, and state_dict keys unchanged (checkpoints load)."""
+    import dataclasses
+
+    from pipeline import bench
+    from pipeline.methods import MethodContext
+    from pipeline.train import build_normalizer, build_training, resolve_run_config, train_step
+    from tests.conftest import tiny_params
+
+    run = resolve_run_config(tiny_params(), "synthetic", "ignore", 0)
+    data = bench.random_data(8, 5, 32, seed=0)
+    device = torch.device("cpu")
+    losses, keys, traced = {}, {}, []
+    for compiled in (False, True):
+        cfg = dataclasses.replace(run.train, compile=compiled)
+        ctx = MethodContext("synthetic", cfg.model, 5, 8, cfg.epochs, 4, 1.5, data.observed, device)
+        torch.manual_seed(0)
+        training = build_training(dataclasses.replace(run, train=cfg), ctx)
+        batches = bench._batches(data, 4, build_normalizer(cfg, device), True, 0, "observed")
+        training.model.register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
+        training.model.train()
+        losses[compiled] = [train_step(training.model, training.method, batches[i % 2][0], cfg.epochs,
+                                       training.optimizer).loss.item() for i in range(3)]
+        keys[compiled] = list(training.model.state_dict())
+    assert any(traced), "the compiled model's forward never ran under torch.compile"
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+    assert keys[True] == keys[False]
