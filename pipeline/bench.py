@@ -36,7 +36,7 @@ over a cached-image memory map of random images, with the params' workers (``--w
 (``--augment-on loader|device``); images/s delivered, to set against the step's.
 
 Output, one line per method: median ms/step, images/s, ratio of the median to AN's as ``N.NNx``, the median
-minor page faults of the process per step (Unix), and memory:
+(and mean) minor page faults of the process per step (Unix), and memory:
 on CUDA the peak of ``torch.cuda.max_memory_allocated`` during the method's steps (all models' weights
 included) and the part above the allocation at step start; on CPU the bytes of the tensors autograd saves
 for backward in one step (an estimate of activation memory, measured with saved-tensor hooks), since a
@@ -354,7 +354,9 @@ def format_results(results: list[BenchResult], header: dict[str, Any] | None = N
             mem = f"saved-for-backward {r.memory_step_mib:.1f} MiB (CPU estimate via autograd saved-tensor hooks)"
         else:
             mem = "memory n/a"
-        faults = f"  {statistics.median(r.page_faults):7.0f} page faults/step" if r.page_faults else ""
+        # the median says what a steady step does; the mean shows occasional bursts (glibc's cache refilling)
+        faults = (f"  {statistics.median(r.page_faults):7.0f} page faults/step (mean {statistics.mean(r.page_faults):7.0f})"
+                  if r.page_faults else "")
         lines.append(f"{r.method:<{width}}  {r.median_ms:8.2f} ms/step  {r.images_per_s:8.1f} img/s  "
                      f"{ratio:>6} vs an{faults}  {mem}")
     return "\n".join(lines)
@@ -395,7 +397,7 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
     and the loop's :class:`pipeline.data.Normalizer` on the device, which makes the views there with
     ``augment_on: device``. A strong view is made if one of ``methods`` needs it. ``overrides``: ``train``
     values (image_size, batch_size, device, threads, num_workers, augment_on). Returns the median time per
-    delivered batch after ``warmup`` batches (the workers' start), and the header."""
+    delivered batch after ``warmup`` batches (at least one per worker: their start), and the header."""
     import numpy as np
     from torch.utils.data import DataLoader
 
@@ -409,6 +411,7 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
         raise SpmlError("--steps must be >= 1, --warmup >= 0, --batch-size >= 1 and --workers >= 0")
     runs = bench_configs(load_params(params_path), dataset, methods, seed, None, overrides)
     cfg = runs[0].train
+    warmup = max(warmup, cfg.num_workers)  # every worker's first batch (its start) is left out
     device = setup_process(cfg, DistContext())
     strong = any(get_method_class(run.method).needs_strong_view for run in runs)
     data = random_data(cfg.batch_size * LOADER_ROWS_PER_BATCH, num_classes, cfg.image_size, seed)

@@ -220,6 +220,10 @@ class TrainSet(Dataset):
             raise ValueError(f"augment_on must be loader or device, got {augment_on!r}")
         self.augment_on = augment_on if augment == "standard" else "loader"  # Xie et al.'s views: PIL, in the loader
         self.strong_num_ops = strong_num_ops if strong else None
+        if self.augment_on == "device":  # imported here, before loader workers fork, not by each worker's first item
+            from pipeline.augment import draw_views  # (pretraining imports this module, not the augmentations)
+
+            self._draw_views = draw_views
         # per row: 1 if its file is stored at the training size (the cache holds its pixels), 0 if not, -1 not
         # yet known; probed once per row and process, not every epoch (a header read costs ~0.5 ms)
         self._native = np.full(len(observed), -1, dtype=np.int8)
@@ -251,10 +255,8 @@ class TrainSet(Dataset):
         return item
 
     def _draws_item(self, i: int) -> dict[str, Any]:
-        from pipeline.augment import draw_views  # here: pretraining imports this module, not the augmentations
-
         item = {"index": i, "image": self.images[i], "observed": self.observed[i], "full": self.full[i],
-                **draw_views(self.strong_num_ops)}
+                **self._draw_views(self.strong_num_ops)}
         if self.instances is not None:
             item["instances"], item["instance_classes"] = self.instances[i], self.instance_classes[i]
         return item

@@ -144,6 +144,8 @@ def test_results_are_relative_to_an():
     rs = [bench.BenchResult("an", [10.0, 12.0, 11.0], 8), bench.BenchResult("ignore", [25.0, 24.0, 26.0], 8)]
     text = bench.format_results(rs)
     assert "2.27x" in text and "727.3 img/s" in text  # 25/11; 8 images in 11 ms
+    rs[1].page_faults = [0, 0, 0, 9000]  # a steady step faults nothing; one refill in four
+    assert re.search(r"ignore .* 0 page faults/step \(mean +2250\)", bench.format_results(rs))
 
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
