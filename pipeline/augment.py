@@ -202,7 +202,7 @@ RANDAUGMENT_OPS: tuple[tuple[str, bool], ...] = (
 NUM_MAGNITUDE_BINS = 31  # torchvision's default: magnitude bins 0..30
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def randaugment_magnitude(op: str, magnitude: int, height: int, width: int) -> float:
     """Unsigned magnitude of ``op`` at bin ``magnitude``, from the same float32 tables as torchvision's
     ``RandAugment`` (shear 0..0.3, translate 0..150/331 of the side in pixels, rotate 0..30 degrees, colour

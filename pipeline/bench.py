@@ -452,9 +452,9 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
 
 
 def format_loader(result: LoaderResult, header: dict[str, Any]) -> str:
-    return "\n".join(["# " + " ".join(f"{k}={v}" for k, v in header.items()),
-                      f"loader  augment_on={result.augment_on:<6}  {result.median_ms:8.2f} ms/batch  "
-                      f"{result.images_per_s:8.1f} img/s delivered"])
+    line = (f"loader  augment_on={result.augment_on:<6}  {result.median_ms:8.2f} ms/batch  "
+            f"{result.images_per_s:8.1f} img/s delivered")
+    return "\n".join(["# " + " ".join(f"{k}={v}" for k, v in header.items()), line])
 
 
 # ------------------------------------------------------------------------- trainings side by side (--parallel)

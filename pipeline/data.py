@@ -220,8 +220,10 @@ class TrainSet(Dataset):
             raise ValueError(f"augment_on must be loader or device, got {augment_on!r}")
         self.augment_on = augment_on if augment == "standard" else "loader"  # Xie et al.'s views: PIL, in the loader
         self.strong_num_ops = strong_num_ops if strong else None
-        if self.augment_on == "device":  # imported here, before loader workers fork, not by each worker's first item
-            from pipeline.augment import draw_views  # (pretraining imports this module, not the augmentations)
+        if self.augment_on == "device":
+            # imported before the loader workers fork (not by each worker's first item), and not at the top:
+            # pretraining imports this module, not the augmentations
+            from pipeline.augment import draw_views
 
             self._draw_views = draw_views
         # per row: 1 if its file is stored at the training size (the cache holds its pixels), 0 if not, -1 not

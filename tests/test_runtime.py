@@ -238,7 +238,7 @@ def test_without_a_caching_allocator_glibc_keeps_freed_memory_and_the_notice_say
                                                                                               monkeypatch):
     from pipeline.runtime import host
 
-    monkeypatch.setattr(host, "library_dirs", lambda: [])
+    monkeypatch.setattr(host, "library_dirs", list)
     monkeypatch.setattr(host, "cache_host_memory", lambda: True)
     memory = host.host_memory("auto", True, {}, _maps(tmp_path))
     assert (memory.allocator, memory.label) == ("glibc", "cache")

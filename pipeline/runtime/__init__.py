@@ -8,5 +8,5 @@ re-exports nothing, so an import line says which concern a name comes from):
 * :mod:`~pipeline.runtime.optim`: mixed precision (autocast dtype), the LR schedule, the weight EMA;
 * :mod:`~pipeline.runtime.checkpoint`: resume checkpoints (the :class:`~pipeline.runtime.checkpoint.Checkpoint`
   object, its fingerprint, atomic files, RNG states);
-* :mod:`~pipeline.runtime.host`: host memory (glibc malloc) and CPU threads.
+* :mod:`~pipeline.runtime.host`: host memory (a preloaded jemalloc/tcmalloc, else glibc malloc) and CPU threads.
 """
