@@ -102,6 +102,67 @@ def test_train_and_ablate_cells_differ_only_in_the_method_module():
     assert stages["train"]["params"] == stages["ablate"]["params"]
 
 
+def test_train_vl_cells_are_train_cells_plus_their_clip_scores():
+    """The CLIP-based methods' cells (stage train-vl) depend on everything a train cell does, plus their own
+    (dataset, method) CLIP scores and clip block; nothing else in the pipeline depends on CLIP."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    train, vl = stage_deps("train"), stage_deps("train-vl")
+    assert vl[:len(train)] == train
+    assert vl[len(train):] == ["pipeline/clip_scores.py", "data/clip/${item.dataset}/${item.method}"]
+    assert stages["train-vl"]["params"] == [*stages["train"]["params"], "clip.${item.method}"]
+    assert stages["train-vl"]["matrix"]["method"] == "${vl_methods}"
+    assert stages["clip-scores"]["matrix"] == {"dataset": "${datasets}", "method": "${vl_methods}"}
+    assert stages["clip-scores"]["outs"] == ["data/clip/${item.dataset}/${item.method}"]
+    assert stages["clip-scores"]["params"] == ["clip.${item.method}"]
+    for name, stage in stages.items():
+        if name not in ("clip-scores", "train-vl"):
+            assert not any("clip" in str(d) for d in stage.get("deps", [])), name
+            assert not any("clip" in str(d) for d in stage.get("params", [])), name
+    assert "vl_methods" in stages["aggregate"]["params"]
+
+
+def project_modules(workspace, script: str, stage: str) -> set[str]:
+    """Run ``script`` (which prints the loaded modules as its last line) in a fresh interpreter; return the
+    project modules it imported that are neither harmless nor a dependency of ``stage``'s cells."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), SPML_NO_PROGRESS="1", SPML_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script + "\nimport json, sys\nprint(json.dumps(sorted("
+                          "m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None))))"],
+                         cwd=workspace, env=env, check=True, capture_output=True, text=True).stdout
+    return {os.path.relpath(f, REPO) for f in json.loads(out.splitlines()[-1])
+            if f.startswith((str(REPO / "pipeline") + os.sep, str(REPO / "stages") + os.sep))}
+
+
+# modules that cannot change a number: errors, paths, progress bars, atomic writes, the version string,
+# the dataset sources (`prepare`'s business: a cell reads the prepared tables, which are its deps)
+HARMLESS = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/paths.py", "pipeline/progress.py",
+            "pipeline/io.py", "pipeline/download.py", "stages/__init__.py"}
+
+
+def uncovered(imported: set[str], deps: list[str], harmless: set[str] = HARMLESS) -> list[str]:
+    return sorted(f for f in imported if f not in harmless and not f.startswith("pipeline/datasets/")
+                  and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+
+
+def test_clip_scores_and_a_vl_training_run_import_only_their_cells_dependencies(tiny_workspace):
+    """`spml clip-scores` and a vlpl/aevlp training run, for real (tiny CLIP), in fresh interpreters: every
+    project module each imports is a dependency of its cell; training never imports open_clip."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for method in ("vlpl", "aevlp"):
+        imported = project_modules(tiny_workspace, f"from stages import clip_scores\n"
+                                   f"clip_scores.run('synthetic', '{method}')", "clip-scores")
+        # the thread count (SPML_THREADS) comes from runtime; it changes no number DVC should track
+        assert not uncovered(imported, stages["clip-scores"]["deps"], HARMLESS | {"pipeline/runtime.py"})
+        assert not any(f.startswith("pipeline/methods/") for f in imported), "clip-scores imported a method"
+        script = (f"from stages import train\ntrain.run('synthetic', '{method}', 0)\nimport sys\n"
+                  "assert 'open_clip' not in sys.modules, 'training imported open_clip'")
+        imported = project_modules(tiny_workspace, script, "train-vl")
+        deps = [d.replace("${item.method}", method) for d in stage_deps("train-vl") if not d.startswith("data/")]
+        assert not uncovered(imported, deps), method
+        assert f"pipeline/methods/{method}.py" in imported and "pipeline/clip.py" not in imported
+        others = {f"pipeline/methods/{m}.py" for m in METHODS.names()} - {f"pipeline/methods/{method}.py"}
+        assert not imported & others, f"training {method} imported another method's module"
+
+
 def test_a_training_run_imports_only_its_cells_dependencies(tiny_workspace):
     """Train em for real (tiny) in a fresh interpreter and list every module of the project it imported:
     each one that can change a number must be a dependency of the cell in dvc.yaml."""
