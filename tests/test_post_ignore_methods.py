@@ -150,7 +150,7 @@ def test_gpr_loss_matches_the_spec_worked_example():
     """VOC settings, epoch 1 of 8: lambda (0.7, 0.4), rho 0.9, lambda_reg 0.05, k-bar 1.5 -> 0.288025."""
     pseudo = torch.tensor([[False, True, False], [False, True, False]])
     schedule = losses.gr_schedule(1, 8, **GR_DEFAULTS)
-    loss, k, v = aevlp.gpr_loss(LOGITS, Y, pseudo, schedule, 0.01, 1.0, [0.7, 0.4], 0.9, 0.05, 1.5)
+    loss, _, _ = aevlp.gpr_loss(LOGITS, Y, pseudo, schedule, 0.01, 1.0, [0.7, 0.4], 0.9, 0.05, 1.5)
     assert loss.item() == pytest.approx(0.288025, abs=2e-6)
     # the parts: mean 0.287938 and R = (mean row sum 1.375 - 1.5)^2 / 9 = 0.0017361 (the spec first wrote 2.35
     # for the mean row sum, a slip: its R and loss are the 1.375 ones)
