@@ -92,6 +92,19 @@ def export_npy(dataset: DatasetArg,
     err.print(f"wrote {len(written)} files to {out_dir}")
 
 
+@app.command("clip-scores")
+def clip_scores(dataset: DatasetArg,
+                method: Annotated[str | None, typer.Argument(
+                    help="CLIP-based method (vlpl, aevlp); default: every method of params vl_methods")] = None,
+                params: ParamsOption = Path("params.yaml")):
+    """Write the CLIP cosines of every training image for a CLIP-based method into data/clip/DATASET/METHOD/
+    (open_clip; weights from params clip.METHOD, never downloaded)."""
+    from stages import clip_scores as stage
+
+    for out in _run(stage.run, dataset, method, params):
+        err.print(f"wrote {out}")
+
+
 @app.command()
 def train(dataset: DatasetArg,
           method: Annotated[str, typer.Argument(help="method name, e.g. an, full, ignore")],
