@@ -354,3 +354,22 @@ def test_the_aggregate_grid_holds_the_vl_methods():
     assert grid(params) == (["synthetic"], ["an", "an-cons", "vlpl"], [0])
     with pytest.raises(SpmlError, match="params vl_methods must be a list"):
         grid({**params, "vl_methods": None})
+
+
+def test_a_resume_checkpoint_is_tied_to_the_clip_scores_it_was_trained_with(workspace):
+    """Changed CLIP scores (a new `clip-scores` run) invalidate a resume checkpoint of vlpl/aevlp: their files
+    are part of the run's fingerprint (Method.input_files); other methods read none."""
+    from pipeline import paths
+    from pipeline.methods import get_method_class
+    from pipeline.runtime.checkpoint import run_fingerprint
+
+    folder = paths.clip_scores_dir("synthetic", "vlpl")
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text("{}")
+    (folder / "scores.npy").write_bytes(b"one")
+    files = get_method_class("vlpl").input_files("synthetic")
+    assert [f.name for f in files] == ["meta.json", "scores.npy"]
+    assert get_method_class("em").input_files("synthetic") == []
+    before = run_fingerprint({}, 1, files)["inputs"]
+    (folder / "scores.npy").write_bytes(b"two")
+    assert run_fingerprint({}, 1, files)["inputs"] != before

@@ -28,6 +28,7 @@ from typing import Annotated
 
 import torch
 
+from pipeline import paths
 from pipeline.clip_scores import read_clip_scores
 from pipeline.config import Range
 from pipeline.errors import SpmlError
@@ -98,6 +99,11 @@ class AdaptiveVisionLanguagePseudoLabels(Method):
         threshold: Annotated[float, Range(ge=0, le=1)]  # theta: a top-k class is positive if s-hat >= theta
         top_k: Annotated[int, Range(ge=1)]
         negative_ratio: Annotated[float, Range(ge=0, le=1)]  # the floor(ratio * C) lowest classes are vetoed
+
+    @classmethod
+    def input_files(cls, dataset):
+        folder = paths.clip_scores_dir(dataset, cls.name)  # the CLIP scores this method reads
+        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

@@ -22,6 +22,7 @@ from typing import Annotated
 
 import torch
 
+from pipeline import paths
 from pipeline.clip_scores import read_clip_scores
 from pipeline.config import Range
 from pipeline.methods import Method, StepOutput, register_method
@@ -55,6 +56,11 @@ class VisionLanguagePseudoLabels(Method):
         temperature: Annotated[float, Range(gt=0)]  # τ of softmax(cos/τ) over the classes
         threshold: Annotated[float, Range(ge=0, le=1)]  # θ: pseudo-positive if the softmax score is > θ
         warmup_epochs: Annotated[int, Range(ge=0)]  # epochs of plain EM before the pseudo-labels (code: 0)
+
+    @classmethod
+    def input_files(cls, dataset):
+        folder = paths.clip_scores_dir(dataset, cls.name)  # the CLIP scores this method reads
+        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
