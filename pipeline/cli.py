@@ -273,7 +273,8 @@ def grid_submit(
         workdir: Annotated[Path | None, typer.Option(
             help="where jobs clone the repository (default .spml/grid/STAMP/clones), e.g. node-local scratch")] = None,
         keep_clones: Annotated[bool, typer.Option("--keep-clones", help="keep each job's clone after success")] = False,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be submitted; submit nothing")] = False,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="say what would be submitted (runs the upstream stages to know); submit nothing")] = False,
         wait: Annotated[bool, typer.Option("--wait", help="block until every submitted cell is done or failed")] = False,
         root: RootOption = Path(".")):
     """Submit one job per grid cell whose result the DVC remote's run-cache does not hold yet.

@@ -114,6 +114,21 @@ def test_submit_refuses_uncommitted_changes(tmp_path):
     assert "differs from its commit (pipeline/methods/an.py)" in text and "commit" in text
 
 
+def test_cells_are_the_train_and_ablate_matrices_with_what_each_needs(tmp_path):
+    repo = tiny_repo(tmp_path / "repo", methods=("an",), seeds=(0, 1), epochs=1)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ablations"] = ["an-cons"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cells, upstream = grid.list_cells(repo)
+    assert [c.name for c in cells] == ["train@synthetic-an-0", "train@synthetic-an-1",
+                                       "ablate@synthetic-an-cons-0", "ablate@synthetic-an-cons-1"]
+    for cell in cells:  # raw data by its own command (never on the remote), the rest pulled
+        assert cell.raw_commands == ("spml download synthetic",)
+        assert cell.upstream == ("prepare@synthetic", "pretrain", "sample@synthetic")
+    assert upstream.index("download@synthetic") < upstream.index("prepare@synthetic") < \
+        upstream.index("sample@synthetic")
+
+
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("90:30", 91), ("2:00:00", 120), ("1-00:00:00", 1440),
                                            ("1-2", 1560), ("0:30:00", 30)])
 def test_time_limits_read_like_slurm(text, minutes):
