@@ -170,6 +170,12 @@ def test_status_reports_a_vanished_job_as_failed_with_its_logs_last_line(tmp_pat
     assert states["other"].state == "not submitted"
 
 
+def test_the_test_slurm_says_why_it_cannot_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(slurm_cluster, "BINARIES", (*slurm_cluster.BINARIES, "no-such-slurm-daemon"))
+    with pytest.raises(slurm_cluster.SlurmUnavailable, match="not installed: no-such-slurm-daemon"):
+        slurm_cluster.start(tmp_path)
+
+
 # --- end to end ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
