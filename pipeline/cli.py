@@ -92,6 +92,19 @@ def export_npy(dataset: DatasetArg,
     err.print(f"wrote {len(written)} files to {out_dir}")
 
 
+@app.command("clip-scores")
+def clip_scores(dataset: DatasetArg,
+                method: Annotated[str | None, typer.Argument(
+                    help="CLIP-based method (vlpl, aevlp); default: every method of params vl_methods")] = None,
+                params: ParamsOption = Path("params.yaml")):
+    """Write the CLIP cosines of every training image for a CLIP-based method into data/clip/DATASET/METHOD/
+    (open_clip; weights from params clip.METHOD, never downloaded)."""
+    from stages import clip_scores as stage
+
+    for out in _run(stage.run, dataset, method, params):
+        err.print(f"wrote {out}")
+
+
 @app.command()
 def train(dataset: DatasetArg,
           method: Annotated[str, typer.Argument(help="method name, e.g. an, full, ignore")],
@@ -261,6 +274,104 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
 
     results, header = _run(_bench)
     typer.echo(bench_mod.format_loader(results, header) if loader else bench_mod.format_results(results, header))
+
+
+grid_app = typer.Typer(no_args_is_help=True, help="Scale out the grid: one job per (dataset, method, seed) cell on "
+                       "Slurm (or local processes), results shared through the DVC remote's run-cache "
+                       "(docs/cluster.md).")
+app.add_typer(grid_app, name="grid")
+RootOption = Annotated[Path, typer.Option("--root", help="repository root (the submitting workspace)")]
+
+
+@grid_app.command("submit")
+def grid_submit(
+        executor: Annotated[str, typer.Option(help="slurm (one job array) or local (processes on this machine)")] = "slurm",
+        jobs: Annotated[int | None, typer.Option(
+            help="at most N cells at once (Slurm: the array's %N; default all; local: default 1)")] = None,
+        partition: Annotated[str | None, typer.Option(help="Slurm partition")] = None,
+        gpus_per_job: Annotated[int | None, typer.Option(
+            help="GPUs per cell (Slurm --gpus-per-node; local: slot k gets GPUs k*G...k*G+G-1)")] = None,
+        cpus_per_job: Annotated[int | None, typer.Option(help="Slurm --cpus-per-task")] = None,
+        mem_gb: Annotated[float | None, typer.Option(help="Slurm --mem in GB")] = None,
+        time: Annotated[str | None, typer.Option(
+            help="time limit per cell: MINUTES, H:MM:SS or D-HH:MM:SS (default: the partition's)")] = None,
+        account: Annotated[str | None, typer.Option(help="Slurm --account")] = None,
+        qos: Annotated[str | None, typer.Option(help="Slurm --qos")] = None,
+        constraint: Annotated[str | None, typer.Option(help="Slurm --constraint")] = None,
+        slurm_arg: Annotated[list[str] | None, typer.Option(
+            help="any other sbatch option as KEY=VALUE, e.g. --slurm-arg exclude=node07 (repeatable)")] = None,
+        upstream: Annotated[str, typer.Option(
+            help="pull: jobs pull the prepared tables and trunk this command pushed; rebuild: jobs rebuild them")] = "pull",
+        workdir: Annotated[Path | None, typer.Option(
+            help="where jobs clone the repository (default .spml/grid/STAMP/clones), e.g. node-local scratch")] = None,
+        keep_clones: Annotated[bool, typer.Option("--keep-clones", help="keep each job's clone after success")] = False,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="say what would be submitted (runs the upstream stages to know); submit nothing")] = False,
+        wait: Annotated[bool, typer.Option("--wait", help="block until every submitted cell is done or failed")] = False,
+        root: RootOption = Path(".")):
+    """Submit one job per grid cell whose result the DVC remote's run-cache does not hold yet.
+
+    First runs the upstream stages (data, pretrained trunk) here and pushes them.
+    Each job clones this commit, trains its cell (`dvc repro --single-item`), pushes its outputs, then its
+    run-cache entry."""
+    from pipeline import grid
+
+    def _submit():
+        extra = {}
+        for item in slurm_arg or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise SpmlError(f"--slurm-arg {item!r}: use KEY=VALUE, e.g. --slurm-arg exclude=node07")
+            extra[name] = value
+        resources = grid.Resources(partition=partition, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+                                   mem_gb=mem_gb, time_min=grid.parse_time(time) if time else None,
+                                   account=account, qos=qos, constraint=constraint, extra=extra)
+        return grid.submit(root, executor, jobs, resources, upstream, workdir, dry_run, keep_clones,
+                           say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+
+    result = _run(_submit)
+    total = len(result.submitted) + len(result.done_before) + len(result.active)
+    typer.echo(f"{total} cells: {len(result.done_before)} already on the remote, {len(result.active)} still queued "
+               f"or running, {len(result.submitted)} {'to submit' if dry_run else 'submitted'}"
+               + ("" if dry_run or not result.submitted else f" ({executor}, submission {result.stamp})"))
+    for name in result.submitted:
+        typer.echo(f"  {'would submit' if dry_run else 'submitted'} {name}")
+    for name, where in result.active.items():
+        typer.echo(f"  still active {name} (submission {where})")
+    if wait and result.submitted and not dry_run:
+        states = grid.wait(root.resolve(), result.submitted, say=typer.echo)
+        failed = [s for s in states if s.state != "done"]
+        if failed:
+            typer.echo(f"{len(failed)} cell(s) failed; `spml grid submit` resubmits them")
+            raise typer.Exit(1)
+
+
+@grid_app.command("status")
+def grid_status(root: RootOption = Path(".")):
+    """Per-cell state of the current grid: queued, running, done, failed (with the log's last line)."""
+    from pipeline import grid
+
+    def _status():
+        cells, _ = grid.list_cells(root.resolve())
+        return grid.cell_states(root.resolve(), [c.name for c in cells])
+
+    states = _run(_status)
+    width = max(len(s.cell) for s in states)
+    for state in states:
+        where = f" [{state.submission}]" if state.submission else ""
+        typer.echo(f"{state.cell:<{width}}  {state.state:<13} {state.detail}{where}".rstrip())
+    counts = [(sum(s.state == name for s in states), name) for name in grid.STATES]
+    typer.echo(", ".join(f"{n} {name}" for n, name in counts if n))
+
+
+@grid_app.command("collect")
+def grid_collect(root: RootOption = Path(".")):
+    """Restore every cell from the remote's run-cache and aggregate (`dvc repro --pull`).
+
+    Refuses (exit 2) while any cell has no result on the remote."""
+    from pipeline import grid
+
+    _run(grid.collect, root, say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -69,8 +69,20 @@ def collect_histories(datasets: list[str], methods: list[str], seeds: list[int],
                 hist = pd.read_csv(path)
                 if not any(c.startswith("fn_") for c in hist.columns):
                     continue
-                frames.append(hist.assign(dataset=dataset, method=method, seed=seed))
+                # a CLIP-based method scored with random CLIP weights flags noise: its label carries the mark
+                random_clip = "clip_meaningful" in hist.columns and bool((hist.clip_meaningful == 0).any())
+                label = f"{method} {UNMEASURED_MARK}" if random_clip else method
+                frames.append(hist.assign(dataset=dataset, method=label, seed=seed))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+UNMEASURED_MARK = "†"
+UNMEASURED_NOTE = (f"{UNMEASURED_MARK} random CLIP weights (a tiny randomly initialised open_clip model): the CLIP "
+                   "pseudo-labels are noise, so these rows measure nothing about the method.")
+
+
+def has_unmeasured(hist: pd.DataFrame) -> bool:
+    return not hist.empty and hist.method.astype(str).str.endswith(UNMEASURED_MARK).any()
 
 
 def _active(sub: pd.DataFrame) -> pd.Series:
@@ -119,6 +131,8 @@ def diagnostics_markdown(hist: pd.DataFrame) -> str:
             lines.append(f"| {dataset} | {method} | {sub.seed.nunique()} | {epochs} | " + " | ".join(cells)
                          + f" | {_cell(lift, '{:.2f}x')} |")
         lines.append("")
+    if has_unmeasured(hist):
+        lines += [UNMEASURED_NOTE, ""]
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +225,9 @@ def diagnostics_figure(hist: pd.DataFrame, out: Path) -> None:
             else:
                 fig.legend(handles, shown, loc="outside lower center", ncols=min(len(shown), 6), frameon=False)
         fig.suptitle("False-negative identification on the training set "
-                     "(mean over seeds; FN curves blank during warm-up)")
+                     "(mean over seeds; FN curves blank during warm-up)"
+                     + (f"\n{UNMEASURED_MARK} random CLIP weights: pseudo-labels are noise, not a measurement"
+                        if has_unmeasured(hist) else ""))
         with atomic_file(out) as tmp:
             # no "Software" (matplotlib version) key: the bytes depend on the data only
             fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})

@@ -26,3 +26,8 @@ def run_dir(dataset: str, method: str, seed: int) -> Path:
 def pretrained_dir(model: str) -> Path:
     """Stage ``pretrain``'s output for ``model``: trunk.pt and metrics.json."""
     return DATA / "pretrained" / model
+
+
+def clip_scores_dir(dataset: str, method: str) -> Path:
+    """Stage ``clip-scores``'s output for ``method`` on ``dataset``: the CLIP cosines of the training images."""
+    return DATA / "clip" / dataset / method

@@ -10,6 +10,10 @@ Row -> method id: AN -> an; LS [19] -> an-ls (docs/gpu.md: `paper-resnet50` runs
 ROLE -> role; EM -> em; EM + APL -> em-apl; LL-R -> ll-r; "+ BoostLU" (BoostLU on LL-R) -> boostlu;
 Ours -> ignore. Skipped: "ROLE + LI" (ROLE with LinearInit: no method module). Table 2 has no full-label
 (fully annotated) row, so there is no published AN/full ratio or gap closed to compare with.
+
+The methods published after IGNORE (gr-loss, vlpl, aevlp) are not in Table 2 and are not added here: their
+numbers come from other papers' runs, so they would not make a rank agreement with one table. They are listed
+with their sources in docs/methods/README.md and docs/gpu.md.
 """
 
 from __future__ import annotations

@@ -27,6 +27,15 @@ RUN_COLUMNS = ["dataset", "method", "model", "seed", "protocol", "val_map", "tes
 NUMERIC_COLUMNS = ("seed", "val_map", "test_map", "best_epoch", "epochs", "train_seconds",
                    "test_classes_without_positives")
 
+# A run whose CLIP-based method scored with randomly initialised CLIP weights (its history's clip_meaningful is
+# 0; the embedded CPU benchmark has no real weights): its number is not a measurement of the method. Tables mark
+# such cells with UNMEASURED_MARK and leave them out of gap closed and Kendall tau.
+RANDOM_CLIP = "clip_random_weights"
+UNMEASURED_MARK = "†"
+UNMEASURED_NOTE = (f"{UNMEASURED_MARK} random CLIP weights (a tiny randomly initialised open_clip model, params "
+                   "`clip.<method>.random_init_config`): the CLIP pseudo-labels are noise, so the score is "
+                   "meaningless, not a measurement of the method; left out of gap closed and Kendall tau.")
+
 
 def read_run_metrics(path: Path) -> dict[str, Any]:
     """One run's metrics.json, checked: valid JSON, every RUN_COLUMNS key, finite numbers."""
@@ -59,8 +68,31 @@ def collect_runs(datasets: list[str], methods: list[str], seeds: list[int]) -> p
                 metrics = read_run_metrics(path)
                 versions = metrics.get("versions")
                 rows.append({key: metrics[key] for key in RUN_COLUMNS}
-                            | {"torch": versions.get("torch") if isinstance(versions, dict) else None})
+                            | {"torch": versions.get("torch") if isinstance(versions, dict) else None,
+                               RANDOM_CLIP: random_clip_weights(path.parent / "history.csv")})
     return pd.DataFrame(rows)
+
+
+def random_clip_weights(history: Path) -> bool:
+    """True when the run's history says its CLIP scores came from random weights (``clip_meaningful`` 0)."""
+    if not history.is_file():
+        return False
+    try:
+        columns = pd.read_csv(history, nrows=0).columns
+        if "clip_meaningful" not in columns:
+            return False
+        values = pd.read_csv(history, usecols=["clip_meaningful"]).clip_meaningful
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return False  # a broken history is the diagnostics report's business, not the score's
+    return bool((pd.to_numeric(values, errors="coerce") == 0).any())
+
+
+def unmeasured(runs: pd.DataFrame, dataset: str) -> set[str]:
+    """Methods with a run on ``dataset`` scored with random CLIP weights (see RANDOM_CLIP)."""
+    if RANDOM_CLIP not in runs:
+        return set()
+    flags = runs[RANDOM_CLIP].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+    return set(runs[(runs.dataset == dataset) & flags].method.astype(str))
 
 
 def _fmt(values: pd.Series) -> str:
@@ -82,19 +114,22 @@ def results_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]
     lines += [(f"Training protocol: {', '.join(protocols) or 'unknown'} (docs/protocols.md: `unified` = one shared "
                "recipe for every method, `original` = each method under its authors' published protocol)."), ""]
     header = "| method | " + " | ".join(datasets) + " | n |"
-    lines += [header, "|" + "---|" * (len(datasets) + 2)]
-    for method in methods:
-        sub = runs[runs.method == method]
-        cells = [_fmt(sub[sub.dataset == d].test_map) for d in datasets]
-        n = sub.groupby("dataset").seed.nunique().max() if len(sub) else 0
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
-    lines += ["", "Validation mAP (model selection):", "", header, "|" + "---|" * (len(datasets) + 2)]
-    for method in methods:
-        sub = runs[runs.method == method]
-        cells = [_fmt(sub[sub.dataset == d].val_map) for d in datasets]
-        n = sub.groupby("dataset").seed.nunique().max() if len(sub) else 0
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
-    lines += ["", *field_scores_markdown(runs, methods, datasets)]
+    marked = {d: unmeasured(runs, d) for d in datasets}
+    note = [UNMEASURED_NOTE, ""] if any(marked.values()) else []
+
+    def cell(sub: pd.DataFrame, method: str, dataset: str, column: str) -> str:
+        text = _fmt(sub[sub.dataset == dataset][column])
+        return f"{text} {UNMEASURED_MARK}" if method in marked[dataset] else text
+
+    for title, column in (("", "test_map"), ("Validation mAP (model selection):", "val_map")):
+        lines += [title, ""] if title else []
+        lines += [header, "|" + "---|" * (len(datasets) + 2)]
+        for method in methods:
+            sub = runs[runs.method == method]
+            n = sub.groupby("dataset").seed.nunique().max() if len(sub) else 0
+            lines.append(f"| {method} | " + " | ".join(cell(sub, method, d, column) for d in datasets) + f" | {n} |")
+        lines += ["", *note]
+    lines += field_scores_markdown(runs, methods, datasets)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -113,6 +148,8 @@ def summary_metrics(runs: pd.DataFrame) -> dict[str, Any]:
         scores = dataset_scores(runs, dataset)
         for method, gap in scores["gap_closed"].items():
             by_method[method]["gap_closed"] = _round(gap)
+        for method in scores["unmeasured"]:  # random CLIP weights: not a measurement (RANDOM_CLIP)
+            by_method[method][RANDOM_CLIP] = True
         # scalars next to the per-method dicts (a reader telling methods apart by "value is a dict" still can)
         by_method["an_full_ratio"] = _round(scores["an_full_ratio"])
         by_method["kendall_tau"] = _round(scores["kendall_tau"])
@@ -192,12 +229,17 @@ def paper_agreement(means: dict[str, float], dataset: str) -> tuple[float | None
 
 
 def dataset_scores(runs: pd.DataFrame, dataset: str) -> dict[str, Any]:
-    """Everything the field-score table shows for one dataset (test mAP means, AN/full, gaps, tau)."""
+    """Everything the field-score table shows for one dataset (test mAP means, AN/full, gaps, tau).
+
+    Methods scored with random CLIP weights (``unmeasured``) keep their mean but get no gap closed and are
+    left out of Kendall tau: their numbers measure nothing."""
     means = test_map_means(runs, dataset)
-    tau, common = paper_agreement(means, dataset)
-    return {"means": means, "an_full_ratio": an_full_ratio(means), "gap_closed": gap_closed(means),
+    excluded = unmeasured(runs, dataset)
+    tau, common = paper_agreement({m: v for m, v in means.items() if m not in excluded}, dataset)
+    gaps = {m: None if m in excluded else gap for m, gap in gap_closed(means).items()}
+    return {"means": means, "an_full_ratio": an_full_ratio(means), "gap_closed": gaps,
             "kendall_tau": tau, "kendall_methods": common, "paper": published.table2(dataset),
-            "paper_column": published.table2_column(dataset)}
+            "paper_column": published.table2_column(dataset), "unmeasured": sorted(excluded)}
 
 
 def _num(value: float | None, fmt: str, missing: str = "–") -> str:
@@ -252,10 +294,11 @@ def field_scores_markdown(runs: pd.DataFrame, methods: list[str], datasets: list
                   "| method | test mAP | gap closed (%) | paper (Table 2) |", "|---|---|---|---|"]
         order = [m for m in methods if m in scores["means"]] + [m for m in scores["means"] if m not in methods]
         for method in order:
-            lines.append(f"| {method} | {scores['means'][method]:.2f} | "
-                         f"{_num(scores['gap_closed'][method], '{:+.1f}', '')} | "
+            mark = f" {UNMEASURED_MARK}" if method in scores["unmeasured"] else ""
+            lines.append(f"| {method}{mark} | {scores['means'][method]:.2f}{mark} | "
+                         f"{_num(scores['gap_closed'][method], '{:+.1f}', mark.strip())} | "
                          f"{_num(scores['paper'].get(method), '{:.2f}')} |")
-        lines.append("")
+        lines += ["", UNMEASURED_NOTE, ""] if scores["unmeasured"] else [""]
     return lines
 
 
@@ -326,11 +369,14 @@ def regimes_markdown(regimes: dict[str, pd.DataFrame], sources: dict[str, str] |
             for label in labels:
                 runs = regimes[label]
                 sub = runs[(runs.dataset == dataset) & (runs.method == method)]
-                maps.append(f"{_fmt(sub.test_map)} (n={len(sub)})" if len(sub) else "–")
+                mark = f" {UNMEASURED_MARK}" if method in by_regime.get(label, {}).get("unmeasured", ()) else ""
+                maps.append(f"{_fmt(sub.test_map)} (n={len(sub)}){mark}" if len(sub) else "–")
                 gap = by_regime[label]["gap_closed"].get(method) if label in by_regime else None
-                gaps.append(_num(gap, "{:+.1f}", ""))
+                gaps.append(_num(gap, "{:+.1f}", mark.strip()))
             lines.append(f"| {method} | " + " | ".join(maps) + " | " + " | ".join(gaps) + " |")
         lines.append("")
+        if any(scores["unmeasured"] for scores in by_regime.values()):
+            lines += [UNMEASURED_NOTE, ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

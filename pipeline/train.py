@@ -386,7 +386,8 @@ def compile_model(model: torch.nn.Module) -> None:
 def resume_fingerprint(run: RunConfig, dist: DistContext) -> dict[str, Any]:
     """What a resume checkpoint of this run must match (:func:`pipeline.runtime.checkpoint.run_fingerprint`)."""
     inputs = [paths.label_table(run.dataset), paths.observed_table(run.dataset),
-              *weight_files(run.train.model, run.model_kwargs)]  # a retrained `pretrain` trunk invalidates a resume
+              *weight_files(run.train.model, run.model_kwargs),  # a retrained `pretrain` trunk invalidates a resume
+              *get_method_class(run.method).input_files(run.dataset)]  # so do new CLIP scores
     return run_fingerprint(run.to_dict(), dist.world_size, inputs)
 
 

@@ -15,15 +15,19 @@ from pipeline.report import collect_runs, results_markdown, summary_metrics
 
 
 def grid(params: dict) -> tuple[list[str], list[str], list[int]]:
-    """The trained grid: datasets, methods then ablations (dvc.yaml's `train` and `ablate` cells), seeds."""
+    """The trained grid: datasets, methods then ablations then the CLIP-based methods (dvc.yaml's `train`,
+    `ablate` and `train-vl` cells), seeds."""
     datasets, methods, seeds = params.get("datasets"), params.get("methods"), params.get("seeds")
-    ablations = params.get("ablations")
     for key, value, kind in (("datasets", datasets, str), ("methods", methods, str), ("seeds", seeds, int)):
         if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
             raise SpmlError(f"params {key} must be a non-empty list of {kind.__name__}, got {value!r}")
-    if not isinstance(ablations, list) or not all(isinstance(v, str) for v in ablations):
-        raise SpmlError(f"params ablations must be a list of method names (may be empty), got {ablations!r}")
-    return datasets, methods + [m for m in ablations if m not in methods], seeds
+    trained = list(methods)
+    for key in ("ablations", "vl_methods"):
+        extra = params.get(key)
+        if not isinstance(extra, list) or not all(isinstance(v, str) for v in extra):
+            raise SpmlError(f"params {key} must be a list of method names (may be empty), got {extra!r}")
+        trained += [m for m in extra if m not in trained]
+    return datasets, trained, seeds
 
 
 def run(params_path: Path = Path("params.yaml"), out_dir: Path = paths.REPORTS) -> Path:

@@ -99,3 +99,19 @@ def test_panels_nobody_fills_are_left_out_and_datasets_prefix_the_labels(tmp_pat
     assert set(members) == {"fn_precision", "fn_recall", "fn_f1", "fn_tn_ratio"}
     assert members["fn_f1"] == ["synthetic/ll-r", "voc2012/ll-r"]
     assert panel_members(pd.DataFrame()) == {}
+
+
+def test_a_clip_method_with_random_weights_is_marked(tmp_path):
+    """A CLIP-based method trained with random CLIP weights (history clip_meaningful 0) flags noise: its rows
+    and legend entry carry the mark, with the footnote; one with real weights (1) does not."""
+    runs = tmp_path / "runs"
+    row = {"epoch": 1, "val_map": 10, "fn_flagged": 5, "fn_precision": 0.1, "fn_recall": 0.1, "fn_f1": 0.1,
+           "fn_tn_ratio": 0.1, "fn_base_rate": 0.1}
+    _write(runs, "vlpl", 0, [{**row, "clip_meaningful": 0.0}])
+    _write(runs, "aevlp", 0, [{**row, "clip_meaningful": 1.0}])
+    hist = collect_histories(["synthetic"], ["vlpl", "aevlp"], [0], runs)
+    assert set(hist.method) == {"vlpl †", "aevlp"}
+    md = diagnostics_markdown(hist)
+    assert "| synthetic | vlpl † |" in md and "| synthetic | aevlp |" in md
+    assert "† random CLIP weights" in md
+    diagnostics_figure(hist, tmp_path / "d.png")

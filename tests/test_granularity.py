@@ -2,7 +2,8 @@
 
 After one `dvc repro`: changing EM's params block or em.py leaves only the em cells stale; changing the
 training loop leaves every cell stale; a new method (one module and one params block) adds only its own
-cells; and `dvc exp run -S +presets=NAME` trains exactly the grid the preset names.
+cells; `dvc exp run -S +presets=NAME` trains exactly the grid the preset names; and changing a CLIP-based
+method's CLIP reruns only its clip-scores cell and its own train-vl cells.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def stale(repo) -> set[str]:
 
 
 def train_cells(names: set[str]) -> set[str]:
-    return {n for n in names if n.startswith(("train@", "ablate@"))}
+    return {n for n in names if n.startswith(("train@", "ablate@", "train-vl@"))}
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,49 @@ def test_dvc_exp_run_with_a_preset_trains_exactly_the_presets_grid(reproduced, t
     assert trained == [("an", 0), ("an", 1), ("an-cons", 0), ("an-cons", 1)]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["methods"] == ["an"] and params["seeds"] == [0, 1]  # the composed grid DVC's matrix read
+
+
+@pytest.fixture(scope="module")
+def reproduced_vl(tmp_path_factory):
+    """A tiny repository with the CLIP-based methods in the grid (tiny random CLIP), reproduced once."""
+    repo = tiny_repo(tmp_path_factory.mktemp("granularity-vl") / "repo", methods=("an",), seeds=(0,), epochs=1)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["vl_methods"] = ["vlpl", "aevlp"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git_commit_all(repo, "vl grid")
+    out = sh(repo, "dvc", "repro", env={"PYTHONPATH": str(repo)})
+    assert {"clip-scores@synthetic-vlpl", "train-vl@synthetic-aevlp-0"} <= set(re.findall(r"Running stage '([^']+)'", out))
+    git_commit_all(repo, "reproduced")
+    assert stale(repo) == set()
+    return repo
+
+
+def test_changing_a_clip_model_reruns_only_that_methods_clip_scores_and_cells(reproduced_vl, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(reproduced_vl, repo, symlinks=True)
+    # the CLIP code reruns every clip-scores cell and, through their outputs, only the CLIP-based cells
+    undo = edit(repo, "pipeline/clip.py", lambda text: text + "\n# an edit\n")
+    try:
+        assert stale(repo) - {"aggregate"} == {"clip-scores@synthetic-vlpl", "clip-scores@synthetic-aevlp"}
+    finally:
+        undo()
+    # the table reader is a dependency of the CLIP-based cells only
+    undo = edit(repo, "pipeline/clip_scores.py", lambda text: text + "\n# an edit\n")
+    try:
+        assert train_cells(stale(repo)) == {"train-vl@synthetic-vlpl-0", "train-vl@synthetic-aevlp-0"}
+    finally:
+        undo()
+
+    def change(text):
+        params = yaml.safe_load(text)
+        # other random CLIP weights for aevlp only (a copy: params.yaml's YAML anchor shares the block with vlpl)
+        params["clip"]["aevlp"]["synthetic"] = {**params["clip"]["aevlp"]["synthetic"], "seed": 1}
+        return yaml.safe_dump(params, sort_keys=False)
+
+    edit(repo, "params.yaml", change)
+    assert stale(repo) - {"aggregate"} == {"clip-scores@synthetic-aevlp", "train-vl@synthetic-aevlp-0"}
+    out = sh(repo, "dvc", "repro", env={"PYTHONPATH": str(repo)})
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"clip-scores@synthetic-aevlp", "train-vl@synthetic-aevlp-0", "aggregate"}
+    results = (repo / "reports/results.md").read_text()
+    assert "| vlpl | " in results and "| aevlp | " in results and "† random CLIP weights" in results

@@ -48,7 +48,7 @@ def test_paper_preset(tmp_path, preset, model, optimizer, scheduler, gamma):
 
 def test_every_preset_composes_and_resolves_for_its_whole_grid(tmp_path):
     """Each presets/*.yaml names its source, composes over params.yaml, and every cell of the grid it trains
-    (datasets x (methods + ablations)) resolves to a valid run configuration."""
+    (datasets x (methods + ablations + vl_methods)) resolves to a valid run configuration."""
     names = preset_names(REPO)
     assert {"all-methods", "paper-resnet50", "paper-q2l", "ignore-paper", "cole-grid"} <= set(names)
     for name in names:
@@ -57,7 +57,7 @@ def test_every_preset_composes_and_resolves_for_its_whole_grid(tmp_path):
         assert "# Source:" in text, name
         params = preset_params(tmp_path, name)
         for dataset in params["datasets"]:
-            for method in params["methods"] + params["ablations"]:
+            for method in params["methods"] + params["ablations"] + params["vl_methods"]:
                 resolve_run_config(params, dataset, method, 0)
 
 
@@ -65,12 +65,29 @@ def test_all_methods_preset_names_every_method_once():
     from pipeline.methods import get_method_class, method_names
 
     params = compose_params(REPO / "params.yaml", ["+presets=all-methods"])
-    trained = params["methods"] + params["ablations"]
+    trained = params["methods"] + params["ablations"] + params["vl_methods"]
     assert sorted(trained) == sorted(set(method_names()) - {"plc-lac"})  # plc-lac needs Query2Label
     assert all(get_method_class(m).ablation_of == "ignore" for m in params["ablations"])
+    assert sorted(params["vl_methods"]) == ["aevlp", "vlpl"]  # the CLIP-based ones train in train-vl
     assert params["seeds"] == [0, 1, 2]
     scratch = compose_params(REPO / "params.yaml", ["+presets=all-methods-scratch"])
     assert scratch["methods"] == params["methods"] and scratch["models"]["smallcnn"]["weights"] == "none"
+    assert scratch["vl_methods"] == params["vl_methods"]
+
+
+def test_paper_resnet50_preset_has_the_methods_after_ignore_with_real_clip():
+    """GR Loss trains in `train`, VLPL and AEVLP in `train-vl` with their official CLIP models (pinned)."""
+    from pipeline.clip import clip_params
+
+    params = compose_params(REPO / "params.yaml", ["+presets=paper-resnet50"])
+    assert "gr-loss" in params["methods"] and params["vl_methods"] == ["vlpl", "aevlp"]
+    for dataset in params["datasets"]:
+        vlpl, aevlp = clip_params(params, dataset, "vlpl"), clip_params(params, dataset, "aevlp")
+        assert (vlpl.model, vlpl.image_size, vlpl.tiles, vlpl.text_gcn) == ("ViT-L-14-336", 336, 0, "none")
+        assert (aevlp.model, aevlp.image_size, aevlp.text_gcn) == ("ViT-B-16", 224, "random")
+        assert aevlp.tiles == (5 if dataset == "cub" else 4) and aevlp.prompt == "a photo of a {}."
+        assert vlpl.random_init_config is None and aevlp.random_init_config is None
+        assert vlpl.sha256.startswith("3035c92b") and aevlp.sha256.startswith("5806e77c")
 
 
 def test_ignore_paper_preset_reaches_the_table_3_rows():

@@ -55,7 +55,7 @@ def test_every_paper_preset_row_resolves_to_the_documented_protocol(tmp_path, pr
     assert params["protocol"] == "original"
     checked = 0
     for dataset in params["datasets"]:
-        for method in params["methods"]:
+        for method in params["methods"] + params["vl_methods"]:
             run = resolve_run_config(params, dataset, method, 0)
             assert run.protocol == "original"
             row = doc_row(rows, method, dataset, run.train.model)
@@ -70,7 +70,7 @@ def test_every_paper_preset_row_resolves_to_the_documented_protocol(tmp_path, pr
                     assert actual == expected, (method, dataset, field, actual, expected)
             assert run.train.amp is False  # fp32 everywhere, as the official code
             checked += 1
-    assert checked == len(params["datasets"]) * len(params["methods"])
+    assert checked == len(params["datasets"]) * len(params["methods"] + params["vl_methods"])
 
 
 def test_every_method_has_an_original_protocol_and_a_docs_row():

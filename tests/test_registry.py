@@ -102,14 +102,34 @@ def test_train_and_ablate_cells_differ_only_in_the_method_module():
     assert stages["train"]["params"] == stages["ablate"]["params"]
 
 
+def test_train_vl_cells_are_train_cells_plus_their_clip_scores():
+    """The CLIP-based methods' cells (stage train-vl) depend on everything a train cell does, plus their own
+    (dataset, method) CLIP scores and clip block; nothing else in the pipeline depends on CLIP."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    train, vl = stage_deps("train"), stage_deps("train-vl")
+    assert vl[:len(train)] == train
+    assert vl[len(train):] == ["pipeline/clip_scores.py", "data/clip/${item.dataset}/${item.method}"]
+    assert stages["train-vl"]["params"] == [*stages["train"]["params"], "clip.${item.method}"]
+    assert stages["train-vl"]["matrix"]["method"] == "${vl_methods}"
+    assert stages["clip-scores"]["matrix"] == {"dataset": "${datasets}", "method": "${vl_methods}"}
+    assert stages["clip-scores"]["outs"] == ["data/clip/${item.dataset}/${item.method}"]
+    assert stages["clip-scores"]["params"] == ["clip.${item.method}"]
+    for name, stage in stages.items():
+        if name not in ("clip-scores", "train-vl"):
+            assert not any("clip" in str(d) for d in stage.get("deps", [])), name
+            assert not any("clip" in str(d) for d in stage.get("params", [])), name
+    assert "vl_methods" in stages["aggregate"]["params"]
+
+
 def imported_by(workspace: Path, call: str) -> set[str]:
     """The project modules a fresh interpreter imports while running ``call`` in ``workspace``."""
     script = (f"import json, sys\n{call}\n"
               "print(json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) "
               "if getattr(m, '__file__', None))))")
     env = dict(os.environ, PYTHONPATH=str(REPO), SPML_NO_PROGRESS="1")
-    out = subprocess.run([sys.executable, "-c", script], cwd=workspace, env=env, check=True,
-                         capture_output=True, text=True).stdout
+    result = subprocess.run([sys.executable, "-c", script], cwd=workspace, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
     return {os.path.relpath(f, REPO) for f in json.loads(out.splitlines()[-1])
             if f.startswith((str(REPO / "pipeline") + os.sep, str(REPO / "stages") + os.sep))}
 
@@ -122,6 +142,27 @@ HARMLESS = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/paths.py", "
 def uncovered(imported: set[str], deps: list[str], also_harmless: tuple[str, ...] = ()) -> list[str]:
     return sorted(f for f in imported if f not in HARMLESS and not f.startswith(also_harmless)
                   and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+
+
+def test_clip_scores_and_a_vl_training_run_import_only_their_cells_dependencies(tiny_workspace):
+    """`spml clip-scores` and a vlpl/aevlp training run, for real (tiny CLIP), in fresh interpreters: every
+    project module each imports is a dependency of its cell; training never imports open_clip."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for method in ("vlpl", "aevlp"):
+        imported = imported_by(tiny_workspace, f"from stages import clip_scores\n"
+                                               f"clip_scores.run('synthetic', '{method}')")
+        # the thread count (SPML_THREADS) comes from runtime; it changes no number DVC should track
+        assert not uncovered(imported, stages["clip-scores"]["deps"],
+                             ("pipeline/datasets/", "pipeline/download.py", "pipeline/runtime/host.py"))
+        assert not any(f.startswith("pipeline/methods/") for f in imported), "clip-scores imported a method"
+        call = (f"from stages import train\ntrain.run('synthetic', '{method}', 0)\n"
+                "assert 'open_clip' not in sys.modules, 'training imported open_clip'")
+        imported = imported_by(tiny_workspace, call)
+        deps = [d.replace("${item.method}", method) for d in stage_deps("train-vl") if not d.startswith("data/")]
+        assert not uncovered(imported, deps, ("pipeline/datasets/", "pipeline/download.py")), method
+        assert f"pipeline/methods/{method}.py" in imported and "pipeline/clip.py" not in imported
+        others = {f"pipeline/methods/{m}.py" for m in METHODS.names()} - {f"pipeline/methods/{method}.py"}
+        assert not imported & others, f"training {method} imported another method's module"
 
 
 def test_a_training_run_imports_only_its_cells_dependencies(tiny_workspace):

@@ -186,3 +186,38 @@ def test_compare_regimes_checks_the_labels(tmp_path):
     # default labels are the folder names; no an/full pair still writes both files
     assert _invoke(a, b, "--out", tmp_path / "o").exit_code == 0
     assert "**a** (" in (tmp_path / "o" / "regimes.md").read_text() and (tmp_path / "o" / "regimes.png").exists()
+
+
+def test_runs_with_random_clip_weights_are_marked_and_left_out_of_the_scores(tmp_path, monkeypatch):
+    """A run whose history says its CLIP scores were random (clip_meaningful 0) is marked † with a footnote in
+    results.md, flagged in summary.json and runs.csv, and has no gap closed nor a place in Kendall tau."""
+    from pipeline.report import RANDOM_CLIP, collect_runs, dataset_scores
+
+    monkeypatch.chdir(tmp_path)
+    rows = [("voc2012", m, 0, t) for m, t in (("an", 80.0), ("full", 90.0), ("em", 85.0), ("ignore", 86.0),
+                                              ("vlpl", 88.0), ("aevlp", 70.0))]
+    for _, method, seed, test_map in rows:
+        folder = tmp_path / "runs" / "voc2012" / method / str(seed)
+        folder.mkdir(parents=True)
+        metrics = _runs([("voc2012", method, seed, test_map)]).iloc[0].to_dict() | {"versions": {"torch": "x"}}
+        (folder / "metrics.json").write_text(pd.Series(metrics).to_json())
+        if method in ("vlpl", "aevlp"):  # vlpl: random CLIP weights; aevlp: real ones
+            history = pd.DataFrame({"epoch": [1, 2], "clip_meaningful": [0.0, 0.0] if method == "vlpl" else [1.0, 1.0]})
+            history.to_csv(folder / "history.csv", index=False)
+    methods = [m for _, m, _, _ in rows]
+    runs = collect_runs(["voc2012"], methods, [0])
+    assert dict(zip(runs.method, runs[RANDOM_CLIP])) == {m: m == "vlpl" for m in methods}
+    scores = dataset_scores(runs, "voc2012")
+    assert scores["unmeasured"] == ["vlpl"] and scores["gap_closed"]["vlpl"] is None
+    assert scores["gap_closed"]["aevlp"] == pytest.approx(-100.0)
+    assert "vlpl" not in scores["kendall_methods"] and scores["kendall_methods"] == ["an", "em", "ignore"]
+    md = results_markdown(runs, methods, ["voc2012"])
+    assert "| vlpl | 88.00 † | 1 |" in md and "| aevlp | 70.00 | 1 |" in md
+    assert "| vlpl † | 88.00 † | † | – |" in md
+    assert md.count("† random CLIP weights") == 3  # under the test and val tables, and the field scores
+    summary = summary_metrics(runs)["voc2012"]
+    assert summary["vlpl"][RANDOM_CLIP] is True and summary["vlpl"]["gap_closed"] is None
+    assert RANDOM_CLIP not in summary["aevlp"]
+    # runs.csv round trip (compare-regimes reads it back): still marked
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    assert dataset_scores(pd.read_csv(tmp_path / "runs.csv"), "voc2012")["unmeasured"] == ["vlpl"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -143,6 +144,12 @@ class Method:
         self.ctx = ctx
 
     # --- hooks the training loop calls -------------------------------------------------------------
+    @classmethod
+    def input_files(cls, dataset: str) -> list[Path]:
+        """Files this method reads besides the dataset's tables (e.g. its CLIP scores): a resume checkpoint is
+        taken up again only while they are unchanged (their SHA-256 is part of its fingerprint)."""
+        return []
+
     @classmethod
     def stage1_params(cls, params: dict[str, Any], epochs: int) -> dict[str, Any] | None:
         """This method's params for stage 1 of a two-stage protocol (``train.two_stage``), or None if it has

@@ -187,3 +187,66 @@ def plc_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, y: torch.Te
     mask, target = plc_targets(weak_logits, y, tau)
     bce = F.binary_cross_entropy_with_logits(strong_logits, target.to(strong_logits.dtype), reduction="none")
     return (bce * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --- Chen et al. 2024: GR Loss (docs/methods/gr-loss.md); also the unobserved term of AEVLP's GPR loss ---
+
+GR_EPS = 1e-7  # GR Loss's (and AEVLP's) epsilon inside the logs, not Cole's 1e-5
+
+
+def gr_log_pos(p: torch.Tensor) -> torch.Tensor:
+    """ℓ⁺(p) = −log(p + 1e-7)."""
+    return -torch.log(p + GR_EPS)
+
+
+def gr_log_neg(p: torch.Tensor) -> torch.Tensor:
+    """ℓ⁻(p) = −log(1 − p + 1e-7)."""
+    return -torch.log(1 - p + GR_EPS)
+
+
+def gr_schedule(epoch: int, epochs: int, k_weight: list[float], k_bias: list[float], v_mean: list[float],
+                v_std: list[float]) -> tuple[float, float, float, float]:
+    """(w, b, μ, σ) of epoch ``epoch`` (from 1) of ``epochs`` (T), each moving linearly from its first value
+    to its second, as the official code sets them at the start of an epoch (no linear-init epochs, n₀ = 0):
+
+    w, b: v₀ + (v_T − v₀)·(e − 1)/T, so w_T and b_T are never reached; μ, σ: v₀ + (v_T − v₀)·e/T, so the
+    first epoch already moves one step and the last one is at μ_T, σ_T."""
+    lag = max(epoch - 1, 0) / epochs
+    lead = max(epoch, 0) / epochs
+    return (k_weight[0] + (k_weight[1] - k_weight[0]) * lag, k_bias[0] + (k_bias[1] - k_bias[0]) * lag,
+            v_mean[0] + (v_mean[1] - v_mean[0]) * lead, v_std[0] + (v_std[1] - v_std[0]) * lead)
+
+
+def gr_soft_label_and_weight(p: torch.Tensor, w: float, b: float, mu: float,
+                             sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """K = σ(w·f̄ + b), the soft pseudo-label, and V = exp(−(f̄ − μ)²/(2σ²)), the per-entry weight, from the
+    probabilities with the gradient stopped (no gradient flows through K or V)."""
+    p = p.detach()
+    return torch.sigmoid(w * p + b), torch.exp(-((p - mu) ** 2) / (2 * sigma ** 2))
+
+
+def gr_unobserved(p: torch.Tensor, soft_label: torch.Tensor, weight: torch.Tensor, q2: float,
+                  q3: float) -> torch.Tensor:
+    """Entry-wise V·[K·L₂(f) + (1 − K)·L₃(f)], L₂(f) = (1 − f^q₂)/q₂ (GCE towards 1), L₃(f) = (1 − (1 − f)^q₃)/q₃
+    (GCE towards 0; q₃ = 1 gives f)."""
+    positive = (1 - p ** q2) / q2
+    negative = (1 - (1 - p) ** q3) / q3
+    return weight * (soft_label * positive + (1 - soft_label) * negative)
+
+
+def gr_pushes_up(soft_label: torch.Tensor, q2: float, q3: float) -> torch.Tensor:
+    """(B, C) bool: entries whose GR term, at f = ½, decreases as f grows, i.e. the loss trains them towards a
+    positive score: K·2^(1−q₂) > (1 − K)·2^(1−q₃) (d/df of K·L₂ + (1 − K)·L₃ at ½ is negative). With
+    q₂ → 0 and q₃ = 1 this is K > 1/3. GR Loss's pseudo-positives for the false-negative diagnostics."""
+    return soft_label * 2.0 ** (1 - q2) > (1 - soft_label) * 2.0 ** (1 - q3)
+
+
+def gr_loss(logits: torch.Tensor, y: torch.Tensor, w: float, b: float, mu: float, sigma: float, q2: float,
+            q3: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GR Loss: ℓ⁺(f) on the observed positives, V·[K·L₂ + (1 − K)·L₃] on the unobserved entries, Σ/(B·C).
+
+    Returns the loss and K, V (for the diagnostics)."""
+    p = torch.sigmoid(logits)
+    soft_label, weight = gr_soft_label_and_weight(p, w, b, mu, sigma)
+    matrix = y * gr_log_pos(p) + (1 - y) * gr_unobserved(p, soft_label, weight, q2, q3)
+    return mean_over_entries(matrix), soft_label, weight
