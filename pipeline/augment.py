@@ -3,13 +3,14 @@
 **The standard views on the training device** (``train.augment_on: device``, :class:`DeviceAugment`): the
 loader hands out the cached uint8 image and, per sample, the random draws of its views (:func:`draw_views`:
 the same draws, from the same per-sample seed and in the same order, as the loader path's flip and
-torchvision's ``RandAugment``); the flips and RandAugment then run batched on the device, with torchvision's
-``transforms.v2.functional`` kernels, one call per (slot, op, sign) group of samples. The op table
+torchvision's ``RandAugment``); the flips and RandAugment then run batched on the device, one call per
+(slot, op, sign) group of samples, with torchvision's batched kernels: ``transforms.v2.functional`` for most
+ops, and the v1 ``transforms.functional`` kernels the loader path's RandAugment runs for Color, Sharpness and
+AutoContrast (v2's round or divide where v1 truncates or multiplies: one level of 255 apart). The op table
 (:data:`RANDAUGMENT_OPS`, :func:`randaugment_magnitude`) is torchvision's RandAugment's. Outputs equal the
-loader path's for the same seed and a natively sized image, except that v2's Color and Sharpness round
-where v1 truncates and its AutoContrast divides where v1 multiplies (at most 1 level of 255 per op). For images stored at another size (the real datasets)
-the loader path runs RandAugment on the full-resolution file before its resize; the device path runs it on the
-cached, resized image (translations are a fraction of the side either way; rotations and shears resample
+loader path's, bit for bit, for the same seed and an image stored at the training size. For images stored
+at another size (the real datasets) the loader path runs RandAugment on the full-resolution file before its
+resize; the device path runs it on the cached, resized image (translations are a fraction of the side either way; rotations and shears resample
 a coarser grid).
 
 **Strong-view augmentation of PLC + LAC** (Xie et al., NeurIPS 2022), without ImageNet normalisation.
@@ -257,12 +258,14 @@ def apply_op(images: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
     if op == "Rotate":
         return F2.rotate(images, magnitude, interpolation=nearest)
     ops = {"Brightness": lambda x: F2.adjust_brightness(x, 1.0 + magnitude),
-           "Color": lambda x: F2.adjust_saturation(x, 1.0 + magnitude),
+           # v1's kernels, as the loader path's RandAugment: v2's blend rounds where v1's truncates
+           "Color": lambda x: TF.adjust_saturation(x, 1.0 + magnitude),
            "Contrast": lambda x: F2.adjust_contrast(x, 1.0 + magnitude),
-           "Sharpness": lambda x: F2.adjust_sharpness(x, 1.0 + magnitude),
+           "Sharpness": lambda x: TF.adjust_sharpness(x, 1.0 + magnitude),
            "Posterize": lambda x: F2.posterize(x, int(magnitude)),
            "Solarize": lambda x: F2.solarize(x, magnitude),
-           "AutoContrast": F2.autocontrast, "Equalize": F2.equalize, "Identity": lambda x: x}
+           "AutoContrast": TF.autocontrast,  # (v2's divides by the range where v1 multiplies by its inverse)
+           "Equalize": F2.equalize, "Identity": lambda x: x}
     return ops[op](images)
 
 
