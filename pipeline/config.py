@@ -84,7 +84,7 @@ def compose_params(params_path: str | Path = DEFAULT_PARAMS, overrides: list[str
         out = Path(tmp) / "params.yaml"
         try:
             compose_and_dump(out, str(path.parent), None, path.stem, tmp, list(overrides or []))
-        except Exception as exc:  # Hydra's errors (unknown preset, bad override) as one line
+        except Exception as exc:  # noqa: BLE001 - Hydra's errors (unknown preset, bad override) as one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SpmlError(f"cannot compose {params_path} with {' '.join(overrides or [])}: {first}; "
                             f"presets: {', '.join(preset_names(path.parent))}") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.helpers import git_commit_all, sh, tiny_repo  # noqa: E402
+from tests.helpers import git_commit_all, sh, tiny_repo
 
 
 def _timed(repo: Path, *args: str, env: dict) -> float:

@@ -220,8 +220,8 @@ def test_fit_hands_a_method_only_its_label_source(name, cls, tiny_data_dir, tmp_
     import pandas as pd
 
     from pipeline import paths
-    from pipeline.registry import METHODS
     from pipeline.config import deep_merge
+    from pipeline.registry import METHODS
     from pipeline.tables import read_label_table, read_observed_table
     from stages import train
     from tests.conftest import tiny_params, write_params

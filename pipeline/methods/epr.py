@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import SpmlError
 from pipeline.methods import Method, StepOutput, expected_positives, register_method
 from pipeline.methods.losses import epr_loss
 
