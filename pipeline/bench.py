@@ -101,8 +101,24 @@ class BenchData:
     full: torch.Tensor
 
 
+class Timed:
+    """Median time and images/s of a result's ``times_ms`` (ms per batch of ``batch_size`` images); the
+    dataclasses below declare both fields, each in its own place among their fields."""
+
+    times_ms: list[float]
+    batch_size: int
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 * self.batch_size / self.median_ms
+
+
 @dataclass
-class BenchResult:
+class BenchResult(Timed):
     method: str
     times_ms: list[float]
     batch_size: int
@@ -112,14 +128,6 @@ class BenchResult:
     host_malloc: str = ""  # jemalloc, tcmalloc, or glibc's: cache (runtime.host.cache_host_memory) or system
     page_faults: list[int] = field(default_factory=list)  # minor page faults of the process per timed step
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.times_ms)
-
-    @property
-    def images_per_s(self) -> float:
-        return 1000.0 * self.batch_size / self.median_ms
 
 
 def random_data(num_images: int, num_classes: int, image_size: int, seed: int = 0) -> BenchData:
@@ -374,18 +382,10 @@ LOADER_ROWS_PER_BATCH = 8  # --loader: distinct cached images, in batches; the s
 
 
 @dataclass
-class LoaderResult:
+class LoaderResult(Timed):
     augment_on: str
     times_ms: list[float]  # per batch: from the previous batch's views on the device to this one's
     batch_size: int
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.times_ms)
-
-    @property
-    def images_per_s(self) -> float:
-        return 1000.0 * self.batch_size / self.median_ms
 
 
 def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml"), dataset: str = "synthetic",

@@ -69,6 +69,13 @@ def prepared_labels_hash(dataset: str) -> str | None:
     return (meta.get("provenance") or {}).get("labels_sha256")
 
 
+def clip_score_files(dataset: str, method: str) -> list[Path]:
+    """The files of ``method``'s CLIP score table on ``dataset`` (none before `spml clip-scores` ran): what a
+    method that reads them lists in ``Method.input_files``, so new scores never resume an old run."""
+    folder = paths.clip_scores_dir(dataset, method)
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
 def read_clip_scores(dataset: str, method: str, num_train: int, num_classes: int) -> ClipScores:
     """The table of ``method`` on ``dataset``, checked against the run: every file, one row per training image,
     one column per class, and the prepared table it was computed from."""

@@ -28,8 +28,7 @@ from typing import Annotated
 
 import torch
 
-from pipeline import paths
-from pipeline.clip_scores import read_clip_scores
+from pipeline.clip_scores import clip_score_files, read_clip_scores
 from pipeline.config import Range
 from pipeline.errors import SpmlError
 from pipeline.methods import Method, StepOutput, expected_positives, register_method
@@ -102,8 +101,7 @@ class AdaptiveVisionLanguagePseudoLabels(Method):
 
     @classmethod
     def input_files(cls, dataset):
-        folder = paths.clip_scores_dir(dataset, cls.name)  # the CLIP scores this method reads
-        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        return clip_score_files(dataset, cls.name)  # the CLIP scores this method reads
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
