@@ -261,6 +261,10 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
             raise SpmlError(f"--host-malloc {host_malloc!r}: use jemalloc, tcmalloc, cache or system")
         if augment_on not in (None, "loader", "device"):
             raise SpmlError(f"--augment-on {augment_on!r}: use loader or device")
+        if not loader and (workers is not None or augment_on is not None):
+            # the step bench times ready batches: no loader, no views; saying nothing would hide that
+            raise SpmlError("--workers and --augment-on set the input-pipeline bench; add --loader (the step bench "
+                            "times ready batches)")
         given = {"image_size": image_size, "batch_size": batch_size, "device": device, "threads": threads, "amp": amp,
                  "channels_last": channels_last, "compile": compile_model, "num_workers": workers, "augment_on": augment_on}
         if host_malloc is not None:

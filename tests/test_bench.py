@@ -47,6 +47,9 @@ def test_bench_errors_are_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "--loader", "--augment-on", "gpu", "--params", REPO / "params.yaml"]
                                  + TINY)
     assert result.exit_code == 2 and "--augment-on 'gpu': use loader or device" in result.output
+    result = CliRunner().invoke(app, ["bench", "--workers", "2", "--params", REPO / "params.yaml"] + TINY)
+    assert result.exit_code == 2 and "--workers and --augment-on set the input-pipeline bench; add --loader" in \
+        result.output
     result = CliRunner().invoke(app, ["bench", "--methods", "an", "--prepare", "voc2012", "--params", REPO / "params.yaml"]
                                  + TINY)
     assert result.exit_code == 2 and "--prepare supports coco2014 only" in result.output
