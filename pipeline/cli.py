@@ -164,15 +164,19 @@ def config(dataset: DatasetArg,
                help="presets/NAME.yaml composed over params.yaml, as `dvc exp run -S +presets=NAME` does "
                     "(repeatable)")] = None,
            params: ParamsOption = Path("params.yaml")):
-    """Print the fully resolved run configuration as JSON (what `spml train` records in config.json)."""
+    """Print the fully resolved run configuration as JSON (what `spml train` records in config.json).
+
+    With the dataset prepared, the schedules are shown mapped to the run (the timeline rule); before, as set."""
     import json
 
+    from pipeline import paths
     from pipeline.config import compose_params, load_params
-    from pipeline.train import resolve_run_config
+    from pipeline.train import apply_timeline, resolve_run_config, training_rows
 
     def resolve():
         loaded = compose_params(params, [f"+presets={name}" for name in preset]) if preset else load_params(params)
-        return resolve_run_config(loaded, dataset, method, seed)
+        run = resolve_run_config(loaded, dataset, method, seed)
+        return apply_timeline(run, training_rows(dataset)) if paths.label_table(dataset).exists() else run
 
     run = _run(resolve)
     typer.echo(json.dumps(run.to_dict(), indent=2))

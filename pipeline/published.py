@@ -35,9 +35,12 @@ TABLE2_RESNET50: dict[str, dict[str, float]] = {
 # Table 2 rows with no method module here (left out of every comparison)
 TABLE2_SKIPPED_ROWS = {"ROLE + LI": "ROLE with LinearInit: no method module"}
 
-# our dataset name -> Table 2 column. synthetic has 20 classes like VOC and its methods use VOC's
-# settings, so it is compared with the VOC column (an ordering check only: the numbers are not comparable).
-PAPER_COLUMN = {"voc2012": "VOC", "coco2014": "COCO", "nuswide": "NUS", "cub": "CUB", "synthetic": "VOC"}
+# our dataset name -> Table 2 column (an ordering check only for the embedded sets: the numbers are not
+# comparable). synthetic has VOC's label statistics and 20 classes, so it is compared with the VOC column;
+# synthetic-dense has CUB's share of false negatives among the unannotated entries (9.2 %; CUB 9.8 %), so with
+# the CUB column, although its methods run their 20-class (VOC) settings.
+PAPER_COLUMN = {"voc2012": "VOC", "coco2014": "COCO", "nuswide": "NUS", "cub": "CUB", "synthetic": "VOC",
+                "synthetic-dense": "CUB"}
 
 
 def table2_column(dataset: str) -> str | None:

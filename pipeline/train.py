@@ -44,8 +44,9 @@ from pipeline.models import build_model, model_names, parse_model_params, weight
 from pipeline.progress import progress_bar
 from pipeline.runtime.checkpoint import Best, Checkpoint, clear_resume, run_fingerprint
 from pipeline.runtime.distributed import DistContext, EpochSampler, broadcast_buffers, gather_arrays
-from pipeline.runtime.host import announcing, host_memory, torch_threads
+from pipeline.runtime.host import announcing, host_memory, running_allocator, torch_threads
 from pipeline.runtime.optim import WeightEMA, amp_dtype, autocast, build_scheduler
+from pipeline.timeline import Reference, steps_per_epoch, timeline_for
 
 # pipeline.tables (pyarrow) and pipeline.metrics (scikit-learn) are imported where they are used: `spml bench`
 # builds through this module on GPU machines that have torch but neither of those (docs/bench-gpu.md)
@@ -114,6 +115,14 @@ class TrainConfig:
 
 
 @dataclass
+class TimelineParams:
+    """``params.yaml: timeline.<dataset>``: the real dataset an embedded one stands for (pipeline/timeline.py)."""
+
+    reference: str  # a dataset name: whose protocols.original blocks the schedules were set for
+    train_images: Annotated[int, Range(ge=1)]  # its training images (the community's 80 % of official train)
+
+
+@dataclass
 class RunConfig:
     dataset: str
     method: str
@@ -123,6 +132,10 @@ class RunConfig:
     train: TrainConfig
     model_kwargs: dict[str, Any]
     method_params: dict[str, Any]
+    # the protocol the method's schedules were set for; `timeline` (None until apply_timeline ran) records the
+    # run's and the reference's length, and train / method_params then hold the mapped values
+    reference: Reference
+    timeline: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,10 +178,64 @@ def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: 
     # each method reads its own block only (a train cell tracks only that block in dvc.yaml)
     method_params = scoped((params.get("method_params") or {}).get(method), dataset, train.model)
     run = RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), protocol, train, model_kwargs,
-                    method_params)
+                    method_params, schedule_reference(params, dataset, method, train.model))
     if train.two_stage:
         stage1_config(run)  # a method without a stage 1 fails here, before any training
     return run
+
+
+def schedule_reference(params: dict[str, Any], dataset: str, method: str, model: str) -> Reference:
+    """The protocol ``method``'s schedules were published for: its ``protocols.original`` block on the run's
+    dataset, or on the real dataset an embedded one stands for (``timeline.<dataset>``)."""
+    block = ((params.get("protocols") or {}).get("original") or {}).get(method)
+    if block is None:
+        return Reference(f"none: protocols.original has no block for {method}", None, None, False, None)
+    embedded = (params.get("timeline") or {}).get(dataset)
+    images = None
+    reference = dataset
+    if embedded is not None:
+        stand_in = parse_dataclass(TimelineParams, embedded, f"timeline.{dataset}")
+        reference, images = stand_in.reference, stand_in.train_images
+    values = deep_merge(scoped(params.get("train") or {}, reference, model), scoped(block, reference, model))
+    where = f"protocols.original.{method}"
+    epochs, batch_size, drop_last = values.get("epochs"), values.get("batch_size"), values.get("drop_last")
+    for key, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpmlError(f"params {where}.{key} must be an integer >= 1 (the reference of the method's schedules), "
+                            f"got {value!r}")
+    if not isinstance(drop_last, bool):
+        raise SpmlError(f"params {where}.drop_last must be true or false, got {drop_last!r}")
+    source = f"{where} on {reference}" + (f" ({images} training images)" if images is not None else "")
+    return Reference(source, epochs, batch_size, drop_last, images)
+
+
+def train_schedules(cfg: TrainConfig) -> dict[str, str]:
+    """The loop's own schedules (units of pipeline/timeline.py): the weight EMA's per-step decay, and the
+    patience of ``early_stop: patience`` (in epochs; the other rules' values are mAP points)."""
+    return {"weight_ema": "step_decay", **({"early_stop_value": "epochs"} if cfg.early_stop == "patience" else {})}
+
+
+def apply_timeline(run: RunConfig, train_images: int) -> RunConfig:
+    """``run`` with every schedule (the method's ``Method.schedules`` and :func:`train_schedules`) mapped from
+    its reference protocol to this run's epochs and steps by the one rule of :mod:`pipeline.timeline`.
+    ``train_images``: rows of the run's training set. Applied once: a run that has its timeline is returned as is."""
+    if run.timeline is not None:
+        return run
+    cfg = run.train
+    timeline = timeline_for(run.reference, cfg.epochs, steps_per_epoch(train_images, cfg.batch_size, cfg.drop_last),
+                            train_images)
+    schedules = train_schedules(cfg)
+    mapped = timeline.apply({key: getattr(cfg, key) for key in schedules}, schedules, "train")
+    params = timeline.apply(run.method_params, get_method_class(run.method).schedules, f"method_params.{run.method}")
+    return dataclasses.replace(run, train=dataclasses.replace(cfg, **mapped), method_params=params,
+                               timeline=timeline.describe())
+
+
+def training_rows(dataset: str) -> int:
+    """Rows of the prepared table's training split (the timeline's steps per epoch, before the data loads)."""
+    from pipeline.tables import read_label_table
+
+    return len(read_label_table(paths.label_table(dataset)).rows("train"))
 
 
 def stage1_config(run: RunConfig) -> RunConfig:
@@ -591,8 +658,10 @@ def run_metrics(run: RunConfig, data: RunData, state: Checkpoint, test: MapResul
         "versions": {"spml_bench": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "stage1": {k: stage1[k] for k in ("method", "val_map", "test_map", "best_epoch", "epochs_run")}
         if stage1 else None,
-        "device": str(device), "threads": torch.get_num_threads(), "world_size": dist.world_size,
-        "amp": str(amp).replace("torch.", "") if amp else "off",
+        # what a bit-for-bit rerun must match on a CPU (spml verify): threads, the malloc, torch's version above
+        "device": str(device), "threads": torch.get_num_threads(), "allocator": running_allocator()[0],
+        "world_size": dist.world_size, "amp": str(amp).replace("torch.", "") if amp else "off",
+        "timeline": run.timeline,
     }
 
 
@@ -635,6 +704,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None, dist: Dis
     seed_everything(run.run_seed, cfg.deterministic)
     method_cls = get_method_class(run.method)
     data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances, dist)
+    run = apply_timeline(run, len(data.train))  # the schedules, mapped to this run's epochs and steps
+    cfg = run.train
     loaders = build_loaders(data, cfg, run.run_seed, device, dist)
     normalize = build_normalizer(cfg, device)
     # the method, then the model, draw their initial values from the seeded RNG: reordering moves every number

@@ -43,6 +43,8 @@ def build_label_table(dataset: str, raw_dir: Path, data_params: dict, val_fracti
             # k of EPR/ROLE: mean number of true positives per training image
             "mean_positives_train": float(train_rows.sum(1).mean()) if len(train_rows) else 0.0,
             "class_frequency_train": train_rows.mean(0).round(6).tolist() if len(train_rows) else [],
+            # images with 0, 1, 2, ... positives: the label-count distribution (docs/embedded-benchmark.md)
+            "label_count_train": np.bincount(train_rows.sum(1).astype(np.int64)).tolist() if len(train_rows) else [],
         },
         "provenance": {**official.provenance, "labels_sha256": labels_hash(labels, image_id)},
     }

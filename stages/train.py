@@ -23,7 +23,7 @@ from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
 from pipeline.runtime import checkpoint, distributed
-from pipeline.train import RUN_FILES, fit, resolve_run_config, stage1_config
+from pipeline.train import RUN_FILES, apply_timeline, fit, resolve_run_config, stage1_config, training_rows
 
 # config.json of a run holds these keys (pipeline.train.RunConfig); together with "only run files"
 # this is what marks a folder as ours
@@ -103,6 +103,8 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     run_cfg = resolve_run_config(params, dataset, method, seed)
     if weights is not None:
         run_cfg.model_kwargs["weights"] = weights
+    # the schedules mapped once, before stage 1 of a two-stage run takes its own params from them
+    run_cfg = apply_timeline(run_cfg, training_rows(dataset))
     target = out_dir or paths.run_dir(dataset, method, seed)
     check_out_dir(target, params_path)
     resume_dir = resume_dir_for(dataset, method, seed, out_dir)

@@ -116,22 +116,33 @@ class SyntheticParams:
     image_size: Annotated[int, Range(ge=MIN_IMAGE_SIZE)]
     seed: Annotated[int, Range(ge=0)]
     objects_per_image: list[float]  # P(1 object), ..., P(k objects); k <= 20 classes
-    frequency_decay: Annotated[float, Range(ge=0)]  # class c drawn with weight (c + 1) ** -decay, after a shuffle
+    # how often each class is drawn, after a seeded shuffle of the classes: one of the two is null.
+    # class_weights: 20 non-negative weights (e.g. a real dataset's per-class image counts);
+    # frequency_decay: class c drawn with weight (c + 1) ** -decay (a power law)
+    class_weights: list[float] | None
+    frequency_decay: Annotated[float, Range(ge=0)] | None
     cooccurrence_pairs: Annotated[int, Range(ge=0, le=len(SHAPES) // 2)]  # class pairs that tend to co-occur
     cooccurrence_prob: Annotated[float, Range(ge=0, le=1)]
     object_size: list[float]  # [min, max] object diameter as a fraction of the image side
     min_visible: Annotated[float, Range(ge=0, le=1)]  # fraction of an object's pixels that must stay visible
 
 
-def _params(params: dict[str, Any]) -> dict[str, Any]:
-    p = parse_dataclass(SyntheticParams, params if params is not None else {}, "data.synthetic")
+def _params(params: dict[str, Any], where: str = "data.synthetic") -> dict[str, Any]:
+    p = parse_dataclass(SyntheticParams, params if params is not None else {}, where)
     probs = p.objects_per_image
     if not probs or len(probs) > len(SHAPES) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
-        raise SpmlError(f"params data.synthetic.objects_per_image must be 1 to {len(SHAPES)} non-negative "
+        raise SpmlError(f"params {where}.objects_per_image must be 1 to {len(SHAPES)} non-negative "
                         f"probabilities summing to 1, got {probs!r}")
     if len(p.object_size) != 2 or not 0 < p.object_size[0] <= p.object_size[1] <= 1:
-        raise SpmlError(f"params data.synthetic.object_size must be [min, max] with 0 < min <= max <= 1, "
+        raise SpmlError(f"params {where}.object_size must be [min, max] with 0 < min <= max <= 1, "
                         f"got {p.object_size!r}")
+    if (p.class_weights is None) == (p.frequency_decay is None):
+        raise SpmlError(f"params {where}: set exactly one of class_weights (a list of {len(SHAPES)} weights) and "
+                        f"frequency_decay (a power law); the other must be null")
+    if p.class_weights is not None and (len(p.class_weights) != len(SHAPES) or min(p.class_weights) < 0
+                                        or not sum(p.class_weights) > 0):
+        raise SpmlError(f"params {where}.class_weights must be {len(SHAPES)} non-negative weights, not all 0, "
+                        f"got {p.class_weights!r}")
     return dataclasses.asdict(p)
 
 
@@ -196,11 +207,18 @@ def render_image(rng, p, weights, partners, shapes=SHAPES) -> tuple[np.ndarray, 
     return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8), instances, classes
 
 
-def generate(out_dir: Path, params: dict[str, Any]) -> None:
-    p = _params(params)
+def class_weights(p: dict[str, Any]) -> np.ndarray:
+    """Each class's draw weight before the seeded shuffle: the given weights, or the power law."""
+    if p["class_weights"] is not None:
+        return np.asarray(p["class_weights"], dtype=float)
+    return (np.arange(len(CLASS_NAMES)) + 1.0) ** -p["frequency_decay"]
+
+
+def generate(out_dir: Path, params: dict[str, Any], where: str = "data.synthetic") -> None:
+    p = _params(params, where)
     rng = np.random.default_rng(p["seed"])
     num_classes = len(CLASS_NAMES)
-    weights = (np.arange(num_classes) + 1.0) ** -p["frequency_decay"]
+    weights = class_weights(p)
     weights = weights[rng.permutation(num_classes)]
     pair_classes = rng.permutation(num_classes)[: 2 * p["cooccurrence_pairs"]].reshape(-1, 2)
     partners: dict[int, list[int]] = {}
@@ -235,17 +253,19 @@ def generate(out_dir: Path, params: dict[str, Any]) -> None:
 
 @register_dataset("synthetic")
 class Synthetic:
-    """Procedurally generated shapes; ``download`` renders them, nothing is fetched."""
+    """Procedurally generated shapes; ``download`` renders them, nothing is fetched. ``synthetic`` (the
+    default) has VOC 2012's label statistics, ``synthetic-dense`` CUB's density of false negatives
+    (docs/embedded-benchmark.md); both are this generator with their own ``data.<name>`` block."""
 
     def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
         if source is not None:
-            raise SpmlError("dataset 'synthetic' is generated, not downloaded; drop --from")
-        generate(raw_dir, params)
+            raise SpmlError(f"dataset '{self.name}' is generated, not downloaded; drop --from")
+        generate(raw_dir, params, f"data.{self.name}")
 
     def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
         path = raw_dir / "annotations.json"
         if not path.exists():
-            raise SpmlError(f"{path} does not exist; run `spml download synthetic` first")
+            raise SpmlError(f"{path} does not exist; run `spml download {self.name}` first")
         try:
             annotations = json.loads(path.read_text())
             classes = annotations["classes"]
@@ -267,6 +287,12 @@ class Synthetic:
                     },
                 )
         except (KeyError, TypeError, ValueError) as exc:
-            raise SpmlError(f"{path} is malformed ({exc!r}); rerun `spml download synthetic`") from None
+            raise SpmlError(f"{path} is malformed ({exc!r}); rerun `spml download {self.name}`") from None
         return OfficialSplits(class_names=classes, image_root=".", train=splits["train"], test=splits["test"],
                               provenance={"generator": "pipeline.datasets.synthetic", "params": annotations["params"]})
+
+
+@register_dataset("synthetic-dense")
+class SyntheticDense(Synthetic):
+    """The first embedded default's settings: 2.75 positives per image (CUB's share of false negatives among
+    the unannotated entries, not VOC's); compared with Table 2's CUB column."""

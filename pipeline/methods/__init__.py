@@ -134,6 +134,10 @@ class Method:
     # an ablation of another method (IGNORE's Table 3 rows: "ignore-gap" of "ignore") lives in that method's
     # module; its cells are dvc.yaml's `ablate` stage, which depends on that module (params `ablations`)
     ablation_of: ClassVar[str | None] = None
+    # which Params are schedules, and in which unit (pipeline/timeline.py: epochs | per_epoch | step_decay |
+    # progress): their values are set for the method's reference protocol, and the loop maps them to the run
+    # by the one timeline rule before the method is built. A param defined per epoch or per step must be here.
+    schedules: ClassVar[dict[str, str]] = {}
 
     @dataclass
     class Params:

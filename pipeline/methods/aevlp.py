@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 
@@ -79,6 +79,10 @@ def gpr_loss(logits: torch.Tensor, y: torch.Tensor, pseudo: torch.Tensor, schedu
 
 @register_method("aevlp")
 class AdaptiveVisionLanguagePseudoLabels(Method):
+    # GR Loss's schedules (losses.gr_schedule), over epoch / train.epochs: already progress
+    schedules: ClassVar[dict[str, str]] = {"k_weight": "progress", "k_bias": "progress", "v_mean": "progress",
+                                           "v_std": "progress"}
+
     @dataclass
     class Params:
         # GR Loss's part (method gr-loss): the official --beta, --alpha and --q2q3

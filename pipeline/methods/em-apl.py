@@ -13,7 +13,7 @@ nothing, is skipped). State: the pseudo-label mask and soft targets, keyed by tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 
@@ -26,13 +26,15 @@ from pipeline.methods.sync import all_reduce_
 
 @register_method("em-apl")
 class EntropyMaximisationAPL(Method):
+    schedules: ClassVar[dict[str, str]] = {"warmup": "epochs", "quota_epochs": "epochs"}
+
     @dataclass
     class Params:
         alpha: Annotated[float, Range(ge=0)]  # weight of the entropy term on the remaining unknowns
         beta: float  # weight of the soft pseudo-negative BCE
         theta: float  # fraction of the initial unknowns pseudo-labelled over all rounds
         warmup: int  # W: the first round runs after epoch W (VOC's value)
-        quota_epochs: int  # E of the quota: the official code's 10 epochs, whatever train.epochs is
+        quota_epochs: int  # E of the quota: the official code's 10 epochs (mapped to the run like W)
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)

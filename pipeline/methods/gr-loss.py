@@ -16,7 +16,7 @@ false negative in the history (``gr_k_*``, ``gr_v_*``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pipeline.config import Range
 from pipeline.errors import SpmlError
@@ -35,6 +35,10 @@ def check_gr_params(p, where: str) -> None:
 
 @register_method("gr-loss")
 class GeneralizedRobustLoss(Method):
+    # w, b, μ, σ move linearly over epoch / train.epochs (losses.gr_schedule): already progress
+    schedules: ClassVar[dict[str, str]] = {"k_weight": "progress", "k_bias": "progress", "v_mean": "progress",
+                                           "v_std": "progress"}
+
     @dataclass
     class Params:
         # the official --beta = [w0, wT, b0, bT], --alpha = [mu0, sigma0, muT, sigmaT], --q2q3 = [q2, q3]

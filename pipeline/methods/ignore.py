@@ -245,6 +245,8 @@ class Components:
 
 @register_method("ignore")
 class Ignore(Method):
+    schedules: ClassVar[dict[str, str]] = {"warmup_epochs": "epochs", "gap_decay": "step_decay",
+                                           "avg_decay": "step_decay"}
     needs_strong_view = True
     needs_instances = True  # the loop scores the reported CAM mask on synthetic data (ignored where absent)
     components: ClassVar[Components] = Components()

@@ -30,6 +30,10 @@ Scheme = Literal["reject", "temporary", "permanent"]
 class LargeLossMethod(Method):
     """Subclasses set ``Params`` with ``delta_percent`` (and optionally ``scheme``)."""
 
+    # Δ: the rejected/corrected share grows by Δ percent of B·C per epoch (LL-Cp: Δ percent per batch, so
+    # also Δ percent of the entries per epoch)
+    schedules: ClassVar[dict[str, str]] = {"delta_percent": "per_epoch"}
+
     scheme: ClassVar[Scheme] = "reject"
 
     def __init__(self, params, ctx):

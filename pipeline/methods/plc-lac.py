@@ -26,6 +26,7 @@ masks, no boolean indexing). Under DDP each rank keeps its own queue.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ def lac_loss(feats: torch.Tensor, labels: torch.Tensor, temperature: float) -> t
 @register_method("plc-lac")
 class PLCLAC(Method):
     needs_strong_view = True
+    schedules: ClassVar[dict[str, str]] = {"stage1_epochs": "epochs"}
 
     @dataclass
     class Params:

@@ -18,7 +18,7 @@ is 0 when the CLIP weights were random (the all-methods CPU table), and the repo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 
@@ -47,6 +47,8 @@ def vlpl_loss(logits: torch.Tensor, y: torch.Tensor, pseudo: torch.Tensor, alpha
 
 @register_method("vlpl")
 class VisionLanguagePseudoLabels(Method):
+    schedules: ClassVar[dict[str, str]] = {"warmup_epochs": "epochs"}
+
     @dataclass
     class Params:
         alpha: Annotated[float, Range(ge=0)]  # α: weight of the entropy term on the other unknowns
