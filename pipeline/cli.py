@@ -157,6 +157,23 @@ def compare_regimes(dirs: Annotated[list[Path], typer.Argument(
 
 
 @app.command()
+def verify(table: Annotated[Path, typer.Argument(help="a table folder with runs.csv, e.g. reports/all-methods")],
+           cells: Annotated[int | None, typer.Option(help="how many cells to re-train, drawn by --sample-seed")] = 3,
+           all_cells: Annotated[bool, typer.Option("--all", help="re-train every cell of the table")] = False,
+           preset: Annotated[str | None, typer.Option(
+               help="the preset the table was made with (presets/NAME.yaml), e.g. all-methods")] = None,
+           sample_seed: Annotated[int, typer.Option(help="seed of the draw of cells")] = 0):
+    """Re-train cells of a committed table in a temporary copy and check every metric, bit for bit (CPU runs,
+    at each run's recorded thread count and malloc). Exit 2 naming the cell, both values and the command when
+    one differs."""
+    from pipeline import verify as check
+
+    checked = _run(check.verify, table, None if all_cells else cells, preset, sample_seed,
+                   report=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+    err.print(f"{len(checked)} cell(s) of {table} reproduce bit for bit: {', '.join(checked)}")
+
+
+@app.command()
 def config(dataset: DatasetArg,
            method: Annotated[str, typer.Argument(help="method name, e.g. ignore")],
            seed: Annotated[int, typer.Option(help="training seed")] = 0,

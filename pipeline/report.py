@@ -67,8 +67,10 @@ def collect_runs(datasets: list[str], methods: list[str], seeds: list[int]) -> p
                     raise SpmlError(f"{path} does not exist; run `spml train {dataset} {method} --seed {seed}`")
                 metrics = read_run_metrics(path)
                 versions = metrics.get("versions")
+                # what a bit-for-bit rerun must match (spml verify): torch, threads and malloc of the run
                 rows.append({key: metrics[key] for key in RUN_COLUMNS}
                             | {"torch": versions.get("torch") if isinstance(versions, dict) else None,
+                               "threads": metrics.get("threads"), "allocator": metrics.get("allocator"),
                                RANDOM_CLIP: random_clip_weights(path.parent / "history.csv")})
     return pd.DataFrame(rows)
 
@@ -153,6 +155,8 @@ def summary_metrics(runs: pd.DataFrame) -> dict[str, Any]:
         # scalars next to the per-method dicts (a reader telling methods apart by "value is a dict" still can)
         by_method["an_full_ratio"] = _round(scores["an_full_ratio"])
         by_method["kendall_tau"] = _round(scores["kendall_tau"])
+        by_method["kendall_tau_interval"] = [_round(v) for v in scores["kendall_interval"]] \
+            if scores["kendall_interval"] else None
         by_method["kendall_n"] = len(scores["kendall_methods"])
     return out
 
@@ -228,6 +232,36 @@ def paper_agreement(means: dict[str, float], dataset: str) -> tuple[float | None
     return kendall_tau_b([means[m] for m in common], [paper[m] for m in common]), common
 
 
+BOOTSTRAP_ROUNDS = 2000
+BOOTSTRAP_SEED = 0  # a fixed seed: the interval is part of a deterministic report
+
+
+def kendall_interval(runs: pd.DataFrame, dataset: str, methods: list[str],
+                     rounds: int = BOOTSTRAP_ROUNDS) -> tuple[float, float] | None:
+    """95 % percentile bootstrap interval of Kendall tau vs Table 2 over seeds: each round redraws, per method,
+    its seeds with replacement, and recomputes the means and tau. None with fewer than 2 seeds everywhere
+    (no spread to resample) or fewer than MIN_KENDALL_METHODS methods."""
+    import numpy as np
+
+    paper = published.table2(dataset)
+    common = [m for m in methods if m in paper]
+    sub = runs[runs.dataset == dataset]
+    values = [sub[sub.method == m].test_map.astype(float).to_numpy() for m in common]
+    if len(common) < MIN_KENDALL_METHODS or max((len(v) for v in values), default=0) < 2:
+        return None
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    taus = []
+    for _ in range(rounds):
+        means = [float(v[rng.integers(0, len(v), len(v))].mean()) for v in values]
+        tau = kendall_tau_b(means, [paper[m] for m in common])
+        if tau is not None:
+            taus.append(tau)
+    if not taus:
+        return None
+    low, high = np.percentile(taus, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def dataset_scores(runs: pd.DataFrame, dataset: str) -> dict[str, Any]:
     """Everything the field-score table shows for one dataset (test mAP means, AN/full, gaps, tau).
 
@@ -237,8 +271,13 @@ def dataset_scores(runs: pd.DataFrame, dataset: str) -> dict[str, Any]:
     excluded = unmeasured(runs, dataset)
     tau, common = paper_agreement({m: v for m, v in means.items() if m not in excluded}, dataset)
     gaps = {m: None if m in excluded else gap for m, gap in gap_closed(means).items()}
-    return {"means": means, "an_full_ratio": an_full_ratio(means), "gap_closed": gaps,
-            "kendall_tau": tau, "kendall_methods": common, "paper": published.table2(dataset),
+    sub = runs[runs.dataset == dataset]
+    # the seed spread of each mean: its standard error, std (ddof=1) / sqrt(n); None with one seed
+    errors = {str(m): float(g.test_map.astype(float).std(ddof=1)) / math.sqrt(len(g)) if len(g) > 1 else None
+              for m, g in sub.groupby("method", sort=False)}
+    return {"means": means, "an_full_ratio": an_full_ratio(means), "gap_closed": gaps, "mean_error": errors,
+            "kendall_tau": tau, "kendall_methods": common, "kendall_interval": kendall_interval(runs, dataset, common),
+            "paper": published.table2(dataset),
             "paper_column": published.table2_column(dataset), "unmeasured": sorted(excluded)}
 
 
@@ -254,6 +293,9 @@ def agreement_line(scores: dict[str, Any]) -> str:
     if column is None:
         return f"AN/full = {ratio}; Kendall tau vs Table 2 = – (Table 2 has no column for this dataset)"
     tau = _num(scores["kendall_tau"], "{:.2f}")
+    interval = scores.get("kendall_interval")
+    if interval and scores["kendall_tau"] is not None:
+        tau += f" (95 % bootstrap interval over seeds: {interval[0]:+.2f} to {interval[1]:+.2f})"
     which = f" ({', '.join(common)})" if common else ""
     short = f", needs at least {MIN_KENDALL_METHODS}" if len(common) < MIN_KENDALL_METHODS else ""
     return (f"AN/full = {ratio}; Kendall tau vs Table 2 ({column}) = {tau} over n = {len(common)} "
@@ -269,13 +311,16 @@ FIELD_SCORES_CAPTION = [
     "  full labels, negative = worse than AN. Blank for an and full themselves, or when either did not run.",
     "- **paper (Table 2)**: the test mAP (%) that the IGNORE paper (Song et al., ECCV 2024) reports in its",
     "  Table 2 (ResNet-50) for the same method, in the matching column (voc2012 → VOC, coco2014 → COCO,",
-    "  nuswide → NUS, cub → CUB; `pipeline/published.py`); – when the table has no such row. `synthetic` is",
-    "  compared with the VOC column because it has 20 classes like VOC and its methods use VOC's settings:",
-    "  its ordering can be compared, its numbers cannot.",
+    "  nuswide → NUS, cub → CUB; `pipeline/published.py`); – when the table has no such row. `synthetic` has",
+    "  VOC's label statistics and is compared with the VOC column, `synthetic-dense` (CUB's share of false",
+    "  negatives) with the CUB column: their orderings can be compared, their numbers cannot.",
     "- **AN/full**: mAP(an) / mAP(full), how much of full-label mAP the naive baseline already reaches.",
     "- **Kendall tau**: rank agreement (tau-b, ties counted) between our ordering of methods by test mAP and",
     "  Table 2's, over the n methods both have (at least 3, else –): +1 = same order, −1 = reversed,",
     "  0 = unrelated. Table 2 trains an ImageNet-pretrained ResNet-50 at 448 px; our model is named per dataset.",
+    "  Its interval: the 2.5th and 97.5th percentiles of tau over 2000 bootstrap rounds that redraw each",
+    "  method's seeds with replacement (fixed seed; none with a single seed).",
+    "- **s.e.**: the seed spread of a mean, its standard error std (ddof=1) / sqrt(n) over the n seeds.",
     "",
 ]
 
@@ -291,11 +336,12 @@ def field_scores_markdown(runs: pd.DataFrame, methods: list[str], datasets: list
         column = scores["paper_column"]
         lines += [f"### {dataset} (model: {models or 'unknown'}; paper column: {column or 'none'})", "",
                   agreement_line(scores) + ".", "",
-                  "| method | test mAP | gap closed (%) | paper (Table 2) |", "|---|---|---|---|"]
+                  "| method | test mAP | s.e. | gap closed (%) | paper (Table 2) |", "|---|---|---|---|---|"]
         order = [m for m in methods if m in scores["means"]] + [m for m in scores["means"] if m not in methods]
         for method in order:
             mark = f" {UNMEASURED_MARK}" if method in scores["unmeasured"] else ""
             lines.append(f"| {method}{mark} | {scores['means'][method]:.2f}{mark} | "
+                         f"{_num(scores['mean_error'].get(method), '{:.2f}')} | "
                          f"{_num(scores['gap_closed'][method], '{:+.1f}', mark.strip())} | "
                          f"{_num(scores['paper'].get(method), '{:.2f}')} |")
         lines += ["", UNMEASURED_NOTE, ""] if scores["unmeasured"] else [""]
@@ -355,7 +401,8 @@ def regimes_markdown(regimes: dict[str, pd.DataFrame], sources: dict[str, str] |
              "(0 = no better than AN, 100 = as good as full labels; blank for an and full, or when either did not run);",
              "**AN/full** is mAP(an) / mAP(full); **Kendall tau** is the tau-b rank agreement between the regime's",
              "ordering of methods and the IGNORE paper's Table 2 (ResNet-50) over the methods both have (at least 3).",
-             "`synthetic` is compared with Table 2's VOC column (20 classes like VOC; its methods use VOC's settings).",
+             "`synthetic` is compared with Table 2's VOC column (VOC's label statistics), `synthetic-dense` with its",
+             "CUB column (CUB's share of false negatives).",
              "Figure: `regimes.png`. Regenerate with `spml compare-regimes`.", ""]
     for dataset, by_regime in regime_scores(regimes).items():
         lines += [f"## {dataset} (paper column: {published.table2_column(dataset) or 'none'})", ""]

@@ -85,13 +85,33 @@ def test_results_md_has_the_field_score_columns():
     voc = section.split("### voc2012")[1].split("### mydata")[0]
     # an = 61, full = 81: AN/full 0.75; em (71-61)/20 = +50 %, ignore +25 %, ll-r -10 %.
     # ours em > ignore > an > ll-r, Table 2 VOC ignore > em > ll-r > an: pairs C = 4, D = 2 -> tau 2/6
-    assert "AN/full = 0.75; Kendall tau vs Table 2 (VOC) = 0.33 over n = 4 methods (an, em, ignore, ll-r)" in voc
-    assert "| method | test mAP | gap closed (%) | paper (Table 2) |" in voc
-    assert "| an | 61.00 |  | 85.89 |" in voc and "| full | 81.00 |  | – |" in voc
-    assert "| em | 71.00 | +50.0 | 89.09 |" in voc and "| ll-r | 59.00 | -10.0 | 88.27 |" in voc
+    # an's two seeds (60, 62) never cross another method: the bootstrap interval is tau itself
+    assert ("AN/full = 0.75; Kendall tau vs Table 2 (VOC) = 0.33 (95 % bootstrap interval over seeds: +0.33 to "
+            "+0.33) over n = 4 methods (an, em, ignore, ll-r)") in voc
+    assert "| method | test mAP | s.e. | gap closed (%) | paper (Table 2) |" in voc
+    # s.e. of an: std(60, 62) = sqrt(2), / sqrt(2) = 1.00; one seed: –
+    assert "| an | 61.00 | 1.00 |  | 85.89 |" in voc and "| full | 81.00 | – |  | – |" in voc
+    assert "| em | 71.00 | – | +50.0 | 89.09 |" in voc and "| ll-r | 59.00 | – | -10.0 | 88.27 |" in voc
     mine = section.split("### mydata")[1]
     assert "AN/full = 0.50; Kendall tau vs Table 2 = – (Table 2 has no column for this dataset)" in mine
-    assert "| em | 12.00 | +20.0 | – |" in mine
+    assert "| em | 12.00 | – | +20.0 | – |" in mine
+
+
+def test_kendall_bootstrap_interval_over_seeds():
+    """an (50, 50) < ignore (65, 65); em's seeds (60, 70) redraw to a mean of 60, 65 or 70 (p = 1/4, 1/2, 1/4).
+    Table 2 (VOC): an < em < ignore. em 60: every pair concordant, tau 1; em 65 ties ignore: C = 2, D = 0, one
+    pair tied in ours, tau_b = 2 / sqrt(2 * 3) = 0.816; em 70: C = 2, D = 1, tau 1/3. Each has >= 2.5 % of the
+    rounds, so the 95 % interval is [1/3, 1]; with 1 seed per method there is no interval."""
+    from pipeline.report import kendall_interval
+
+    runs = _runs([("voc2012", "an", 0, 50.0), ("voc2012", "an", 1, 50.0), ("voc2012", "em", 0, 60.0),
+                  ("voc2012", "em", 1, 70.0), ("voc2012", "ignore", 0, 65.0), ("voc2012", "ignore", 1, 65.0)])
+    low, high = kendall_interval(runs, "voc2012", ["an", "em", "ignore"])
+    assert low == pytest.approx(1 / 3) and high == pytest.approx(1.0)
+    assert kendall_interval(runs[runs.seed == 0], "voc2012", ["an", "em", "ignore"]) is None
+    summary = summary_metrics(runs)["voc2012"]
+    assert summary["kendall_tau"] == pytest.approx(0.8165, abs=1e-4)
+    assert summary["kendall_tau_interval"] == [pytest.approx(1 / 3, abs=1e-4), 1.0]
 
 
 def test_results_md_says_why_tau_is_missing():
@@ -149,8 +169,8 @@ def test_compare_regimes_writes_table_and_figure(tmp_path):
     assert (out / "regimes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # scratch: gaps (45-30)/30 = +50 %, (36-30)/30 = +20 %; ours an < em > ignore vs VOC an < em < ignore:
     # C = 2, D = 1 -> tau 1/3. pretrained: (55-50)/20 = +25 %, (65-50)/20 = +75 %, (40-50)/20 = -50 %; tau 1
-    assert ("- scratch: AN/full = 0.50; Kendall tau vs Table 2 (VOC) = 0.33 over n = 3 methods (an, em, ignore)"
-            in md)
+    assert ("- scratch: AN/full = 0.50; Kendall tau vs Table 2 (VOC) = 0.33 (95 % bootstrap interval over seeds: "
+            "+0.33 to +0.33) over n = 3 methods (an, em, ignore)" in md)
     assert "- pretrained: AN/full = 0.71; Kendall tau vs Table 2 (VOC) = 1.00 over n = 3 methods" in md
     assert ("| method | test mAP (scratch) | test mAP (pretrained) | gap closed (scratch, %) "
             "| gap closed (pretrained, %) |") in md
@@ -213,7 +233,7 @@ def test_runs_with_random_clip_weights_are_marked_and_left_out_of_the_scores(tmp
     assert "vlpl" not in scores["kendall_methods"] and scores["kendall_methods"] == ["an", "em", "ignore"]
     md = results_markdown(runs, methods, ["voc2012"])
     assert "| vlpl | 88.00 † | 1 |" in md and "| aevlp | 70.00 | 1 |" in md
-    assert "| vlpl † | 88.00 † | † | – |" in md
+    assert "| vlpl † | 88.00 † | – | † | – |" in md
     assert md.count("† random CLIP weights") == 3  # under the test and val tables, and the field scores
     summary = summary_metrics(runs)["voc2012"]
     assert summary["vlpl"][RANDOM_CLIP] is True and summary["vlpl"]["gap_closed"] is None

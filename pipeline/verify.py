@@ -1,0 +1,195 @@
+"""``spml verify``: re-train cells of a committed table and check every metric against it.
+
+A table under ``reports/`` is only as good as the claim that its numbers come from the code and command its
+README gives. ``spml verify DIR`` takes DIR/runs.csv (written by ``spml aggregate``: one row per run, the metrics
+at full precision, and the thread count, malloc and torch version each run used), samples N of its cells (all
+with ``--all``), and re-trains each one with ``spml train`` in a temporary copy of this repository: the same
+params (with ``--preset``, the preset the table was made with, composed as ``dvc exp run -S +presets=NAME``
+does), the same prepared data and pretrained trunk (this workspace's ``data/`` where it has them, else built in
+the copy by the stages themselves), ``SPML_THREADS`` and ``SPML_ALLOCATOR`` as recorded. CPU training is
+deterministic for a given thread count, so every metric must come out equal, bit for bit; a mismatch is an error
+naming the cell, both values and the command that reproduces it. Nothing in this workspace is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.errors import SpmlError
+from pipeline.report import read_runs_csv
+
+# the metrics compared (runs.csv columns written from metrics.json); train_seconds is the only one that may differ
+COMPARED = ("val_map", "test_map", "best_epoch", "epochs", "test_classes_without_positives", "model", "protocol")
+# what a copy needs from this workspace: the code, params, presets and pipeline files (never data/ or runs/)
+COPIED = ("pipeline", "stages", "presets", "params.yaml", "dvc.yaml", "pyproject.toml")
+UPSTREAM = ("raw", "prepared", "sampled")  # data/<kind>/<dataset>, per dataset
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    method: str
+    seed: int
+    threads: int | None
+    allocator: str | None
+    torch: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.method}/{self.seed}"
+
+    def command(self, preset: str | None) -> str:
+        env = " ".join(filter(None, [f"SPML_THREADS={self.threads}" if self.threads else "",
+                                     f"SPML_ALLOCATOR={self.allocator}" if self.allocator else ""]))
+        params = f" --params <params.yaml composed with +presets={preset}>" if preset else ""
+        return f"{env + ' ' if env else ''}spml train {self.dataset} {self.method} --seed {self.seed}{params}"
+
+
+def table_cells(runs: pd.DataFrame, where: Path) -> list[Cell]:
+    missing = [c for c in ("seed", *COMPARED) if c not in runs.columns]
+    if missing:
+        raise SpmlError(f"{where} lacks the column(s) {', '.join(missing)}; regenerate it with `spml aggregate`")
+    if "threads" not in runs.columns:
+        raise SpmlError(f"{where} records no thread count per run (column `threads`): a CPU run can only be checked "
+                        "bit for bit at its own thread count; regenerate the table with this version's `spml aggregate`")
+
+    def text(value: Any) -> str | None:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+    def count(value: Any) -> int | None:
+        return None if text(value) is None else int(float(value))
+
+    return [Cell(str(r.dataset), str(r.method), int(r.seed), count(r.threads), text(r.get("allocator")),
+                 text(r.get("torch"))) for _, r in runs.iterrows()]
+
+
+def choose(cells: list[Cell], count: int | None, seed: int) -> list[Cell]:
+    """``count`` cells drawn without replacement by a seeded draw (all when None or at least the table's)."""
+    if count is None or count >= len(cells):
+        return list(cells)
+    if count < 1:
+        raise SpmlError(f"--cells must be at least 1, got {count}")
+    return sorted(random.Random(seed).sample(cells, count), key=lambda c: (c.dataset, c.method, c.seed))
+
+
+def same(recorded: Any, value: Any) -> bool:
+    """Equal as the table holds them: numbers exactly (runs.csv keeps every digit), names as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(recorded) == float(value)
+        except (TypeError, ValueError):
+            return False
+    return str(recorded) == str(value)
+
+
+def make_copy(root: Path, work: Path, datasets: set[str]) -> None:
+    """The code and params of ``root``, and its prepared data and pretrained trunk where it has them."""
+    for name in COPIED:
+        src = root / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copy2(src, work / name)
+    for dataset in sorted(datasets):
+        for kind in UPSTREAM:
+            for src in (root / "data" / kind / dataset, root / "data" / kind / f"{dataset}.parquet"):
+                if src.exists():
+                    dest = work / "data" / kind / src.name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
+    trunk = root / "data" / "pretrained"
+    if trunk.is_dir():
+        shutil.copytree(trunk, work / "data" / "pretrained")
+
+
+def spml(work: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # this interpreter's spml, with the copy's own code first on the path
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=work, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(work), "SPML_NO_PROGRESS": "1", **(env or {})})
+
+
+def ensure_upstream(work: Path, datasets: set[str], params: Path) -> None:
+    """Build what the copy lacks with the stages themselves (as `dvc repro` would, without DVC)."""
+    steps = []
+    for dataset in sorted(datasets):
+        if not (work / "data" / "raw" / dataset).exists():
+            steps.append(("download", dataset))
+        if not (work / "data" / "prepared" / f"{dataset}.parquet").exists():
+            steps.append(("prepare", dataset))
+        if not (work / "data" / "sampled" / f"{dataset}.parquet").exists():
+            steps.append(("sample", dataset))
+    if not (work / "data" / "pretrained").exists():
+        steps.append(("pretrain",))
+    for step in steps:
+        done = spml(work, *step, "--params", str(params))
+        if done.returncode != 0:
+            raise SpmlError(f"building the copy's data failed at `spml {' '.join(step)}`: "
+                            f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def check_cell(work: Path, params: Path, cell: Cell, row: pd.Series, preset: str | None) -> list[str]:
+    """Re-train one cell; the mismatches as 'cell: metric recorded X, re-trained Y' lines."""
+    import json
+
+    env = {k: v for k, v in (("SPML_THREADS", str(cell.threads) if cell.threads else None),
+                             ("SPML_ALLOCATOR", cell.allocator)) if v}
+    out = work / "verify-runs" / cell.dataset / cell.method / str(cell.seed)
+    done = spml(work, "train", cell.dataset, cell.method, "--seed", str(cell.seed), "--params", str(params),
+                "--out", str(out), "--no-resume", env=env)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"{cell.name}: re-training failed ({last}); command: {cell.command(preset)}"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    return [f"{cell.name}: {key} recorded {row[key]}, re-trained {metrics.get(key)}; command: {cell.command(preset)}"
+            for key in COMPARED if not same(row[key], metrics.get(key))]
+
+
+def verify(table: Path, count: int | None, preset: str | None = None, sample_seed: int = 0,
+           root: Path = Path("."), report: Callable[[str], None] = print) -> list[str]:
+    """Re-train ``count`` cells of ``table`` (a folder with runs.csv, or the file; all when None) and return the
+    cells checked. Raises SpmlError naming every mismatch."""
+    import torch
+
+    from pipeline.config import compose_params, load_params
+
+    table = Path(table)
+    where = table / "runs.csv" if table.is_dir() else table
+    runs = read_runs_csv(table)
+    cells = choose(table_cells(runs, where), count, sample_seed)
+    versions = {c.torch for c in cells if c.torch} - {torch.__version__}
+    if versions:
+        raise SpmlError(f"{where} was made with torch {', '.join(sorted(versions))} and this machine has "
+                        f"{torch.__version__}: CPU results are bit-identical only on the same torch; "
+                        "verify with that version")
+    root = Path(root).resolve()
+    params = compose_params(root / "params.yaml", [f"+presets={preset}"]) if preset else load_params(root / "params.yaml")
+    with tempfile.TemporaryDirectory(prefix="spml-verify-") as tmp:
+        work = Path(tmp)
+        make_copy(root, work, {c.dataset for c in cells})
+        import yaml
+
+        params_file = work / "verify-params.yaml"
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        ensure_upstream(work, {c.dataset for c in cells}, params_file)
+        problems = []
+        for cell in cells:
+            row = runs[(runs.dataset == cell.dataset) & (runs.method == cell.method)
+                       & (runs.seed.astype(int) == cell.seed)].iloc[0]
+            found = check_cell(work, params_file, cell, row, preset)
+            report(f"{cell.name}: " + ("MISMATCH" if found else f"identical (test mAP {row.test_map})"))
+            problems += found
+    if problems:
+        raise SpmlError(f"{len(problems)} metric(s) of {where} do not reproduce: " + "; ".join(problems))
+    return [c.name for c in cells]

@@ -1,0 +1,66 @@
+"""`spml verify`: a committed table's cells re-trained in a temporary copy reproduce bit for bit, and a metric
+edited by hand in runs.csv is an error naming the cell, both values and the command."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import SpmlError
+from pipeline.verify import Cell, choose, verify
+
+
+@pytest.fixture
+def tiny_table(tiny_workspace):
+    """One tiny cell trained at 1 thread and aggregated into table/ (as a committed table would be)."""
+    params = yaml.safe_load((tiny_workspace / "params.yaml").read_text())
+    params.update(datasets=["synthetic"], methods=["an"], ablations=[], vl_methods=[], seeds=[0])
+    (tiny_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runner = CliRunner()
+    env = {"SPML_THREADS": "1"}
+    assert runner.invoke(app, ["train", "synthetic", "an", "--seed", "0"], env=env).exit_code == 0
+    result = runner.invoke(app, ["aggregate", "--out", "table"])
+    assert result.exit_code == 0, result.output
+    return tiny_workspace / "table"
+
+
+def test_runs_csv_records_what_a_rerun_must_match(tiny_table):
+    runs = pd.read_csv(tiny_table / "runs.csv")
+    row = runs.iloc[0]
+    assert row.threads == 1 and row.allocator in ("jemalloc", "tcmalloc", "glibc") and isinstance(row.torch, str)
+    metrics = __import__("json").loads((tiny_table.parent / "runs/synthetic/an/0/metrics.json").read_text())
+    assert row.test_map == metrics["test_map"]  # every digit, not a rounded copy
+
+
+def test_verify_passes_then_names_an_edited_cell(tiny_table):
+    lines = []
+    assert verify(tiny_table, None, root=tiny_table.parent, report=lines.append) == ["synthetic/an/0"]
+    assert lines and "identical" in lines[0]
+    runs = pd.read_csv(tiny_table / "runs.csv")
+    recorded = runs.loc[0, "test_map"]
+    runs.loc[0, "test_map"] = recorded + 0.01
+    runs.to_csv(tiny_table / "runs.csv", index=False)
+    result = CliRunner().invoke(app, ["verify", str(tiny_table), "--all"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "error:" in text and "Traceback" not in text
+    assert f"synthetic/an/0: test_map recorded {recorded + 0.01}, re-trained {recorded}" in text
+    assert "SPML_THREADS=1" in text and "spml train synthetic an --seed 0" in text
+
+
+def test_verify_refuses_a_table_without_thread_counts(tiny_table):
+    runs = pd.read_csv(tiny_table / "runs.csv").drop(columns=["threads"])
+    runs.to_csv(tiny_table / "runs.csv", index=False)
+    with pytest.raises(SpmlError, match="records no thread count"):
+        verify(tiny_table, 1, root=tiny_table.parent)
+
+
+def test_cells_are_drawn_by_a_seed():
+    cells = [Cell("synthetic", m, s, 1, None, None) for m in ("an", "em", "ignore") for s in range(3)]
+    assert choose(cells, 3, 0) == choose(cells, 3, 0) and len(choose(cells, 3, 0)) == 3
+    assert choose(cells, None, 0) == cells and choose(cells, 50, 0) == cells
+    with pytest.raises(SpmlError, match="--cells must be at least 1"):
+        choose(cells, 0, 0)
