@@ -157,6 +157,26 @@ def compare_regimes(dirs: Annotated[list[Path], typer.Argument(
 
 
 @app.command()
+def stats(dataset: DatasetArg):
+    """Print a prepared dataset's label statistics (training split): positives per image, the label-count
+    distribution, the share of false negatives among the unannotated entries, the class frequencies."""
+    from pipeline import paths
+    from pipeline.label_stats import label_statistics
+    from pipeline.tables import read_label_table
+
+    def read():
+        path = paths.label_table(dataset)
+        if not path.exists():
+            from pipeline.errors import SpmlError
+
+            raise SpmlError(f"{path} does not exist; run `spml prepare {dataset}` first")
+        return label_statistics(read_label_table(path))
+
+    for line in _run(read):
+        typer.echo(line)
+
+
+@app.command()
 def verify(table: Annotated[Path, typer.Argument(help="a table folder with runs.csv, e.g. reports/all-methods")],
            cells: Annotated[int | None, typer.Option(help="how many cells to re-train, drawn by --sample-seed")] = 3,
            all_cells: Annotated[bool, typer.Option("--all", help="re-train every cell of the table")] = False,

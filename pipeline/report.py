@@ -390,10 +390,28 @@ def regime_scores(regimes: dict[str, pd.DataFrame]) -> dict[str, dict[str, dict[
             for d in datasets}
 
 
-def regimes_markdown(regimes: dict[str, pd.DataFrame], sources: dict[str, str] | None = None) -> str:
-    """Per dataset and method: test mAP (mean ± std, n) and gap closed in each regime; AN/full and tau per regime."""
+# the first line of a committed table made outside DVC (its results.md and README.md): it carries over to any
+# comparison built on it, so no derived table hides where its numbers come from
+NOT_PIPELINE = "> **Not made by the pipeline.**"
+
+
+def not_pipeline(folder: Path) -> bool:
+    """True when the table folder's results.md says, in its first line, that the pipeline did not make it."""
+    results = Path(folder) / "results.md" if Path(folder).is_dir() else Path(folder).parent / "results.md"
+    try:
+        return results.is_file() and results.read_text().startswith(NOT_PIPELINE)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def regimes_markdown(regimes: dict[str, pd.DataFrame], sources: dict[str, str] | None = None,
+                     outside: list[str] | None = None) -> str:
+    """Per dataset and method: test mAP (mean ± std, n) and gap closed in each regime; AN/full and tau per regime.
+    ``outside``: the regimes whose table was not made by the pipeline (said in the first line)."""
     labels = list(regimes)
-    lines = ["# Regime comparison", "",
+    head = [f"{NOT_PIPELINE[:-3]} (partly):** the regime(s) {', '.join(outside)} come from tables made outside "
+            "it; the first line of each one's results.md says how.", ""] if outside else []
+    lines = [*head, "# Regime comparison", "",
              f"The same benchmark under {len(labels)} training regimes: "
              + ", ".join(f"**{label}**" + (f" (`{sources[label]}`)" if sources else "") for label in labels) + ".",
              "Per dataset: **test mAP** is the mean ± sample standard deviation (ddof=1) over seeds, n = seeds;",
@@ -495,6 +513,7 @@ def compare_regimes(dirs: list[Path], labels: list[str] | None, out_dir: Path) -
         raise SpmlError(f"--labels must be distinct, got {','.join(labels)!r}")
     regimes = {label: read_runs_csv(d) for label, d in zip(labels, dirs)}
     out_dir = ensure_dir(out_dir)
-    write_text(out_dir / "regimes.md", regimes_markdown(regimes, dict(zip(regimes, map(str, dirs)))))
+    outside = [label for label, d in zip(labels, dirs) if not_pipeline(d)]
+    write_text(out_dir / "regimes.md", regimes_markdown(regimes, dict(zip(regimes, map(str, dirs))), outside))
     regimes_figure(regimes, out_dir / "regimes.png")
     return out_dir

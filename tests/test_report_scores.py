@@ -241,3 +241,16 @@ def test_runs_with_random_clip_weights_are_marked_and_left_out_of_the_scores(tmp
     # runs.csv round trip (compare-regimes reads it back): still marked
     runs.to_csv(tmp_path / "runs.csv", index=False)
     assert dataset_scores(pd.read_csv(tmp_path / "runs.csv"), "voc2012")["unmeasured"] == ["vlpl"]
+
+
+def test_compare_regimes_carries_a_not_made_by_the_pipeline_line(tmp_path):
+    rows = [("synthetic", "an", 0, 30.0), ("synthetic", "full", 0, 60.0), ("synthetic", "em", 0, 44.0)]
+    old, new = _regime_dir(tmp_path, "old", rows), _regime_dir(tmp_path, "new", rows)
+    (old / "results.md").write_text("> **Not made by the pipeline.** By hand.\n\n# Results\n")
+    (new / "results.md").write_text("# Results\n")
+    result = _invoke(old, new, "--labels", "v1,v2", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    first = (tmp_path / "out" / "regimes.md").read_text().splitlines()[0]
+    assert first.startswith("> **Not made by the pipeline (partly):** the regime(s) v1 come from tables made outside")
+    result = _invoke(new, new.parent / "new", "--labels", "a,b", "--out", tmp_path / "out2")
+    assert (tmp_path / "out2" / "regimes.md").read_text().startswith("# Regime comparison")

@@ -90,3 +90,25 @@ def test_labels_and_instance_masks_agree(tiny_workspace):
         inst = np.asarray(Image.open(f"{root}/{table.extras['mask_path'][i]}"))
         # every object keeps visible pixels after occlusion
         assert set(range(1, len(classes) + 1)) <= set(np.unique(inst).tolist())
+
+
+def test_label_statistics_hand_computed():
+    """4 training images over 3 classes with 1, 1, 2 and 3 positives (and one val row that must not count):
+    mean 7/4 = 1.75; images by count 1: 2, 2: 1, 3: 1; false negatives (0 + 0 + 1 + 2) / (4 x 2) = 37.5 %;
+    class shares a 4/4, b 2/4, c 1/4."""
+    from pipeline.label_stats import label_statistics
+    from pipeline.tables import LabelTable
+
+    labels = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=np.int8)
+    n = len(labels)
+    table = LabelTable(image_id=np.array([f"i{k}" for k in range(n)], dtype=object),
+                       path=np.array([f"i{k}.png" for k in range(n)], dtype=object),
+                       official_split=np.array(["train"] * n, dtype=object), official_index=np.arange(n),
+                       split=np.array(["train"] * 4 + ["val"], dtype=object), labels=labels,
+                       meta={"dataset": "toy", "class_names": ["a", "b", "c"]})
+    lines = label_statistics(table)
+    assert lines[0] == "toy: 4 training images, 3 classes"
+    assert lines[1] == "positives per image: mean 1.750"
+    assert lines[2] == "images by label count: 1: 2 (50.0 %), 2: 1 (25.0 %), 3: 1 (25.0 %)"
+    assert lines[3] == "false negatives among the unannotated entries (one observed positive): 37.50 %"
+    assert lines[4] == "images per class (share of training images): a 100.0 %, b 50.0 %, c 25.0 %"

@@ -3,6 +3,8 @@ edited by hand in runs.csv is an error naming the cell, both values and the comm
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -27,19 +29,18 @@ def tiny_table(tiny_workspace):
     return tiny_workspace / "table"
 
 
-def test_runs_csv_records_what_a_rerun_must_match(tiny_table):
+def test_verify_passes_then_names_an_edited_cell(tiny_table):
+    """One tiny training serves the three checks: what runs.csv records, a clean verify, an edited metric."""
     runs = pd.read_csv(tiny_table / "runs.csv")
     row = runs.iloc[0]
     assert row.threads == 1 and row.allocator in ("jemalloc", "tcmalloc", "glibc") and isinstance(row.torch, str)
-    metrics = __import__("json").loads((tiny_table.parent / "runs/synthetic/an/0/metrics.json").read_text())
+    metrics = json.loads((tiny_table.parent / "runs/synthetic/an/0/metrics.json").read_text())
     assert row.test_map == metrics["test_map"]  # every digit, not a rounded copy
 
-
-def test_verify_passes_then_names_an_edited_cell(tiny_table):
     lines = []
     assert verify(tiny_table, None, root=tiny_table.parent, report=lines.append) == ["synthetic/an/0"]
     assert lines and "identical" in lines[0]
-    runs = pd.read_csv(tiny_table / "runs.csv")
+
     recorded = runs.loc[0, "test_map"]
     runs.loc[0, "test_map"] = recorded + 0.01
     runs.to_csv(tiny_table / "runs.csv", index=False)
@@ -50,11 +51,8 @@ def test_verify_passes_then_names_an_edited_cell(tiny_table):
     assert f"synthetic/an/0: test_map recorded {recorded + 0.01}, re-trained {recorded}" in text
     assert "SPML_THREADS=1" in text and "spml train synthetic an --seed 0" in text
 
-
-def test_verify_refuses_a_table_without_thread_counts(tiny_table):
-    runs = pd.read_csv(tiny_table / "runs.csv").drop(columns=["threads"])
-    runs.to_csv(tiny_table / "runs.csv", index=False)
     with pytest.raises(SpmlError, match="records no thread count"):
+        runs.drop(columns=["threads"]).to_csv(tiny_table / "runs.csv", index=False)
         verify(tiny_table, 1, root=tiny_table.parent)
 
 
