@@ -30,6 +30,15 @@ def _run(fn, *args, **kwargs):
         # escaped: a message quoting user values ("found [nan]") must not be read as rich markup and vanish
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except (OSError, RuntimeError) as exc:
+        from pipeline.io import disk_full_error, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        # a write outside the atomic helpers (they name their file themselves), e.g. a download's .part file
+        message = disk_full_error(getattr(exc, "filename", None) or Path.cwd())
+        err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import Range, parse_dataclass, scoped
-from pipeline.errors import SpmlError
+from pipeline.errors import SpmlError, bomb_error
 from pipeline.io import sha256_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -159,12 +159,19 @@ def build_clip(p: ClipParams, where: str) -> tuple[torch.nn.Module, Any, dict[st
         info = {"weights_file": None, "weights_sha256": None, "random_init": True, "meaningful": False}
     else:
         path, digest = resolve_weights(p, where)
-        if p.pretrained == "openai" and not path.name.endswith(".safetensors"):
-            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")  # OpenAI's own file
-        else:
-            cfg = open_clip.get_pretrained_cfg(p.model, p.pretrained) if p.pretrained else {}
-            model = open_clip.create_model(p.model, pretrained=str(path), precision="fp32",
-                                           force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+        try:
+            if p.pretrained == "openai" and not path.name.endswith(".safetensors"):
+                model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")  # OpenAI's own file
+            else:
+                cfg = open_clip.get_pretrained_cfg(p.model, p.pretrained) if p.pretrained else {}
+                model = open_clip.create_model(p.model, pretrained=str(path), precision="fp32",
+                                               force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+        except Exception as exc:  # noqa: BLE001 - a pinned but wrong file fails in torch.load, safetensors or
+            # load_state_dict, each with its own type; all mean "these bytes are not this model's weights"
+            first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+            raise SpmlError(f"CLIP weights {path} match the pinned SHA-256 but are not {p.model} weights "
+                            f"({type(exc).__name__}{': ' + first if first else ''}); put the real file there and "
+                            f"pin its SHA-256 in params {where}.sha256") from None
         tokenizer = open_clip.get_tokenizer(p.model)
         info = {"weights_file": str(path), "weights_sha256": digest, "random_init": False, "meaningful": True}
     return model.eval().float(), tokenizer, info
@@ -246,6 +253,8 @@ class ViewSet(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
+        except Image.DecompressionBombError as exc:
+            raise bomb_error(path, exc) from None
         except FileNotFoundError:
             raise SpmlError(f"image {path} is listed in the label table but missing; restore it or rerun "
                             "`spml download` and `spml prepare`") from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import types
@@ -59,12 +60,71 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise SpmlError(f"params file {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
                         "pass a readable YAML file") from None
     try:
-        params = yaml.safe_load(text) or {}
+        params = yaml.load(text, Loader=strict_loader()) or {}
     except yaml.YAMLError as exc:
         raise SpmlError(f"params file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except DuplicateKey as exc:
+        raise SpmlError(f"params file {path}: {exc}") from None
     if not isinstance(params, dict):
         raise SpmlError(f"params file {path} must hold a mapping at the top level")
+    check_blocks(params, BLOCKS)
     return params
+
+
+class DuplicateKey(Exception):
+    """A key given twice in one YAML mapping (PyYAML would silently keep the last value)."""
+
+
+@functools.cache
+def strict_loader() -> type:
+    """yaml.SafeLoader that refuses a key given twice in one mapping, naming the key and both lines.
+
+    Keys merged in with ``<<: *anchor`` may be overridden (that is what merging is for); keys written out
+    twice may not: which one wins is invisible in the file."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first != line:
+                    raise DuplicateKey(f"key {key!r} is given twice in one block (lines {first} and {line}); "
+                                       "YAML would keep the last silently: delete one")
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+# Blocks of params.yaml that must be mappings (or empty), as nested paths: "*" is any key. A list or a scalar
+# where one of them belongs would otherwise reach the code as an AttributeError.
+BLOCKS: dict[str, Any] = {
+    "pretrain": {"*": None}, "data": {"*": None}, "split": None, "sample": None, "train": {"*": None},
+    "protocols": {"*": {"*": {"*": None}}}, "models": {"*": None}, "method_params": {"*": {"*": None}},
+    "clip": {"*": {"*": None}},
+}
+
+
+def check_blocks(values: dict[str, Any], spec: dict[str, Any], where: str = "") -> None:
+    """Refuse a block of ``spec`` that is neither a mapping nor empty, naming its path (``method_params.an``)."""
+    for key, value in values.items():
+        inner = spec.get(key, spec.get("*", ...)) if isinstance(key, str) else ...
+        if inner is ... or value is None:
+            continue
+        path = f"{where}.{key}" if where else str(key)
+        if not isinstance(value, dict):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise SpmlError(f"params {path} must be a block of keys (a mapping), got a {type(value).__name__}: "
+                            f"{shown}; write it as `key: value` lines under {path}")
+        if inner is not None:
+            check_blocks(value, inner, path)
 
 
 def compose_params(params_path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -245,6 +305,15 @@ def parse_dataclass(cls: type, values: dict[str, Any], where: str):
     hints = typing.get_type_hints(cls, include_extras=True)
     converted = {name: _check_value(value, hints[name], f"{where}.{name}") for name, value in values.items()}
     return cls(**converted)
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """SHA-256 of a resolved run config (``RunConfig.to_dict()``) as JSON: recorded in a run's metrics.json,
+    recomputed by ``aggregate`` from params.yaml to prove the run belongs to its cell."""
+    import json
+
+    text = json.dumps(json.loads(json.dumps(config, default=str)), sort_keys=True)  # tuples and lists alike
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def derive_seed(*parts: object) -> int:

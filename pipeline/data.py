@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandAugment
 
-from pipeline.errors import SpmlError
+from pipeline.errors import SpmlError, bomb_error
 from pipeline.methods import Batch
 from pipeline.methods.diagnostics import HiddenLabels
 from pipeline.progress import progress_bar
@@ -56,6 +56,8 @@ def _open(path: Path, mode: str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.convert(mode)
+    except Image.DecompressionBombError as exc:
+        raise bomb_error(path, exc) from None
     except FileNotFoundError:
         raise SpmlError(f"image {path} is listed in the label table but missing; restore it or rerun "
                         "`spml download` and `spml prepare`") from None
@@ -125,7 +127,7 @@ def cached_images(root: Path, rel_paths: list[str], size: int, cache_dir: Path, 
     ``<size>-<names>-<content>.npy`` (see :func:`cache_key`); once a new one is in place, the caches of the
     same images with an older content are deleted (regenerated data would otherwise pile up).
     """
-    from pipeline.io import TMP_MARK, atomic_file, ensure_dir
+    from pipeline.io import TMP_MARK, atomic_file, ensure_dir, reserve
 
     names_key, content_key = cache_key(root, rel_paths, size, source_hash)
     path = Path(cache_dir) / f"{size}-{names_key}-{content_key}.npy"
@@ -135,8 +137,9 @@ def cached_images(root: Path, rel_paths: list[str], size: int, cache_dir: Path, 
     # its own generator: building the cache must not move the global RNG (model init follows)
     loader = DataLoader(_DecodeSet(Path(root), rel_paths, size), batch_size=64, num_workers=num_workers,
                         generator=torch.Generator())
-    with atomic_file(path) as tmp, progress_bar(transient=True) as bar:
+    with atomic_file(path, needed=len(rel_paths) * 3 * size * size) as tmp, progress_bar(transient=True) as bar:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rel_paths), 3, size, size))
+        reserve(tmp)  # a memory map on a full disk dies of SIGBUS at the first page it cannot write
         task = bar.add_task(f"caching {what} at {size} px", total=len(rel_paths))
         start = 0
         for block in loader:

@@ -8,6 +8,7 @@ stage killed midway leaves either the old output or nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -130,9 +131,49 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
+# what a full disk looks like: the OS's errno, pyarrow's message, torch's zip writer's message
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "file write failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write that failed for want of space (an OSError with ENOSPC/EDQUOT, or a library's error
+    carrying the OS's words, e.g. pyarrow's, or torch's zip writer's "file write failed")."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    return isinstance(exc, (OSError, RuntimeError)) and any(words in str(exc) for words in DISK_FULL_WORDS)
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None = None) -> SpmlError:
+    """One line for a full disk: the file, the bytes needed where known, the bytes free there."""
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(where).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs about {needed:,} bytes, " if needed else ""
+    return SpmlError(f"no space left on the device to write {path} ({need}{free}); nothing was written: free "
+                     "some space or choose another place, then rerun")
+
+
+def reserve(path: str | os.PathLike, size: int | None = None) -> None:
+    """Allocate ``size`` bytes (default: the file's length) of the file ``path`` on disk now, so that a full disk
+    is an ENOSPC here, where it is reported as one line, and not a SIGBUS in a memory map or a library's
+    cryptic write error later. Where the OS has no posix_fallocate, nothing is checked."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        length = os.fstat(handle.fileno()).st_size if size is None else size
+        if length > 0:
+            os.posix_fallocate(handle.fileno(), 0, length)
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success it replaces ``path``, on any error it is deleted."""
+def atomic_file(path: str | os.PathLike, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces ``path``, on any error it is deleted.
+
+    A full disk becomes one SpmlError naming ``path`` (and ``needed`` bytes, where the caller knows them)."""
     path = Path(path)
     remove_stale_temporaries(path)
     created = _missing_parents(path)
@@ -140,9 +181,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
         _remove_empty(created)
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed) from None
         raise
 
 
@@ -165,9 +208,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
         _remove_empty(created)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
         raise
 
 

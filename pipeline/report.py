@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,39 @@ UNMEASURED_NOTE = (f"{UNMEASURED_MARK} random CLIP weights (a tiny randomly init
                    "meaningless, not a measurement of the method; left out of gap closed and Kendall tau.")
 
 
-def read_run_metrics(path: Path) -> dict[str, Any]:
-    """One run's metrics.json, checked: valid JSON, every RUN_COLUMNS key, finite numbers."""
+# what a metrics.json value may be: mAPs are percentages, epochs count from 1 (a run selects one of its epochs)
+RANGES = {"val_map": (0.0, 100.0), "test_map": (0.0, 100.0), "best_epoch": (1, math.inf), "epochs": (1, math.inf),
+          "train_seconds": (0.0, math.inf), "test_classes_without_positives": (0, math.inf)}
+INTEGER_COLUMNS = ("seed", "best_epoch", "epochs", "test_classes_without_positives")
+
+
+def check_run_cell(metrics: dict[str, Any], path: Path, cell: tuple[str, str, int],
+                   config_sha256: str | None) -> None:
+    """Refuse a metrics.json that is not its cell's: another dataset, method or seed than the folder it is read
+    for, a run config other than the one params.yaml gives that cell, or values out of range."""
+    redo = f"rerun `spml train {cell[0]} {cell[1]} --seed {cell[2]}` (or delete the file)"
+    for key, expected in zip(("dataset", "method", "seed"), cell):
+        if metrics[key] != expected or isinstance(metrics[key], bool):
+            raise SpmlError(f"{path} is a run of {key} {metrics[key]!r}, but it sits in the folder of {key} "
+                            f"{expected!r}; it belongs to another cell: {redo}")
+    for key in INTEGER_COLUMNS:
+        if not isinstance(metrics[key], int):
+            raise SpmlError(f"{path} key {key!r} is {metrics[key]!r}, not a whole number; {redo}")
+    for key, (low, high) in RANGES.items():
+        if not low <= metrics[key] <= high:
+            raise SpmlError(f"{path} key {key!r} is {metrics[key]!r}, outside [{low:g}, {high:g}]; {redo}")
+    if metrics["best_epoch"] > metrics["epochs"]:
+        raise SpmlError(f"{path} has best_epoch {metrics['best_epoch']} of {metrics['epochs']} epochs; {redo}")
+    if config_sha256 is not None and metrics.get("config_sha256") != config_sha256:
+        found = "no config_sha256 (written by an older spml)" if "config_sha256" not in metrics \
+            else f"config_sha256 {str(metrics['config_sha256'])[:12]}..., not the cell's {config_sha256[:12]}..."
+        raise SpmlError(f"{path} was trained with another config than params.yaml gives its cell ({found}); {redo}")
+
+
+def read_run_metrics(path: Path, cell: tuple[str, str, int] | None = None,
+                     config_sha256: str | None = None) -> dict[str, Any]:
+    """One run's metrics.json, checked: valid JSON, every RUN_COLUMNS key, finite numbers; with ``cell``
+    (dataset, method, seed) also that it is that cell's run (:func:`check_run_cell`)."""
     redo = "rerun its `spml train` (or delete the file)"
     try:
         metrics = json.loads(path.read_text())
@@ -54,10 +86,14 @@ def read_run_metrics(path: Path) -> dict[str, Any]:
         if key in NUMERIC_COLUMNS and (isinstance(value, bool) or not isinstance(value, (int, float))
                                        or not math.isfinite(value)):
             raise SpmlError(f"{path} key {key!r} is {value!r}, not a finite number; {redo}")
+    if cell is not None:
+        check_run_cell(metrics, path, cell, config_sha256)
     return metrics
 
 
-def collect_runs(datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
+def collect_runs(datasets: list[str], methods: list[str], seeds: list[int],
+                 config_sha256: Callable[[str, str, int], str] | None = None) -> pd.DataFrame:
+    """The runs table of the grid; ``config_sha256(dataset, method, seed)``: the config each cell's run must have."""
     rows = []
     for dataset in datasets:
         for method in methods:
@@ -65,7 +101,8 @@ def collect_runs(datasets: list[str], methods: list[str], seeds: list[int]) -> p
                 path = paths.run_dir(dataset, method, seed) / "metrics.json"
                 if not path.exists():
                     raise SpmlError(f"{path} does not exist; run `spml train {dataset} {method} --seed {seed}`")
-                metrics = read_run_metrics(path)
+                metrics = read_run_metrics(path, (dataset, method, seed),
+                                           config_sha256(dataset, method, seed) if config_sha256 else None)
                 versions = metrics.get("versions")
                 # what a bit-for-bit rerun must match (spml verify): torch, threads and malloc of the run
                 rows.append({key: metrics[key] for key in RUN_COLUMNS}

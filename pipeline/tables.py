@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,48 @@ def check_labels(labels: np.ndarray, image_id: np.ndarray, split: np.ndarray, la
                             f"single-positive learning needs positives; {hint}")
 
 
+def inside_root(name: str) -> bool:
+    """True for a path that stays under its root: not empty, not absolute (POSIX or Windows), no '..' part."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith(("/", "\\")) and ":" not in parts[0] and ".." not in parts
+
+
+def _examples(names: list[str]) -> str:
+    return ", ".join(names[:NUM_EXAMPLES])
+
+
+def check_rows(image_id: np.ndarray, path: np.ndarray, split: np.ndarray, what: str, hint: str) -> None:
+    """Refuse rows that would leak or escape: a path that is absolute or leaves the image root, an image in two
+    splits (by id, then by normalised path), an image id given twice. Each names the first offenders and their
+    count.
+
+    A repeated row or image is how test images end up in training (or val images in test) without any error:
+    the mAP is then measured on images the model was trained on."""
+    names = [str(value) for value in path]
+    outside = [name for name in names if not inside_root(name)]
+    if outside:
+        raise SpmlError(f"{what} has {len(outside):,} image paths that are absolute or leave the image root "
+                        f"with '..' (e.g. {_examples(outside)}); paths must be relative to the image root and "
+                        f"stay inside it; {hint}")
+    splits = [str(value) for value in split]
+    ids = [str(value) for value in image_id]
+    for kind, keys in (("id", ids), ("path", [posixpath.normpath(name.replace("\\", "/")) for name in names])):
+        split_of: dict[str, set[str]] = {}
+        for key, where in zip(keys, splits):
+            split_of.setdefault(key, set()).add(where)
+        shared = [f"{key} ({'/'.join(sorted(found))})" for key, found in split_of.items() if len(found) > 1]
+        if shared:
+            raise SpmlError(f"{what} has {len(shared):,} images in two splits (by {kind}; e.g. {_examples(shared)}); "
+                            f"an image in two splits leaks test (or val) images into training; {hint}")
+        if kind == "id" and len(split_of) < len(ids):
+            counts: dict[str, int] = {}
+            for key in ids:
+                counts[key] = counts.get(key, 0) + 1
+            repeated = [key for key, count in counts.items() if count > 1]
+            raise SpmlError(f"{what} gives {len(repeated):,} image ids more than once (e.g. {_examples(repeated)}); "
+                            f"each image must have one row; {hint}")
+
+
 def _label_column(labels: np.ndarray) -> pa.Array:
     _, c = labels.shape
     flat = pa.array(np.ascontiguousarray(labels, dtype=np.int8).reshape(-1), type=pa.int8())
@@ -153,6 +196,7 @@ def read_table(path: str | Path, label_column: str, what: str, hint: str) -> Lab
     if bad:
         raise SpmlError(f"{what} {path} has unknown split values {sorted(bad)}; {hint}")
     check_labels(raw_labels, image_id, split, label_column, f"{what} {path}", hint)
+    check_rows(image_id, np.asarray(arrow.column("path").to_pylist(), dtype=object), split, f"{what} {path}", hint)
     labels = raw_labels.astype(np.int8)
     extras = {name: arrow.column(name).to_pylist() for name in arrow.column_names if name not in required}
     return LabelTable(
@@ -172,8 +216,10 @@ def read_label_table(path: str | Path) -> LabelTable:
 
 
 def write_label_table(path: str | Path, table: LabelTable) -> None:
-    check_labels(table.labels, table.image_id, table.split, "labels", f"label table of {table.meta.get('dataset')}",
+    what = f"label table of {table.meta.get('dataset')}"
+    check_labels(table.labels, table.image_id, table.split, "labels", what,
                  "fix the dataset's labels, then rerun `spml prepare`")
+    check_rows(table.image_id, table.path, table.split, what, "fix the dataset's files, then rerun `spml prepare`")
     write_table(path, table, "labels")
 
 

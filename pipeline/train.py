@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import __version__, paths
-from pipeline.config import Range, deep_merge, derive_seed, parse_dataclass, scoped
+from pipeline.config import Range, config_sha256, deep_merge, derive_seed, parse_dataclass, scoped
 from pipeline.data import (
     EvalSet,
     ImageArray,
@@ -42,7 +42,7 @@ from pipeline.methods import Batch, Method, MethodContext, StepOutput, build_met
 from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, score_step
 from pipeline.models import build_model, model_names, parse_model_params, weight_files
 from pipeline.progress import progress_bar
-from pipeline.runtime.checkpoint import Best, Checkpoint, clear_resume, run_fingerprint
+from pipeline.runtime.checkpoint import Best, Checkpoint, clear_resume, run_fingerprint, save_file
 from pipeline.runtime.distributed import DistContext, EpochSampler, broadcast_buffers, gather_arrays
 from pipeline.runtime.host import announcing, host_memory, running_allocator, torch_threads
 from pipeline.runtime.optim import WeightEMA, amp_dtype, autocast, build_scheduler
@@ -303,13 +303,16 @@ class RunData:
 
 def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
                   dist: DistContext | None = None) -> RunData:
+    from pipeline.datasets import check_source
     from pipeline.tables import read_label_table, read_observed_table
 
     table = read_label_table(paths.label_table(dataset))
+    check_source(table.meta, paths.label_table(dataset))  # labels made from the raw data the images come from
     observed = read_observed_table(paths.observed_table(dataset))
-    if not np.array_equal(observed.image_id, table.image_id):
-        raise SpmlError(f"{paths.observed_table(dataset)} does not match {paths.label_table(dataset)} row for row; "
-                        f"rerun `spml sample {dataset}`")
+    if not np.array_equal(observed.image_id, table.image_id) \
+            or observed.meta.get("source_labels_sha256") != table.meta["provenance"]["labels_sha256"]:
+        raise SpmlError(f"{paths.observed_table(dataset)} was not sampled from {paths.label_table(dataset)} as it is "
+                        f"now; rerun `spml sample {dataset}`")
     root = Path(table.meta["image_root"])
     rows = {split: table.rows(split) for split in ("train", "val", "test")}
     for split, idx in rows.items():
@@ -650,6 +653,7 @@ def run_metrics(run: RunConfig, data: RunData, state: Checkpoint, test: MapResul
     cfg = run.train
     return {
         "dataset": run.dataset, "method": run.method, "model": cfg.model, "seed": run.seed,
+        "config_sha256": config_sha256(run.to_dict()),  # what `aggregate` checks the run against its cell with
         "val_map": state.best.val_map, "test_map": test.map, "best_epoch": state.best.epoch,
         "epochs": cfg.epochs, "epochs_run": len(state.history), "protocol": run.protocol,
         "train_seconds": train_seconds,
@@ -675,8 +679,8 @@ def write_run(out_dir: Path, run: RunConfig, metrics: dict[str, Any], history: l
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
-    torch.save({"model": best.model, "method": best.method, "epoch": best.epoch, "config": run.to_dict()},
-               out_dir / "best.pt")
+    save_file({"model": best.model, "method": best.method, "epoch": best.epoch, "config": run.to_dict()},
+              out_dir / "best.pt")
 
 
 def _to_cpu(state: Any) -> Any:

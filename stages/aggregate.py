@@ -30,9 +30,18 @@ def grid(params: dict) -> tuple[list[str], list[str], list[int]]:
     return datasets, trained, seeds
 
 
+def cell_config_sha256(params: dict):
+    """(dataset, method, seed) -> the SHA-256 of the run config params.yaml gives that cell (spml train's)."""
+    from pipeline.config import config_sha256
+    from pipeline.train import resolve_run_config
+
+    return lambda dataset, method, seed: config_sha256(resolve_run_config(params, dataset, method, seed).to_dict())
+
+
 def run(params_path: Path = Path("params.yaml"), out_dir: Path = paths.REPORTS) -> Path:
-    datasets, methods, seeds = grid(load_params(params_path))
-    runs = collect_runs(datasets, methods, seeds)
+    params = load_params(params_path)
+    datasets, methods, seeds = grid(params)
+    runs = collect_runs(datasets, methods, seeds, cell_config_sha256(params))
     out_dir = ensure_dir(out_dir)
     with atomic_file(out_dir / "runs.csv") as tmp:
         # every digit: `spml verify` compares re-trained metrics with these, bit for bit

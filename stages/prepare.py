@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import load_params, parse_dataclass
-from pipeline.datasets import get_dataset
+from pipeline.datasets import get_dataset, source_sha256
 from pipeline.errors import SpmlError
 from pipeline.io import ensure_dir
 from pipeline.sampling import SplitParams, train_val_split
@@ -46,7 +46,8 @@ def build_label_table(dataset: str, raw_dir: Path, data_params: dict, val_fracti
             # images with 0, 1, 2, ... positives: the label-count distribution (docs/embedded-benchmark.md)
             "label_count_train": np.bincount(train_rows.sum(1).astype(np.int64)).tolist() if len(train_rows) else [],
         },
-        "provenance": {**official.provenance, "labels_sha256": labels_hash(labels, image_id)},
+        "provenance": {**official.provenance, "labels_sha256": labels_hash(labels, image_id),
+                       "source_sha256": source_sha256(raw_dir)},
     }
     return LabelTable(
         image_id=image_id,

@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import load_params, parse_dataclass
-from pipeline.datasets import get_dataset
+from pipeline.datasets import check_source, get_dataset
 from pipeline.io import ensure_dir
 from pipeline.sampling import PROCEDURE, SampleParams, sample_observed_labels
 from pipeline.tables import LabelTable, read_label_table, write_observed_table
@@ -39,6 +39,7 @@ def run(dataset: str, params_path: Path = Path("params.yaml")) -> Path:
     get_dataset(dataset)
     params = parse_dataclass(SampleParams, load_params(params_path).get("sample") or {}, "sample")
     table = read_label_table(paths.label_table(dataset))
+    check_source(table.meta, paths.label_table(dataset))
     out = paths.observed_table(dataset)
     ensure_dir(out.parent)
     write_observed_table(out, observe(table, params.seed, params.num_positives, params.num_negatives))

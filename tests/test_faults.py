@@ -440,11 +440,14 @@ GOOD_METRICS = {"dataset": "synthetic", "method": "an", "model": "smallcnn", "se
     ("[1, 2]", ["must hold a JSON object"]),
 ])
 def test_p09_aggregate_refuses_bad_metrics_json(workspace, content, fragments):
+    from stages.aggregate import cell_config_sha256
+
     params = tiny_params() | {"datasets": ["synthetic"], "methods": ["an"], "seeds": [0]}
     write_params(workspace, params)
     metrics = Path("runs/synthetic/an/0/metrics.json")
     metrics.parent.mkdir(parents=True)
-    metrics.write_text(json.dumps(GOOD_METRICS))
+    good = GOOD_METRICS | {"config_sha256": cell_config_sha256(params)("synthetic", "an", 0)}  # the cell's run
+    metrics.write_text(json.dumps(good))
     assert invoke("aggregate").exit_code == 0
     summary = Path("reports/summary.json").read_text()
     json.loads(summary, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))

@@ -7,6 +7,7 @@ only knows its own file formats.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,52 @@ class DatasetSource(Protocol):
 
     def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
         """Read the official train and test splits from ``raw_dir``."""
+
+
+# what source_sha256 leaves out: the images (the image cache keys them by size and mtime; hashing their bytes
+# would read the whole dataset on every run)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+def source_sha256(raw_dir: Path) -> str:
+    """SHA-256 of what a dataset's label table is made from: every file under ``raw_dir`` but the images
+    (names and bytes, links followed): annotations, label files, an import's source.json naming its images.
+
+    ``prepare`` records it in the table; ``sample`` and ``train`` recompute it and refuse a table made from
+    other raw data (a re-download with another seed, a re-import of other files)."""
+    import os
+
+    from pipeline.io import TMP_MARK, sha256_file
+
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(raw_dir, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES or TMP_MARK in name:
+                continue
+            path = Path(folder) / name
+            digest.update(f"{path.relative_to(raw_dir).as_posix()}\n{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def check_source(meta: dict[str, Any], table_path: Path) -> None:
+    """Refuse a prepared table whose raw data changed since ``prepare`` (or that records none)."""
+    from pipeline import paths
+    from pipeline.errors import SpmlError
+
+    dataset = meta.get("dataset")
+    recorded = (meta.get("provenance") or {}).get("source_sha256")
+    redo = f"rerun `spml prepare {dataset}` and `spml sample {dataset}` (or `dvc repro`)"
+    raw = paths.raw_dir(str(dataset))
+    if recorded is None:
+        raise SpmlError(f"label table {table_path} records no hash of the raw data it was made from (an older "
+                        f"spml wrote it); {redo}")
+    if not raw.is_dir():
+        raise SpmlError(f"label table {table_path} was made from {raw}, which does not exist any more; run "
+                        f"`spml download {dataset}`, then {redo}")
+    if source_sha256(raw) != recorded:
+        raise SpmlError(f"label table {table_path} was made from other raw data than {raw} holds now (it was "
+                        f"downloaded or imported again since); {redo}")
 
 
 # the registry itself is pipeline.registry.DATASETS (one module for methods, models and datasets)

@@ -81,14 +81,12 @@ def _load_npy(path: Path, hint: str) -> np.ndarray:
         raise SpmlError(f"{path} is not a valid .npy file ({exc}); {hint}") from None
 
 
-def _relative_inside(name: str) -> bool:
-    """True for a path that stays under its root: not empty, not absolute (POSIX or Windows), no '..' part."""
-    parts = name.replace("\\", "/").split("/")
-    return bool(name) and not name.startswith(("/", "\\")) and ":" not in parts[0] and ".." not in parts
 
 
 def read_formatted(directory: Path, hint: str) -> tuple[dict[str, SplitRows], int, str]:
     """Read ``formatted_{train,val}_{images,labels}.npy``: rows per official split, #classes, label dtype."""
+    from pipeline.tables import check_rows, inside_root  # pyarrow: only where tables are read or written
+
     rows: dict[str, SplitRows] = {}
     num_classes, dtype = None, None
     for split, phase in PHASES.items():
@@ -103,7 +101,7 @@ def read_formatted(directory: Path, hint: str) -> tuple[dict[str, SplitRows], in
                             f"in {images_file.name}), got shape {labels.shape}")
         if labels.shape[1] == 0:
             raise SpmlError(f"{labels_file} has 0 classes (shape {labels.shape}); it needs one column per class")
-        outside = [name for name in images.astype(str).tolist() if not _relative_inside(name)]
+        outside = [name for name in images.astype(str).tolist() if not inside_root(name)]
         if outside:
             raise SpmlError(f"{images_file} has {len(outside):,} image paths that are absolute or leave the image "
                             f"root with '..' (e.g. {', '.join(outside[:NUM_EXAMPLES])}); paths must be relative "
@@ -116,4 +114,9 @@ def read_formatted(directory: Path, hint: str) -> tuple[dict[str, SplitRows], in
         num_classes, dtype = labels.shape[1], dtype or labels.dtype.name
         paths = images.astype(str).tolist()
         rows[split] = SplitRows(image_ids=list(paths), paths=paths, labels=labels.astype(np.int8))
+    # the image paths are the ids: a path twice in one file, or in both files, would leak val images into train
+    names = [name for split in rows for name in rows[split].paths]
+    files = np.asarray([formatted_names(PHASES[split])[0] for split in rows for _ in rows[split].paths], dtype=object)
+    check_rows(np.asarray(names, dtype=object), np.asarray(names, dtype=object), files,
+               f"the formatted files in {directory}", "list each image once, in one of the two files")
     return rows, int(num_classes), str(dtype)

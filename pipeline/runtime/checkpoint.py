@@ -6,10 +6,12 @@ scaler, method state, weight EMA, RNG states, loader generator, history and the 
 best-so-far weights sit next to it in ``best-e<epoch>.pt``. :class:`Checkpoint` is that state: it holds
 the live objects and saves or restores them in place.
 
-The checkpoint is keyed by everything the run depends on (:func:`run_fingerprint`): the resolved config,
-the SHA-256 of the input tables and a hash of the code; when any of it changed, the checkpoint is
-discarded with a notice on stderr and the run starts from scratch. The directory is removed when the run
-completes.
+Every file of the folder is keyed by everything the run depends on (:func:`run_fingerprint`): the resolved
+config, the SHA-256 of the input tables and a hash of the code, stored inside each file. A resume validates
+every file it reads; when one is unreadable, written for another run, or missing (a save cut short by a
+full disk or a kill), the whole set is discarded with a notice on stderr and the run starts from scratch.
+A run only ever trusts a best file it wrote or validated itself: a leftover of another run with the same
+name is overwritten, never taken as this run's best. The directory is removed when the run completes.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import numpy as np
 import torch
 
 from pipeline import paths
-from pipeline.errors import SpmlError
 from pipeline.runtime.distributed import env_rank
 from pipeline.runtime.optim import WeightEMA
 
-RESUME_FORMAT = 2  # 2: fingerprint = {config, inputs, code} (1: a hash of the config only)
+# 3: the best file carries the fingerprint too; 2: fingerprint = {config, inputs, code}; 1: a hash of the config
+RESUME_FORMAT = 3
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/: the code a checkpoint is keyed by
 
 
@@ -109,11 +111,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+SAVE_MARGIN = 16 << 10  # bytes a torch.save file holds beyond its arrays: pickled structure, zip entries
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors and arrays in ``obj``: about what saving it needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def save_file(obj: Any, path: Path, shown: Path | None = None) -> None:
+    """torch.save ``obj`` to ``path`` with the space it needs reserved first: torch's zip writer reports a full
+    disk as "unexpected pos 64 vs 0" (a RuntimeError without errno), so the reservation's ENOSPC is what
+    tells the user. ``shown``: the path named in errors (the destination of a temporary)."""
+    from pipeline.io import disk_full_error, reserve
+
+    needed = _nbytes(obj) + SAVE_MARGIN
+    path.touch()
+    reserve(path, needed)
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+            raise
+        raise disk_full_error(shown or path, needed) from None  # the space reserved was taken meanwhile
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save into ``path`` atomically; a full disk is one SpmlError naming the file and the bytes needed."""
     from pipeline.io import atomic_file
 
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_file(path, needed=_nbytes(obj) + SAVE_MARGIN) as tmp:
+        save_file(obj, tmp, path)
+
+
+def _read(path: Path, weights_only: bool) -> tuple[Any, str | None]:
+    """(what ``path`` holds, None) or (None, why it cannot be read): a truncated or garbage file is a reason
+    to discard the checkpoints, not a traceback."""
+    try:  # the RNG states in last.pt hold numpy arrays and Python tuples: not weights_only there
+        return torch.load(path, map_location="cpu", weights_only=weights_only), None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file; all mean the same
+        first = str(exc).strip().splitlines()[0][:80] if str(exc).strip() else ""
+        return None, f"{path.name} is unreadable ({type(exc).__name__}{': ' + first if first else ''})"
 
 
 class Stateful(Protocol):
@@ -150,16 +196,23 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: Best = field(default_factory=Best)
     train_seconds: float = 0.0
+    # the epoch whose best file this run wrote or validated; a best file it did not is never trusted
+    best_saved: int | None = field(default=None, repr=False)
 
     def save(self, directory: Path, fingerprint: dict[str, Any]) -> None:
-        """Write ``best-e<best epoch>.pt`` (if new) then ``last.pt``; both atomic; stale best files removed.
+        """Write ``best-e<best epoch>.pt`` (if this run has not yet) then ``last.pt``; both atomic, both keyed
+        by ``fingerprint``; stale best files removed.
 
         The best weights live in their own file, rewritten only when the best epoch changes, so an epoch
-        that is not a new best writes one model's worth of bytes, not two."""
+        that is not a new best writes one model's worth of bytes, not two. A best file already there that
+        this run did not write (a leftover of a discarded run) is overwritten: its name says nothing of
+        whose weights it holds."""
         directory.mkdir(parents=True, exist_ok=True)
         best_path = directory / f"best-e{self.best.epoch}.pt"
-        if not best_path.exists():
-            _atomic_save({"model": self.best.model, "method": self.best.method}, best_path)
+        if self.best_saved != self.best.epoch:
+            _atomic_save({"format": RESUME_FORMAT, "fingerprint": fingerprint, "epoch": self.best.epoch,
+                          "model": self.best.model, "method": self.best.method}, best_path)
+            self.best_saved = self.best.epoch
         _atomic_save({
             "format": RESUME_FORMAT, "fingerprint": fingerprint, "epoch": self.epoch, "history": self.history,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -174,30 +227,41 @@ class Checkpoint:
                 stale.unlink(missing_ok=True)
 
     def load(self, directory: Path, fingerprint: dict[str, Any]) -> bool:
-        """Restore the state saved in ``directory``, in place; False (nothing changed) if there is none or it
-        was written for another run (config, input tables or code; :func:`run_fingerprint`), which is then
-        said on stderr."""
+        """Restore the state saved in ``directory``, in place; False (nothing changed) if there is none.
+
+        Every file read is validated: readable, of this format, keyed by ``fingerprint`` (config, input
+        tables, code; :func:`run_fingerprint`), the best file of the epoch ``last.pt`` names. When one is
+        not, the whole set is deleted (:func:`clear_resume`) and said on stderr: a later save can then
+        never pair this run's ``last.pt`` with another run's best weights."""
+        directory = Path(directory)
         last = directory / "last.pt"
         if not last.exists():
+            if any(_is_resume_file(p.name) for p in directory.iterdir()) if directory.is_dir() else False:
+                _discard(directory, f"{directory} holds checkpoint files without last.pt (a save cut short by a "
+                                    "full disk or a kill)")
             return False
-        try:  # not weights_only: the RNG states hold numpy arrays and Python tuples
-            state = torch.load(last, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise SpmlError(f"resume checkpoint {last} is unreadable ({type(exc).__name__}); delete {directory} "
-                            "or pass --no-resume") from None
-        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-            changed = ["the checkpoint format"]
-        else:
-            changed = _changes(state.get("fingerprint"), fingerprint)
-        if changed:
-            notice(f"discarding the resume checkpoint {last}: {' and '.join(changed)} changed since it was written; "
-                   "training from scratch")
+        state, problem = _read(last, weights_only=False)
+        if problem is None:
+            if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+                changed = ["the checkpoint format"]
+            else:
+                changed = _changes(state.get("fingerprint"), fingerprint)
+            if changed:
+                problem = f"{' and '.join(changed)} changed since it was written"
+        best = None
+        if problem is None:
+            best_path = directory / f"best-e{state['best_epoch']}.pt"
+            if not best_path.exists():
+                problem = f"it points to a missing {best_path.name}"
+            else:
+                best, problem = _read(best_path, weights_only=True)
+                if problem is None and not (isinstance(best, dict) and best.get("format") == RESUME_FORMAT
+                                            and best.get("fingerprint") == state["fingerprint"]
+                                            and best.get("epoch") == state["best_epoch"]):
+                    problem = f"{best_path.name} was written by another run"
+        if problem is not None:
+            _discard(directory, f"the resume checkpoint {last}: {problem}")
             return False
-        best_path = directory / f"best-e{state['best_epoch']}.pt"
-        best = torch.load(best_path, map_location="cpu", weights_only=True) if best_path.exists() else None
-        if state["best_epoch"] > 0 and best is None:
-            raise SpmlError(f"resume checkpoint {last} points to a missing {best_path.name}; delete {directory} "
-                            "or pass --no-resume")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -208,11 +272,18 @@ class Checkpoint:
         if self.ema is not None:
             self.ema.model.load_state_dict(state["ema"])
         self.epoch, self.history, self.train_seconds = state["epoch"], state["history"], state["train_seconds"]
-        self.best = Best(state["best_val_map"], state["best_epoch"], best["model"] if best else None,
-                         best["method"] if best else None)
+        self.best = Best(state["best_val_map"], state["best_epoch"], best["model"], best["method"])
+        self.best_saved = state["best_epoch"]
         set_rng_state(state["rng"])
         self.loader_generator.set_state(state["loader_generator"])
         return True
+
+
+def _discard(directory: Path, what: str) -> None:
+    """Say why the checkpoints in ``directory`` cannot be resumed, then delete them all (our files only)."""
+    notice(f"discarding {what}; training from scratch")
+    if env_rank() == 0:  # under torchrun every rank reads the folder; one deletes it
+        clear_resume(directory)
 
 
 # --------------------------------------------------------------------------------------------------
