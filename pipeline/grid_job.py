@@ -118,8 +118,10 @@ def _step(args: list[str] | str, cwd: Path, env: dict) -> None:
 
     reader = threading.Thread(target=tee, daemon=True)
     reader.start()
+    began = time.monotonic()
     code = proc.wait()
     reader.join()
+    _log(f"({time.monotonic() - began:.1f} s, exit {code})")  # what each step costs: docs/cluster.md
     if code < 0:
         raise CellFailed(f"`{shown}` was killed by {signal.Signals(-code).name}" + (f": {last[0]}" if last[0] else ""))
     if code != 0:

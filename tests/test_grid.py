@@ -380,8 +380,12 @@ def _grid_flow(tmp_path: Path, serial_reports: Path, executor: list[str], kill, 
     nothing = spml(repo, "grid", "submit", *executor, env=env)
     assert "4 cells: 4 already on the remote, 0 still queued or running, 0 submitted" in nothing.stdout
 
-    # A committed change of one method's params: its cells are no longer done (their run-cache keys moved),
-    # whatever the earlier submissions say; the other method's cells still are.
+    return repo
+
+
+def _changed_method_is_stale(repo: Path, env: dict | None = None) -> None:
+    """A committed change of one method's params: its cells are no longer done (their run-cache keys moved),
+    whatever the earlier submissions say; the other method's cells still are."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["method_params"]["full"] = {"default": {}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -391,7 +395,6 @@ def _grid_flow(tmp_path: Path, serial_reports: Path, executor: list[str], kill, 
         expected = "stale" if "-full-" in cell else "done"
         assert re.search(rf"^{re.escape(cell)}\s+{expected}\s", status, re.M), status
     assert "2 done, 2 stale" in status and "for an older version of the cell" in status, status
-    return repo
 
 
 @pytest.mark.slow
@@ -411,6 +414,7 @@ def test_grid_on_a_real_slurm_cluster(slurm, serial_reports, tmp_path):
                 assert ran["slurm_job_id"] == record["job_id"], (cell, ran)  # it ran as that Slurm job
     first = min((repo / grid.GRID_DIR).glob("*/submitit/*_submission.sh"))
     assert "#SBATCH --array=0-3%2" in first.read_text()  # one job array, at most 2 tasks at once
+    _changed_method_is_stale(repo, slurm.env)
 
 
 @pytest.mark.slow
@@ -442,6 +446,7 @@ def test_grid_with_the_local_executor(serial_reports, tmp_path):
     (victim_entry / ("f" * 64)).write_text(yaml.safe_dump(lock))
     refused = spml(repo, "grid", "collect", check=False)
     assert refused.returncode == 2 and "name outputs it lacks" in refused.stderr, refused.stderr
+    _changed_method_is_stale(repo)
 
 
 @pytest.mark.slow
