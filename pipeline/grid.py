@@ -79,7 +79,7 @@ class Resources:
 
 
 # params grid.default (every key) / grid.datasets.<name> / grid.methods.<name> (any subset): the checks
-GRID_KEYS = {"time": "a Slurm time limit (minutes, H:MM:SS or D-HH:MM:SS) or null for the partition's default",
+GRID_KEYS = {"time": "a time limit (minutes, H:MM:SS or D-HH:MM:SS; submitit requeues a job shortly before it)",
              "mem_gb": "a number of GB > 0, or null", "cpus_per_job": "an integer >= 1, or null",
              "gpus_per_job": "an integer >= 0, or null", "partition": "a partition name, or null",
              "account": "an account name, or null", "qos": "a QOS name, or null",
@@ -102,7 +102,7 @@ def _check_grid_value(name: str, value, where: str):
             raise bad
         return tuple(sbatch_option(v, what) for v in value) if name == "sbatch" else tuple(value)
     if value is None:
-        if name == "job_name":
+        if name in ("job_name", "time"):
             raise bad
         return None
     if name == "time":

@@ -30,6 +30,7 @@ from pipeline import grid
 from pipeline.cli import app
 from pipeline.grid_job import CellJob, _gpu_env, read_state
 from tests import slurm_cluster
+from tests.real_fixtures import make_voc
 from tests.helpers import git_commit_all, run, sh, tiny_repo, tool_env
 
 METHODS, SEEDS = ("an", "full"), (0, 1)
@@ -221,6 +222,7 @@ def test_grid_block_resolves_per_dataset_then_method_then_command_line(tmp_path)
     ({"datasets": {"imagenet": {}}}, "params grid.datasets.imagenet: unknown dataset"),
     ({"methods": {"an": {"memory": 3}}}, "unknown params grid.methods.an.memory"),
     ({"default": {"job_name": None}}, "params grid.default.job_name must be a job name"),
+    ({"datasets": {"voc2012": {"time": None}}}, "params grid.datasets.voc2012.time must be a time limit"),
 ])
 def test_grid_block_refuses_bad_values_in_one_line(tmp_path, change, expected):
     block = {key: {**GRID_BLOCK[key], **change.get(key, {})} for key in GRID_BLOCK}
@@ -460,20 +462,34 @@ def test_grid_resources_refusals_and_resume_on_a_real_slurm_cluster(slurm, tmp_p
     repo = tiny_repo(tmp_path / "repo", methods=("an", "full"), seeds=(0,), epochs=60)
     sh(repo, "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"] = ["synthetic", "voc2012"]  # a second dataset, for the dry run: a tiny fake VOC
+    params["data"]["voc2012"]["source"] = str(make_voc(tmp_path / "voc").parent)
     marker = tmp_path / "setup-ran"
     params["grid"]["default"].update(time=10, cpus_per_job=1, setup=[f"echo $SLURM_JOB_ID >> {marker}"])
-    params["grid"]["datasets"] = {"synthetic": {"mem_gb": 1}}
-    params["grid"]["methods"] = {"full": {"time": "0:20:00", "sbatch": ["--requeue", "--comment=full"]}}
+    params["grid"]["datasets"] = {"synthetic": {"mem_gb": 1}, "voc2012": {"mem_gb": 2, "time": "0:15:00"}}
+    params["grid"]["methods"] = {"full": {"cpus_per_job": 2, "sbatch": ["--requeue", "--comment=full"]}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_commit_all(repo, "grid resources")
 
     dry = spml(repo, "grid", "submit", "--dry-run", env=env).stdout
-    assert "2 job array(s), one per resource shape:" in dry, dry
-    an, full = dry.split("  train@synthetic-an-0:\n")[1].split("  train@synthetic-full-0:\n")
-    for line in ("--mem=1G", "--cpus-per-task=1", f"setup: echo $SLURM_JOB_ID >> {marker}"):  # both shapes
-        assert f"      {line}\n" in an and f"      {line}\n" in full, (line, dry)
-    assert "      --time=10\n" in an and "      --time=20\n" in full and "      --requeue\n" in full and "      --comment=full\n" in full, dry
-    assert "--requeue" not in an and "--comment" not in an
+    assert "4 job array(s), one per resource shape:" in dry, dry
+    shapes, cell = {}, None
+    for line in dry.split("one per resource shape:\n")[1].splitlines():
+        if line.startswith("      "):
+            shapes[cell].add(line.strip())
+        else:
+            cell = line.strip().rstrip(":")
+            shapes[cell] = set()
+    setup = f"setup: echo $SLURM_JOB_ID >> {marker}"
+    assert {"--time=10", "--mem=1G", "--cpus-per-task=1", setup} <= shapes["train@synthetic-an-0"], dry
+    assert {"--time=15", "--mem=2G", "--cpus-per-task=1", setup} <= shapes["train@voc2012-an-0"], dry
+    assert {"--time=10", "--mem=1G", "--cpus-per-task=2", "--requeue", "--comment=full", setup} <= \
+        shapes["train@synthetic-full-0"], dry
+    assert {"--time=15", "--mem=2G", "--cpus-per-task=2", "--requeue"} <= shapes["train@voc2012-full-0"], dry
+    assert not any("--requeue" in line or "--comment" in line for line in shapes["train@voc2012-an-0"])
+    params["datasets"] = ["synthetic"]  # the fake VOC has no real images to train on; no cell's key moves
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git_commit_all(repo, "synthetic only")
 
     refused = spml(repo, "grid", "submit", "--gpus-per-job", "1", check=False, env=env)
     errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
