@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -348,39 +349,43 @@ def grid_submit(
         cpus_per_job: Annotated[int | None, typer.Option(help="Slurm --cpus-per-task")] = None,
         mem_gb: Annotated[float | None, typer.Option(help="Slurm --mem in GB")] = None,
         time: Annotated[str | None, typer.Option(
-            help="time limit per cell: MINUTES, H:MM:SS or D-HH:MM:SS (default: the partition's)")] = None,
+            help="time limit per cell: MINUTES, H:MM:SS or D-HH:MM:SS (default: params grid)")] = None,
         account: Annotated[str | None, typer.Option(help="Slurm --account")] = None,
         qos: Annotated[str | None, typer.Option(help="Slurm --qos")] = None,
         constraint: Annotated[str | None, typer.Option(help="Slurm --constraint")] = None,
         slurm_arg: Annotated[list[str] | None, typer.Option(
-            help="any other sbatch option as KEY=VALUE, e.g. --slurm-arg exclude=node07 (repeatable)")] = None,
+            help="any other sbatch option as KEY=VALUE, or KEY= for a flag without a value, e.g. "
+                 "--slurm-arg exclude=node07 --slurm-arg exclusive= (repeatable; added to params grid's sbatch)")] = None,
         upstream: Annotated[str, typer.Option(
             help="pull: jobs pull the prepared tables and trunk this command pushed; rebuild: jobs rebuild them")] = "pull",
         workdir: Annotated[Path | None, typer.Option(
             help="where jobs clone the repository (default .spml/grid/STAMP/clones), e.g. node-local scratch")] = None,
         keep_clones: Annotated[bool, typer.Option("--keep-clones", help="keep each job's clone after success")] = False,
         dry_run: Annotated[bool, typer.Option(
-            "--dry-run", help="say what would be submitted (runs the upstream stages to know); submit nothing")] = False,
+            "--dry-run", help="say what would be submitted and each job array's resolved sbatch lines (runs the "
+                              "upstream stages to know); submit nothing")] = False,
         wait: Annotated[bool, typer.Option("--wait", help="block until every submitted cell is done or failed")] = False,
         root: RootOption = Path(".")):
     """Submit one job per grid cell whose result the DVC remote's run-cache does not hold yet.
 
     First runs the upstream stages (data, pretrained trunk) here and pushes them.
     Each job clones this commit, trains its cell (`dvc repro --single-item`), pushes its outputs, then its
-    run-cache entry."""
+    run-cache entry. Slurm resources per cell come from params `grid:` (defaults, per-dataset and
+    per-method overrides); the options here override them for every cell."""
     from pipeline import grid
 
     def _submit():
-        extra = {}
+        extra = []
         for item in slurm_arg or []:
             name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise SpmlError(f"--slurm-arg {item!r}: use KEY=VALUE, e.g. --slurm-arg exclude=node07")
-            extra[name] = value
-        resources = grid.Resources(partition=partition, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
-                                   mem_gb=mem_gb, time_min=grid.parse_time(time) if time else None,
-                                   account=account, qos=qos, constraint=constraint, extra=extra)
-        return grid.submit(root, executor, jobs, resources, upstream, workdir, dry_run, keep_clones,
+            if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+                raise SpmlError(f"--slurm-arg {item!r}: use KEY=VALUE, e.g. --slurm-arg exclude=node07, or KEY= "
+                                "for a flag without a value, e.g. --slurm-arg exclusive=")
+            extra.append((name, value if value else True))
+        cli = {"partition": partition, "gpus_per_job": gpus_per_job, "cpus_per_job": cpus_per_job,
+               "mem_gb": mem_gb, "time": grid.parse_time(time) if time else None, "account": account, "qos": qos,
+               "constraint": constraint, "sbatch": tuple(extra)}
+        return grid.submit(root, executor, jobs, cli, upstream, workdir, dry_run, keep_clones,
                            say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
 
     result = _run(_submit)
@@ -390,6 +395,12 @@ def grid_submit(
                + ("" if dry_run or not result.submitted else f" ({executor}, submission {result.stamp})"))
     for name in result.submitted:
         typer.echo(f"  {'would submit' if dry_run else 'submitted'} {name}")
+    if dry_run and result.shapes:
+        typer.echo(f"{len(result.shapes)} job array(s), one per resource shape:")
+        for names, lines in result.shapes:
+            typer.echo(f"  {', '.join(names)}:")
+            for line in lines:
+                typer.echo(f"      {line}")
     for name, where in result.active.items():
         typer.echo(f"  still active {name} (submission {where})")
     if wait and result.submitted and not dry_run:
@@ -402,14 +413,13 @@ def grid_submit(
 
 @grid_app.command("status")
 def grid_status(root: RootOption = Path(".")):
-    """Per-cell state of the current grid: queued, running, done, failed (with the log's last line)."""
+    """Per-cell state at the current commit: done (on the remote), queued, running, failed (with the log's last
+    line), stale (only jobs or results of an older version of the cell), not submitted.
+
+    Computes each cell's run-cache key as `submit` and `collect` do (restoring the upstream stages first)."""
     from pipeline import grid
 
-    def _status():
-        cells, _ = grid.list_cells(root.resolve())
-        return grid.cell_states(root.resolve(), [c.name for c in cells])
-
-    states = _run(_status)
+    states = _run(grid.status, root)
     width = max(len(s.cell) for s in states)
     for state in states:
         where = f" [{state.submission}]" if state.submission else ""

@@ -52,22 +52,149 @@ CELL_GROUPS = ("train", "ablate", "train-vl")  # dvc.yaml's matrix stages: one j
 EXECUTORS = ("slurm", "local")
 UPSTREAM_MODES = ("pull", "rebuild")
 ACTIVE = ("queued", "running")
-STATES = ("done", "running", "queued", "failed", "not submitted")
+STATES = ("done", "running", "queued", "failed", "stale", "not submitted")
 
 
 @dataclass(frozen=True)
 class Resources:
-    """What each job asks for. Slurm reads all of it; the local executor only time_min and gpus_per_job."""
+    """What a job asks for (one Slurm job array per distinct value). Slurm reads all of it, resolved from
+    params ``grid:`` and the command line (:func:`resolve_resources`); the local executor only time_min and
+    gpus_per_job, from the command line."""
 
     partition: str | None = None
     gpus_per_job: int | None = None
     cpus_per_job: int | None = None
     mem_gb: float | None = None
-    time_min: int | None = None       # None: the partition's default limit (local: a week)
+    time_min: int | None = None       # None: local executor only (a week)
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    extra: dict = field(default_factory=dict)   # --slurm-arg KEY=VALUE: any other sbatch option
+    extra: tuple = ()                 # other sbatch options: (name, value), value True for a flag
+    setup: tuple = ()                 # shell lines the job script runs before the job (module load, ...)
+    job_name: str = "spml-grid-{stamp}"
+    origin: tuple = field(default=(), compare=False)  # (field, where its value came from), for error messages
+
+    def where(self, name: str) -> str:
+        return dict(self.origin).get(name, "")
+
+
+# params grid.default (every key) / grid.datasets.<name> / grid.methods.<name> (any subset): the checks
+GRID_KEYS = {"time": "a time limit (minutes, H:MM:SS or D-HH:MM:SS; submitit requeues a job shortly before it)",
+             "mem_gb": "a number of GB > 0, or null", "cpus_per_job": "an integer >= 1, or null",
+             "gpus_per_job": "an integer >= 0, or null", "partition": "a partition name, or null",
+             "account": "an account name, or null", "qos": "a QOS name, or null",
+             "constraint": "a feature constraint, or null",
+             "sbatch": "a list of sbatch options, each --NAME, --NAME=VALUE or --NAME VALUE",
+             "setup": "a list of shell lines", "job_name": "a job name (may hold {stamp})"}
+CLI_FLAGS = {"time": "--time", "mem_gb": "--mem-gb", "cpus_per_job": "--cpus-per-job",
+             "gpus_per_job": "--gpus-per-job", "partition": "--partition", "account": "--account", "qos": "--qos",
+             "constraint": "--constraint", "sbatch": "--slurm-arg"}
+
+
+def _check_grid_value(name: str, value, where: str):
+    """A grid block's value, checked (one-line error naming the param); times in minutes, lists as tuples."""
+    what = f"params {where}.{name}"
+    bad = SpmlError(f"{what} must be {GRID_KEYS[name]}, got {value!r}")
+    if name in ("sbatch", "setup"):
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise bad
+        return tuple(sbatch_option(v, what) for v in value) if name == "sbatch" else tuple(value)
+    if value is None:
+        if name in ("job_name", "time"):
+            raise bad
+        return None
+    if name == "time":
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise bad
+        return parse_time(str(value), what)
+    if name == "mem_gb":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise bad
+        return float(value)
+    if name in ("cpus_per_job", "gpus_per_job"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "cpus_per_job" else 0):
+            raise bad
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise bad
+    return value
+
+
+def sbatch_option(text: str, where: str) -> tuple[str, str | bool]:
+    """``--exclusive`` -> (exclusive, True); ``--exclude=node07`` or ``--exclude node07`` -> (exclude, node07)."""
+    line = text.strip()
+    if line.startswith("#SBATCH"):
+        line = line[len("#SBATCH"):].strip()
+    match = re.fullmatch(r"--([A-Za-z][A-Za-z0-9-]*)(?:[= ]\s*(.*))?", line)
+    if not match:
+        raise SpmlError(f"{where}: sbatch option {text!r}: use the long form --NAME, --NAME=VALUE or --NAME VALUE, "
+                        "e.g. --exclusive or --exclude=node07")
+    name, value = match.groups()
+    return name, True if value is None else value
+
+
+def grid_params(root: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
+    """params.yaml's ``grid:`` block, checked: (defaults, per-dataset overrides, per-method overrides), each
+    a dict of checked values (times in minutes)."""
+    from pipeline.config import load_params
+    from pipeline.datasets import dataset_names
+    from pipeline.registry import METHODS
+
+    params = load_params(root / "params.yaml")
+    block = params.get("grid")
+    if not isinstance(block, dict) or set(block) != {"default", "datasets", "methods"}:
+        raise SpmlError("params grid must be a mapping with default, datasets and methods "
+                        f"(got {sorted(block) if isinstance(block, dict) else block!r}); see docs/cluster.md")
+
+    def checked(values, where: str, complete: bool) -> dict:
+        if not isinstance(values, dict):
+            raise SpmlError(f"params {where} must be a mapping of {', '.join(GRID_KEYS)}, got {values!r}")
+        unknown = sorted(set(values) - set(GRID_KEYS))
+        if unknown:
+            raise SpmlError(f"unknown params {', '.join(f'{where}.{k}' for k in unknown)}; valid: {', '.join(GRID_KEYS)}")
+        missing = sorted(set(GRID_KEYS) - set(values)) if complete else []
+        if missing:
+            raise SpmlError(f"params {', '.join(f'{where}.{k}' for k in missing)} missing; add them to params.yaml")
+        return {name: _check_grid_value(name, value, where) for name, value in values.items()}
+
+    default = checked(block["default"], "grid.default", True)
+    overrides = []
+    for kind, known in (("datasets", dataset_names()), ("methods", METHODS.names())):
+        group = block[kind] or {}
+        if not isinstance(group, dict):
+            raise SpmlError(f"params grid.{kind} must be a mapping of {kind[:-1]} name to overrides, got {group!r}")
+        for name in group:
+            if name not in known:
+                raise SpmlError(f"params grid.{kind}.{name}: unknown {kind[:-1]}; valid: {', '.join(sorted(known))}")
+        overrides.append({name: checked(values, f"grid.{kind}.{name}", False) for name, values in group.items()})
+    return default, overrides[0], overrides[1]
+
+
+def resolve_resources(grid: tuple[dict, dict, dict], dataset: str, method: str, cli: dict) -> Resources:
+    """One cell's Slurm resources: grid.default, then grid.datasets.<dataset>, then grid.methods.<method>
+    (a later value replaces an earlier one, lists too), then the command line's options; ``--slurm-arg``
+    options are added to the sbatch lines (replacing one of the same name)."""
+    default, datasets, methods = grid
+    values, origin = {}, {}
+    for where, block in (("grid.default", default), (f"grid.datasets.{dataset}", datasets.get(dataset, {})),
+                         (f"grid.methods.{method}", methods.get(method, {}))):
+        for name, value in block.items():
+            values[name], origin[name] = value, f"params {where}.{name}"
+    for name, value in cli.items():
+        if name == "sbatch":
+            if value:
+                given = dict(value)
+                values["sbatch"] = tuple((k, v) for k, v in values["sbatch"] if k not in given) + tuple(value)
+                origin["sbatch"] = f"{origin['sbatch']} and --slurm-arg"
+        elif value is not None:
+            values[name], origin[name] = value, CLI_FLAGS[name]
+    return Resources(partition=values["partition"], gpus_per_job=values["gpus_per_job"],
+                     cpus_per_job=values["cpus_per_job"], mem_gb=values["mem_gb"], time_min=values["time"],
+                     account=values["account"], qos=values["qos"], constraint=values["constraint"],
+                     extra=values["sbatch"], setup=values["setup"], job_name=values["job_name"],
+                     origin=tuple(sorted(origin.items())))
 
 
 @dataclass
@@ -76,6 +203,8 @@ class Cell:
     upstream: tuple[str, ...]       # stages it needs, pulled (or rebuilt) by the job
     raw_commands: tuple[str, ...]   # commands of its raw-data stages (outputs not pushed)
     key: str = ""                   # run-cache key in the submitting workspace
+    dataset: str = ""               # from its command (`spml train DATASET METHOD --seed N`)
+    method: str = ""
 
 
 @dataclass
@@ -102,12 +231,17 @@ def _dvc_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dvc"]
 
 
-def _dvc(root: Path, *args: str, what: str) -> None:
-    """Run dvc in the workspace, its output to the terminal; one-line error if it fails."""
-    print(f"$ dvc {' '.join(args)}", file=sys.stderr, flush=True)
-    code = subprocess.run(_dvc_cmd() + list(args), cwd=root, env=_env(root), check=False).returncode
-    if code != 0:
-        raise SpmlError(f"`dvc {' '.join(args)}` failed (exit {code}) while {what}; see its output above")
+def _dvc(root: Path, *args: str, what: str, quiet: bool = False) -> None:
+    """Run dvc in the workspace, its output to the terminal (``quiet``: only if it fails); one-line error if
+    it fails."""
+    if not quiet:
+        print(f"$ dvc {' '.join(args)}", file=sys.stderr, flush=True)
+    run = subprocess.run(_dvc_cmd() + list(args), cwd=root, env=_env(root), check=False,
+                         **({"capture_output": True, "text": True} if quiet else {}))
+    if run.returncode != 0:
+        if quiet:
+            print(f"$ dvc {' '.join(args)}\n{run.stdout}{run.stderr}", file=sys.stderr, end="", flush=True)
+        raise SpmlError(f"`dvc {' '.join(args)}` failed (exit {run.returncode}) while {what}; see its output above")
 
 
 def _git(root: Path, *args: str) -> str:
@@ -149,7 +283,10 @@ def list_cells(root: Path) -> tuple[list[Cell], list[str]]:
             rest = sorted(stage_name(s, root) for s in needs if s not in raw)
             commands = tuple(" && ".join(s.cmd) if isinstance(s.cmd, list) else s.cmd
                              for s in sorted(raw, key=lambda s: stage_name(s, root)))
-            cells.append(Cell(name, tuple(rest), commands))
+            cmd = stage.cmd if isinstance(stage.cmd, str) else " ".join(stage.cmd)
+            words = cmd.split()  # spml train DATASET METHOD --seed N (dvc.yaml's cell stages)
+            dataset, method = (words[2], words[3]) if len(words) >= 4 and words[:2] == ["spml", "train"] else ("", "")
+            cells.append(Cell(name, tuple(rest), commands, dataset=dataset, method=method))
             upstream.update(stage_name(s, root) for s in needs)
         names = (stage_name(s, root) for s in reversed(list(nx.topological_sort(graph))))
         order = [name for name in names if name in upstream]
@@ -337,28 +474,91 @@ def _job_state(sub: dict, name: str, record: dict, live: dict, ended: dict) -> C
     return base
 
 
-def cell_states(root: Path, names: list[str] | None = None) -> list[CellState]:
-    """Each cell's state from its latest submission (or 'done' when a submission found it on the remote)."""
+def cell_states(root: Path, names: list[str] | None = None, keys: dict[str, str] | None = None,
+                on_remote: dict[str, bool] | None = None) -> list[CellState]:
+    """Each cell's state.
+
+    With ``keys`` (each cell's run-cache key at the current commit, :func:`compute_keys`) and ``on_remote``
+    (whether the remote holds a result for that key): done when the remote has it; else the state of the
+    latest job submitted for *that key* (queued, running, failed); else ``stale`` when only jobs or results
+    of older keys exist (another commit's code or params); else not submitted. Without them (right after a
+    submission, whose keys are current by construction): the latest submission of each cell by name."""
     subs = _submissions(root)
-    latest: dict[str, tuple[dict, dict | None]] = {}
+    history: dict[str, list[tuple[dict, dict | None, str]]] = {}   # cell -> [(submission, job record, key)]
     for sub in subs:
         for name, record in sub["cells"].items():
-            latest[name] = (sub, record)
-        for name in sub.get("done_before", {}):
-            latest[name] = (sub, None)
-    ids = {rec["job_id"] for sub, rec in latest.values() if rec and sub["executor"] == "slurm"}
+            history.setdefault(name, []).append((sub, record, record.get("key", "")))
+        for name, found in sub.get("done_before", {}).items():
+            key = found.get("key", "") if isinstance(found, dict) else ""   # before keys were recorded: ""
+            history.setdefault(name, []).append((sub, None, key))
+    chosen: dict[str, tuple[dict, dict | None, str]] = {}
+    stale_of: dict[str, tuple[dict, dict | None, str]] = {}
+    for name in names if names is not None else list(history):
+        entries = history.get(name, [])
+        if keys is None:
+            if entries:
+                chosen[name] = entries[-1]
+            continue
+        same = [e for e in entries if e[2] == keys[name]]
+        if same:
+            chosen[name] = same[-1]
+        elif entries:
+            stale_of[name] = entries[-1]
+    ids = {rec["job_id"] for sub, rec, _ in [*chosen.values(), *stale_of.values()] if rec and sub["executor"] == "slurm"}
     live, ended = _slurm_states(ids)
     states = []
-    for name in names if names is not None else list(latest):
-        if name not in latest:
-            states.append(CellState(name, "not submitted"))
-            continue
-        sub, record = latest[name]
-        if record is None:
-            states.append(CellState(name, "done", sub["done_before"][name], sub["stamp"]))
+    for name in names if names is not None else list(history):
+        if on_remote is not None and on_remote.get(name):
+            found = chosen.get(name)
+            detail = "result on the remote"
+            if found and found[1] is not None:
+                ran = read_state(found[0]["folder"], name) or {}
+                if ran.get("state") == "done":
+                    detail = f"in {ran.get('seconds', 0):.0f} s on {ran.get('host')}"
+            states.append(CellState(name, "done", detail, found[0]["stamp"] if found else "", keys[name]))
+        elif name in chosen:
+            sub, record, key = chosen[name]
+            if record is None:
+                if on_remote is None:
+                    detail = sub["done_before"][name]
+                    states.append(CellState(name, "done", detail if isinstance(detail, str) else detail["detail"],
+                                            sub["stamp"], key))
+                else:  # it was on the remote, and no longer is (removed, or another remote)
+                    states.append(CellState(name, "not submitted", "its result has left the remote since "
+                                            f"submission {sub['stamp']}", "", key))
+                continue
+            state = _job_state(sub, name, record, live, ended)
+            if state.state == "done" and on_remote is not None:  # the job finished, the remote lacks it
+                state.state, state.detail = "failed", f"job {record['job_id']} ended, but its result is not on the remote"
+            states.append(state)
+        elif name in stale_of:
+            sub, record, key = stale_of[name]
+            if record is None:
+                was = "a result on the remote"
+            else:
+                old = _job_state(sub, name, record, live, ended)
+                was = f"job {record['job_id']} ({old.state})"
+            now = keys[name] if keys else ""
+            states.append(CellState(name, "stale", f"{was} for an older version of the cell (run-cache key "
+                                    f"{(key or '?')[:12]}, now {now[:12]}); `spml grid submit` submits this one",
+                                    sub["stamp"], key))
         else:
-            states.append(_job_state(sub, name, record, live, ended))
+            states.append(CellState(name, "not submitted", key=(keys or {}).get(name, "")))
     return states
+
+
+def status(root: Path) -> list[CellState]:
+    """Every cell's state at the current commit: its run-cache key computed as `submit` and `collect` do
+    (after restoring the upstream stages), looked up on the remote and among the submissions."""
+    root = Path(root).resolve()
+    _check_root(root, "status")
+    default_remote(root)
+    cells, upstream_stages = list_cells(root)
+    _dvc(root, "repro", "--pull", *upstream_stages, what="reproducing the upstream stages", quiet=True)
+    compute_keys(root, cells)
+    results = remote_results(root, cells)
+    return cell_states(root, [c.name for c in cells], {c.name: c.key for c in cells},
+                       {c.name: results[c.name].done for c in cells})
 
 
 # --- submit -------------------------------------------------------------------------------------------------
@@ -394,11 +594,11 @@ def _stamp(root: Path) -> str:
     return candidate
 
 
-def parse_time(text: str) -> int:
+def parse_time(text: str, what: str = "--time") -> int:
     """A Slurm time limit (MINUTES, MINUTES:SECONDS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS) in whole minutes."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", text.strip())
     if not match:
-        raise SpmlError(f"--time {text!r}: use minutes (120), H:MM:SS (2:00:00) or D-HH:MM:SS (1-00:00:00)")
+        raise SpmlError(f"{what} {text!r}: use minutes (120), H:MM:SS (2:00:00) or D-HH:MM:SS (1-00:00:00)")
     days, rest = match.groups()
     parts = [int(p) for p in rest.split(":")] + [0, 0]
     if days is None and rest.count(":") < 2:  # MINUTES or MINUTES:SECONDS
@@ -407,27 +607,77 @@ def parse_time(text: str) -> int:
         minutes, seconds = int(days or 0) * 1440 + parts[0] * 60 + parts[1], parts[2]
     minutes += 1 if seconds else 0
     if minutes < 1:
-        raise SpmlError(f"--time {text!r} is shorter than a minute")
+        raise SpmlError(f"{what} {text!r} is shorter than a minute")
     return minutes
 
 
-def _executor(kind: str, folder: Path, jobs: int, count: int, slurm: Resources, name: str):
+def _slurm_parameters(slurm: Resources, jobs: int, count: int, stamp: str) -> dict:
+    """submitit's SlurmExecutor parameters for one job array of ``count`` cells, at most ``jobs`` at once."""
+    mem = None if not slurm.mem_gb else f"{int(slurm.mem_gb)}G" if slurm.mem_gb == int(slurm.mem_gb) \
+        else f"{int(slurm.mem_gb * 1024)}M"
+    params = {"job_name": slurm.job_name.replace("{stamp}", stamp), "time": slurm.time_min,
+              "array_parallelism": min(jobs, count), "partition": slurm.partition,
+              "gpus_per_node": slurm.gpus_per_job, "cpus_per_task": slurm.cpus_per_job, "mem": mem,
+              "account": slurm.account, "qos": slurm.qos, "constraint": slurm.constraint,
+              "additional_parameters": dict(slurm.extra) or None, "setup": list(slurm.setup) or None}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sbatch_lines(slurm: Resources, jobs: int, count: int, stamp: str) -> list[str]:
+    """The ``#SBATCH`` lines (without log paths) and setup lines of the job script submitit writes for one
+    array of ``count`` cells with these resources: what `--dry-run` shows."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    text = _make_sbatch_string(command="true", folder="/x", map_count=count if count > 1 else None,
+                               **_slurm_parameters(slurm, jobs, count, stamp))
+    lines = [line for line in text.splitlines() if line.startswith("#SBATCH")
+             and not line.startswith(("#SBATCH --output", "#SBATCH --error"))]
+    return [line[len("#SBATCH "):] for line in lines] + [f"setup: {line}" for line in slurm.setup]
+
+
+def _executor(kind: str, folder: Path, jobs: int, count: int, slurm: Resources, stamp: str):
     """A submitit executor: Slurm (one job array, at most ``jobs`` array tasks at once) or local processes."""
     import submitit
 
     if kind == "slurm":
+        if slurm.time_min is None:
+            raise SpmlError(f"no time limit for the Slurm jobs ({slurm.where('time') or 'params grid.default.time'} "
+                            "is null): submitit needs one to requeue a job before it; set it, e.g. --time 2:00:00")
         executor = submitit.SlurmExecutor(folder=folder)
-        mem = None if not slurm.mem_gb else f"{int(slurm.mem_gb)}G" if slurm.mem_gb == int(slurm.mem_gb) \
-            else f"{int(slurm.mem_gb * 1024)}M"
-        params = {"job_name": name, "time": slurm.time_min, "array_parallelism": min(jobs, count),
-                  "partition": slurm.partition, "gpus_per_node": slurm.gpus_per_job,
-                  "cpus_per_task": slurm.cpus_per_job, "mem": mem, "account": slurm.account, "qos": slurm.qos,
-                  "constraint": slurm.constraint, "additional_parameters": dict(slurm.extra) or None}
-        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        executor.update_parameters(**_slurm_parameters(slurm, jobs, count, stamp))
         return executor
     executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(timeout_min=slurm.time_min or 7 * 24 * 60)
     return executor
+
+
+# sbatch's refusals and the resource that causes each (matched in sbatch's message, lower-cased)
+SBATCH_CAUSES = (("gres", "gpus_per_job"), ("gpu", "gpus_per_job"), ("partition", "partition"),
+                 ("account", "account"), ("qos", "qos"), ("feature", "constraint"), ("constraint", "constraint"),
+                 ("memory", "mem_gb"), ("time limit", "time"), ("cpu", "cpus_per_job"), ("processor", "cpus_per_job"))
+RESOURCE_FIELDS = {"gpus_per_job": "gpus_per_job", "partition": "partition", "account": "account", "qos": "qos",
+                   "constraint": "constraint", "mem_gb": "mem_gb", "time": "time_min", "cpus_per_job": "cpus_per_job"}
+
+
+def sbatch_refusal(text: str, slurm: Resources, cells: list[str]) -> SpmlError:
+    """One line for a job array sbatch refused (``text``: what sbatch and submitit said): sbatch's own
+    message and the option that caused it."""
+    found = [line for line in re.findall(r"sbatch: (?:error: )?([^\n]+)", text) if not line.startswith("Try ")]
+    message = (found[-1] if found else next((line for line in reversed(text.splitlines()) if line.strip()),
+                                             "(no message)")).strip()
+    lower = message.lower()
+    cause = next((name for word, name in SBATCH_CAUSES if word in lower), None)
+    shown = ", ".join(cells[:3]) + (f" and {len(cells) - 3} more" if len(cells) > 3 else "")
+    if cause is not None:
+        value = getattr(slurm, RESOURCE_FIELDS[cause])
+        value = f"{value} min" if cause == "time" else value
+        where = slurm.where(cause) or CLI_FLAGS.get(cause, cause)
+        blame = f"check {where} ({value})"
+    else:
+        given = [f"{k}={v}" for k, v in slurm.extra]
+        blame = "check the resources (`spml grid submit --dry-run` prints the sbatch lines)" + \
+            (f", e.g. the sbatch options {', '.join(given)}" if given else "")
+    return SpmlError(f"sbatch refused the jobs of {shown}: {message}; {blame}; nothing was submitted")
 
 
 @contextmanager
@@ -456,12 +706,17 @@ class SubmitResult:
     done_before: list[str]
     active: dict[str, str]          # cell -> submission where it is still queued/running
     broken: dict[str, list]         # cell -> entries with missing outputs (warned)
+    shapes: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (cells, sbatch lines): one array each
 
 
-def submit(root: Path, executor: str = "slurm", jobs: int | None = None, resources: Resources = Resources(),
+def submit(root: Path, executor: str = "slurm", jobs: int | None = None, resources: Resources | dict = Resources(),
            upstream: str = "pull", workdir: Path | None = None, dry_run: bool = False, keep_clones: bool = False,
            say: Callable[[str], None] = print) -> SubmitResult:
-    """Submit one job per cell of the grid that the remote's run-cache does not hold yet."""
+    """Submit one job per cell of the grid that the remote's run-cache does not hold yet.
+
+    ``resources``: for Slurm, the command line's values by params ``grid`` key (None: not given), resolved per
+    cell with params ``grid:`` (:func:`resolve_resources`); cells of one shape go into one job array. The
+    local executor takes a :class:`Resources` (or the same dict) from the command line alone."""
     root = Path(root).resolve()
     if executor not in EXECUTORS:
         raise SpmlError(f"unknown executor {executor!r}; use --executor slurm or --executor local")
@@ -473,9 +728,16 @@ def submit(root: Path, executor: str = "slurm", jobs: int | None = None, resourc
         raise SpmlError("--executor slurm: sbatch/srun not found (no Slurm on this machine); run on the cluster's "
                         "login node, or use --executor local")
     _check_root(root, "submit")
+    cli = resources if isinstance(resources, dict) else _as_cli(resources)
+    grid = grid_params(root) if executor == "slurm" else None
     remote, remote_url = default_remote(root)
     commit = _check_clean(root, _tracked_outputs(root))
     cells, upstream_stages = list_cells(root)
+    if executor == "slurm":  # bad resources are refused before anything runs
+        shape_of = {c.name: resolve_resources(grid, c.dataset, c.method, cli) for c in cells}
+    else:
+        local = Resources(gpus_per_job=cli.get("gpus_per_job"), time_min=cli.get("time"))
+        shape_of = {c.name: local for c in cells}
 
     # The upstream stages run once here (restored from the run-cache when someone built them before), and
     # their outputs go to the remote, so that jobs pull them rather than each rebuild them.
@@ -485,7 +747,8 @@ def submit(root: Path, executor: str = "slurm", jobs: int | None = None, resourc
     compute_keys(root, cells)
     results = remote_results(root, cells)
 
-    earlier = {s.cell: s for s in cell_states(root, [c.name for c in cells])}
+    keys = {c.name: c.key for c in cells}
+    earlier = {s.cell: s for s in cell_states(root, list(keys), keys)}
     todo, done_before, active, broken = [], [], {}, {}
     for cell in cells:
         found = results[cell.name]
@@ -502,48 +765,98 @@ def submit(root: Path, executor: str = "slurm", jobs: int | None = None, resourc
         say(f"warning: {name}: run-cache entries on the remote name missing outputs "
             f"({', '.join(e for e, _ in entries)}); `spml grid collect` refuses until they are removed")
     stamp = _stamp(root)
-    result = SubmitResult(stamp, [c.name for c in todo], done_before, active, broken)
+    groups: dict[Resources, list[Cell]] = {}
+    for cell in todo:
+        groups.setdefault(shape_of[cell.name], []).append(cell)
+    cap = jobs or None
+    shapes = [([c.name for c in group], sbatch_lines(shape, cap or len(group), len(group), stamp)
+               if executor == "slurm" else _local_lines(shape, cap or 1))
+              for shape, group in groups.items()]
+    result = SubmitResult(stamp, [c.name for c in todo], done_before, active, broken, shapes)
     if dry_run:
         return result
 
     folder = root / GRID_DIR / stamp
     folder.mkdir(parents=True)
-    submitted = _launch(root, folder, stamp, todo, commit, remote, remote_url, executor, jobs, resources,
-                        upstream == "rebuild", workdir, keep_clones) if todo else {}
+    try:
+        submitted = _launch(root, folder, stamp, groups, commit, remote, remote_url, executor, jobs,
+                            upstream == "rebuild", workdir, keep_clones) if todo else {}
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # ours, created above: no half-recorded submission
+        raise
     state = {"stamp": stamp, "created": time.time(), "commit": commit, "executor": executor, "jobs": jobs,
              "folder": str(folder), "cells": submitted,
-             "done_before": {name: "on the remote when submitted" for name in done_before}}
+             "done_before": {name: {"key": keys[name], "detail": "on the remote when submitted"}
+                             for name in done_before}}
     tmp = root / GRID_DIR / f".{stamp}.json.tmp"
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, root / GRID_DIR / f"{stamp}.json")
     return result
 
 
-def _launch(root: Path, folder: Path, stamp: str, todo: list[Cell], commit: str, remote: str,
-            remote_url: str | None, executor: str, jobs: int | None, resources: Resources, rebuild: bool,
+def _as_cli(resources: Resources) -> dict:
+    """A :class:`Resources` (the Python API's) as command-line values by params ``grid`` key."""
+    return {"partition": resources.partition, "gpus_per_job": resources.gpus_per_job,
+            "cpus_per_job": resources.cpus_per_job, "mem_gb": resources.mem_gb, "time": resources.time_min,
+            "account": resources.account, "qos": resources.qos, "constraint": resources.constraint,
+            "sbatch": tuple(resources.extra)}
+
+
+def _local_lines(shape: Resources, slots: int) -> list[str]:
+    return [f"local: {slots} at once", f"time limit {shape.time_min or 7 * 24 * 60} min"] + \
+        ([f"{shape.gpus_per_job} GPU(s) per job"] if shape.gpus_per_job else [])
+
+
+def _cancel(job_ids: list[str]) -> None:
+    if job_ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *job_ids], capture_output=True, check=False)
+
+
+def _launch(root: Path, folder: Path, stamp: str, groups: dict[Resources, list[Cell]], commit: str, remote: str,
+            remote_url: str | None, executor: str, jobs: int | None, rebuild: bool,
             workdir: Path | None, keep_clones: bool) -> dict[str, dict]:
-    """Submit the jobs with submitit (one Slurm job array, or local processes); their records by cell."""
+    """Submit the jobs with submitit (one Slurm job array per resource shape, or local processes); their
+    records by cell. If sbatch refuses an array, the arrays submitted before it are cancelled."""
+    from submitit.core.utils import UncompletedJobError
+
+    from pipeline.grid_job import SlurmCell
+
     shutil.copy2(root / "dvc.lock", folder / "dvc.lock")
-    cap = jobs or (len(todo) if executor == "slurm" else 1)
+    count = sum(len(group) for group in groups.values())
     clones = Path(workdir).resolve() / stamp if workdir else folder / "clones"
     local = executor == "local"
-    specs = [CellJob(cell=c.name, key=c.key, repo=str(root), commit=commit, submission=str(folder),
-                     workdir=str(clones), remote=remote, remote_url=remote_url, raw_commands=c.raw_commands,
-                     upstream=c.upstream, rebuild=rebuild, slots=cap if local else None,
-                     gpus_per_job=resources.gpus_per_job if local else None,
-                     visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), bin_dir=str(Path(sys.executable).parent),
-                     keep_clone=keep_clones)
-             for c in todo]
-    runner = _executor(executor, folder / "submitit", cap, len(todo), resources, f"spml-grid-{stamp}")
-    with _quiet_fds(folder / "executor.log") if local else _nothing(), runner.batch():
-        handles = [runner.submit(run_cell, spec) for spec in specs]
-    records = {}
-    for spec, job in zip(specs, handles):
-        record = {"key": spec.key, "job_id": str(job.job_id), "stdout": str(job.paths.stdout),
-                  "stderr": str(job.paths.stderr)}
-        if local:
-            record.update(started=_proc_start(int(job.job_id)), host=socket.gethostname())
-        records[spec.cell] = record
+    records: dict[str, dict] = {}
+    for index, (shape, group) in enumerate(groups.items()):
+        cap = jobs or (len(group) if executor == "slurm" else 1)
+        specs = [CellJob(cell=c.name, key=c.key, repo=str(root), commit=commit, submission=str(folder),
+                         workdir=str(clones), remote=remote, remote_url=remote_url, raw_commands=c.raw_commands,
+                         upstream=c.upstream, rebuild=rebuild, slots=(jobs or 1) if local else None,
+                         gpus_per_job=shape.gpus_per_job if local else None,
+                         visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         bin_dir=str(Path(sys.executable).parent), keep_clone=keep_clones,
+                         grid_dir=str(root / GRID_DIR))
+                 for c in group]
+        subfolder = folder / "submitit" if len(groups) == 1 else folder / f"submitit-{index}"
+        runner = _executor(executor, subfolder, cap, len(group), shape, stamp)
+        task = run_cell if local else SlurmCell()
+        # local: jobs are our children, kept off our output; Slurm: sbatch's own stderr, read for a refusal
+        log = folder / ("executor.log" if local else f"sbatch-{index}.log")
+        try:
+            with _quiet_fds(log), runner.batch():
+                handles = [runner.submit(task, spec) for spec in specs]
+        except (UncompletedJobError, subprocess.SubprocessError, OSError) as exc:
+            if local:
+                raise
+            _cancel(sorted({r["job_id"].split("_")[0] for r in records.values()}))
+            said = log.read_text(errors="replace") if log.exists() else ""
+            raise sbatch_refusal(f"{said}\n{exc}", shape, [c.name for c in group]) from None
+        for spec, job in zip(specs, handles):
+            record = {"key": spec.key, "job_id": str(job.job_id), "stdout": str(job.paths.stdout),
+                      "stderr": str(job.paths.stderr)}
+            if local:
+                record.update(started=_proc_start(int(job.job_id)), host=socket.gethostname())
+            records[spec.cell] = record
+    assert len(records) == count
     return records
 
 
@@ -554,11 +867,6 @@ def _check_root(root: Path, command: str) -> None:
     if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
         raise SpmlError(f"{root} is not the top of a git repository; jobs clone the submitting commit, so "
                         "`spml grid` runs from the root of a git checkout")
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def wait(root: Path, names: list[str], poll_s: float = 2.0, say: Callable[[str], None] = print) -> list[CellState]:

@@ -17,12 +17,24 @@ DVC workspace, lock or cache:
    before the outputs it names, so a crash between the two leaves the cell "not done" (resubmitted), never
    "done" with missing outputs.
 
-The job records its state in ``<submission>/cells/<cell>.json`` (running, done, failed + message); a killed
-job leaves ``running`` behind and `spml grid status` asks the scheduler.
+The job records its state in ``<submission>/cells/<cell>.json`` (running, requeued, done, failed + message);
+a killed job leaves ``running`` behind and `spml grid status` asks the scheduler.
+
+**Surviving pre-emption and time limits.** Training writes its resume checkpoint after every epoch to
+``runs/.resume/`` (pipeline/runtime/checkpoint.py). In a job clone that folder is a symlink to
+``.spml/grid/resume/<key>/`` in the submitting repository (a filesystem every node sees; :func:`resume_root`),
+so a job that starts again for the same run-cache key, on any node and in a fresh clone, continues from the
+last finished epoch; a checkpoint of another key (other code, params or inputs) sits in another folder and is
+never seen, and the checkpoint's own fingerprint check still applies. On Slurm the job is a submitit
+``Checkpointable`` (:class:`SlurmCell`): Slurm's warning signal before the time limit (submitit's
+``--signal=USR2@90``), or the same signal sent on pre-emption (``scancel --signal=USR2``), makes submitit call
+:meth:`SlurmCell.checkpoint`, which stops the job's processes, and requeue the job (``scontrol requeue``): the
+same array task runs again and resumes. One job at a time trains a key (an flock next to its folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -58,6 +70,7 @@ class CellJob:
     visible_gpus: str | None    # the submitter's CUDA_VISIBLE_DEVICES (local executor)
     bin_dir: str                # the submitter's venv bin (dvc, spml)
     keep_clone: bool = False
+    grid_dir: str | None = None  # the submitter's .spml/grid (resume checkpoints live under it); None: in the clone
 
 
 class CellFailed(Exception):
@@ -105,8 +118,10 @@ def _step(args: list[str] | str, cwd: Path, env: dict) -> None:
 
     reader = threading.Thread(target=tee, daemon=True)
     reader.start()
+    began = time.monotonic()
     code = proc.wait()
     reader.join()
+    _log(f"({time.monotonic() - began:.1f} s, exit {code})")  # what each step costs: docs/cluster.md
     if code < 0:
         raise CellFailed(f"`{shown}` was killed by {signal.Signals(-code).name}" + (f": {last[0]}" if last[0] else ""))
     if code != 0:
@@ -168,6 +183,100 @@ def _check_key(clone: Path, cell: str, expected: str) -> None:
                          "changed; nothing was pushed")
 
 
+RESUME_DIR = "resume"  # <grid_dir>/resume/<key>/: a cell's resume checkpoints, shared by every job of that key
+
+
+def resume_root(grid_dir: Path | str, key: str) -> Path:
+    """Where the jobs of run-cache key ``key`` keep the cell's resume checkpoints (the clone's runs/.resume)."""
+    return Path(grid_dir) / RESUME_DIR / key
+
+
+def _link_resume(job: CellJob, clone: Path):
+    """Point the clone's runs/.resume at the key's shared folder; hold that key's lock (one trainer per key).
+    Returns the open lock file (closed, and so released, when the job ends however it ends), or None."""
+    if not job.grid_dir:
+        return None
+    target = resume_root(job.grid_dir, job.key)
+    target.mkdir(parents=True, exist_ok=True)
+    lock = open(target.with_name(f"{job.key}.lock"), "a")  # noqa: SIM115 - held for the job's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _log(f"another job trains key {job.key[:12]} (its lock {lock.name}); waiting for it")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    found = sorted(str(p.relative_to(target)) for p in target.rglob("last.pt"))
+    if found:
+        _log(f"resume checkpoint of this key found: {', '.join(found)} in {target}")
+    (clone / "runs").mkdir(exist_ok=True)
+    (clone / "runs" / ".resume").symlink_to(target, target_is_directory=True)
+    return lock
+
+
+def _drop_resume(job: CellJob) -> None:
+    """After success: the key's folder, now empty (training removed its checkpoints). Its lock file stays (a
+    job waiting on it must lock the same file)."""
+    if job.grid_dir:
+        with contextlib.suppress(OSError):  # not empty (a stage-1 folder of a failed attempt?) or gone: leave it
+            resume_root(job.grid_dir, job.key).rmdir()
+
+
+_REQUEUED = threading.Event()  # set by SlurmCell.checkpoint: the job ends because it is requeued, not failed
+
+
+def _stop_children() -> None:
+    """Stop every other process of this job's process group (dvc, spml train): SIGTERM, SIGKILL after 20 s.
+    Called before a requeue, so that no process of this run writes the resume folder once the next run starts."""
+    group, me = os.getpgid(0), os.getpid()
+
+    def members() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != me:
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+                    pids.append(int(entry.name))
+        return pids
+
+    for sig, patience in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        pids = members()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + patience
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = members()
+        if not pids:
+            return
+
+
+try:
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover - submitit runs every job, so it is there
+    _Checkpointable = object
+
+
+class SlurmCell(_Checkpointable):
+    """The Slurm job: :func:`run_cell`, requeued by submitit on the pre-emption/time-limit signal."""
+
+    def __call__(self, job: CellJob) -> str:
+        return run_cell(job)
+
+    def checkpoint(self, job: CellJob):
+        # the training state is already on the shared filesystem (the last finished epoch): stop this run's
+        # processes and let submitit requeue the same call
+        _REQUEUED.set()
+        _log("pre-emption or time-limit signal: stopping, the job is requeued and resumes from its last epoch")
+        write_state(job.submission, job.cell, state="requeued", host=socket.gethostname(), pid=os.getpid())
+        _stop_children()
+        return super().checkpoint(job)
+
+
 def run_cell(job: CellJob) -> str:
     """The job: clone, restore inputs, train the cell, push outputs then run-cache. Returns the cell name."""
     try:
@@ -179,7 +288,7 @@ def run_cell(job: CellJob) -> str:
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
         slurm_job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
     where = {"host": socket.gethostname(), "pid": os.getpid(), "pgid": os.getpgid(0), "slurm_job_id": slurm_job}
-    slot = slot_lock = None
+    slot = slot_lock = resume_lock = None
     if job.slots:
         write_state(job.submission, job.cell, state="queued", **where)
         slot, slot_lock = _acquire_slot(job)
@@ -197,6 +306,7 @@ def run_cell(job: CellJob) -> str:
         clone.parent.mkdir(parents=True, exist_ok=True)
         _step(["git", "clone", "-q", "--no-checkout", job.repo, str(clone)], clone.parent, env)
         _step(["git", "checkout", "-q", "--detach", job.commit], clone, env)
+        resume_lock = _link_resume(job, clone)
         local_config = Path(job.repo) / ".dvc" / "config.local"
         if local_config.exists():
             shutil.copy2(local_config, clone / ".dvc" / "config.local")
@@ -215,14 +325,17 @@ def run_cell(job: CellJob) -> str:
         # outputs first, run-cache entry second: an entry on the remote always names outputs that are there
         _step(dvc + ["push", "--with-deps", job.cell], clone, env)
         _step(dvc + ["push", "--run-cache", "--with-deps", job.cell], clone, env)
+        _drop_resume(job)
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, CellFailed) else f"{type(exc).__name__}: {exc}"
-        write_state(job.submission, job.cell, state="failed", message=message,
-                    seconds=round(time.time() - started, 1), **where)
+        if not _REQUEUED.is_set():  # a requeue already wrote its state; the requeued job starts over
+            message = str(exc) if isinstance(exc, CellFailed) else f"{type(exc).__name__}: {exc}"
+            write_state(job.submission, job.cell, state="failed", message=message,
+                        seconds=round(time.time() - started, 1), **where)
         raise
     finally:
-        if slot_lock is not None:
-            slot_lock.close()
+        for lock in (slot_lock, resume_lock):
+            if lock is not None:
+                lock.close()
     if not job.keep_clone:
         shutil.rmtree(clone, ignore_errors=True)
     write_state(job.submission, job.cell, state="done", seconds=round(time.time() - started, 1), **where)

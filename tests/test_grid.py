@@ -30,6 +30,7 @@ from pipeline import grid
 from pipeline.cli import app
 from pipeline.grid_job import CellJob, _gpu_env, read_state
 from tests import slurm_cluster
+from tests.real_fixtures import make_voc
 from tests.helpers import git_commit_all, run, sh, tiny_repo, tool_env
 
 METHODS, SEEDS = ("an", "full"), (0, 1)
@@ -176,6 +177,112 @@ def test_the_test_slurm_says_why_it_cannot_start(tmp_path, monkeypatch):
         slurm_cluster.start(tmp_path)
 
 
+GRID_BLOCK = {
+    "default": {"time": "1:00:00", "mem_gb": 8, "cpus_per_job": 4, "gpus_per_job": 1, "partition": "gpu",
+                "account": None, "qos": None, "constraint": None, "sbatch": ["--requeue"],
+                "setup": ["module load cuda"], "job_name": "spml-{stamp}"},
+    "datasets": {"coco2014": {"time": "8:00:00", "mem_gb": 64}, "voc2012": {"partition": "preempt"}},
+    "methods": {"vlpl": {"gpus_per_job": 2, "sbatch": ["--exclusive", "--exclude=node07"]}},
+}
+
+
+def _grid_of(tmp_path: Path, block: dict) -> tuple:
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params["grid"] = block
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return grid.grid_params(tmp_path)
+
+
+def test_grid_block_resolves_per_dataset_then_method_then_command_line(tmp_path):
+    block = _grid_of(tmp_path, GRID_BLOCK)
+    no_cli = dict.fromkeys(grid.CLI_FLAGS)
+    coco = grid.resolve_resources(block, "coco2014", "an", no_cli)
+    voc = grid.resolve_resources(block, "voc2012", "vlpl", no_cli)
+    assert (coco.time_min, coco.mem_gb, coco.partition, coco.gpus_per_job) == (480, 64.0, "gpu", 1)
+    assert (voc.time_min, voc.mem_gb, voc.partition, voc.gpus_per_job) == (60, 8.0, "preempt", 2)
+    assert voc.extra == (("exclusive", True), ("exclude", "node07"))  # the method's list replaces the default's
+    assert coco.where("time") == "params grid.datasets.coco2014.time"
+    assert sorted(grid.sbatch_lines(coco, 5, 3, "S")) == sorted([
+        "--array=0-2%3", "--cpus-per-task=4", "--gpus-per-node=1", "--job-name=spml-S", "--mem=64G", "--nodes=1",
+        "--open-mode=append", "--partition=gpu", "--requeue", "--signal=USR2@90", "--time=480", "--wckey=submitit",
+        "setup: module load cuda"])
+    assert "--partition=preempt" in grid.sbatch_lines(voc, 5, 1, "S") and "--exclusive" in grid.sbatch_lines(voc, 5, 1, "S")
+    # the command line wins over every block; --slurm-arg adds options (a flag: True)
+    cli = {**no_cli, "time": 30, "sbatch": (("exclusive", "user"), ("comment", "x"))}
+    mixed = grid.resolve_resources(block, "voc2012", "vlpl", cli)
+    assert mixed.time_min == 30 and mixed.where("time") == "--time"
+    assert mixed.extra == (("exclude", "node07"), ("exclusive", "user"), ("comment", "x"))
+    assert coco != voc and grid.resolve_resources(block, "coco2014", "an", no_cli) == coco  # one array per shape
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"default": {"time": "soon"}}, "params grid.default.time 'soon': use minutes"),
+    ({"default": {"cpus_per_job": 0}}, "params grid.default.cpus_per_job must be an integer >= 1"),
+    ({"default": {"sbatch": ["-x node07"]}}, "sbatch option '-x node07': use the long form"),
+    ({"datasets": {"imagenet": {}}}, "params grid.datasets.imagenet: unknown dataset"),
+    ({"methods": {"an": {"memory": 3}}}, "unknown params grid.methods.an.memory"),
+    ({"default": {"job_name": None}}, "params grid.default.job_name must be a job name"),
+    ({"datasets": {"voc2012": {"time": None}}}, "params grid.datasets.voc2012.time must be a time limit"),
+])
+def test_grid_block_refuses_bad_values_in_one_line(tmp_path, change, expected):
+    block = {key: {**GRID_BLOCK[key], **change.get(key, {})} for key in GRID_BLOCK}
+    with pytest.raises(grid.SpmlError, match=re.escape(expected)):
+        _grid_of(tmp_path, block)
+
+
+def test_an_sbatch_refusal_is_one_line_naming_the_option(tmp_path):
+    shape = grid.resolve_resources(_grid_of(tmp_path, GRID_BLOCK), "coco2014", "an", dict.fromkeys(grid.CLI_FLAGS))
+    said = "sbatch: error: Batch job submission failed: Invalid partition name specified\nTraceback ...\n"
+    error = grid.sbatch_refusal(said, shape, ["train@coco2014-an-0"])
+    assert str(error) == ("sbatch refused the jobs of train@coco2014-an-0: Batch job submission failed: Invalid "
+                          "partition name specified; check params grid.default.partition (gpu); nothing was submitted")
+
+
+def test_status_compares_each_cells_key_with_its_submissions(tmp_path):
+    """With the current keys: a job of the same key gives its state, only older keys give `stale`, a result on
+    the remote is `done` whatever the submissions say."""
+    folder = tmp_path / ".spml/grid/20990101-000000"
+    folder.mkdir(parents=True)
+    (folder / "cells").mkdir()
+    records = {name: {"key": "old", "job_id": "1_0", "stdout": "-", "stderr": "-"} for name in ("a", "b", "c")}
+    records["d"] = {"key": "k-d", "job_id": "1_3", "stdout": "-", "stderr": "-"}
+    for name in records:
+        (folder / "cells" / f"{name}.json").write_text(json.dumps({"state": "done", "seconds": 3, "host": "n1"}))
+    state = {"stamp": "20990101-000000", "executor": "local-x", "folder": str(folder), "cells": records,
+             "done_before": {"e": {"key": "old", "detail": "on the remote when submitted"}}}
+    (tmp_path / ".spml/grid/20990101-000000.json").write_text(json.dumps(state))
+    names = ["a", "b", "d", "e", "f"]
+    keys = {name: f"k-{name}" for name in names}
+    states = {s.cell: s for s in grid.cell_states(tmp_path, names, keys, {"a": True, "d": False})}
+    assert [states[n].state for n in names] == ["done", "stale", "failed", "stale", "not submitted"]
+    assert "job 1_0 (done) for an older version" in states["b"].detail
+    assert "its result is not on the remote" in states["d"].detail
+    assert "a result on the remote for an older version" in states["e"].detail
+    # without keys: each cell's latest submission, as before
+    assert grid.cell_states(tmp_path, ["b", "e"])[0].state == "done"
+
+
+def test_a_jobs_resume_folder_is_its_keys_alone(tmp_path):
+    """Jobs of one run-cache key share runs/.resume (a requeued or resubmitted job continues); another key
+    (other code, params or inputs) never sees that checkpoint."""
+    from pipeline.grid_job import _link_resume, resume_root
+
+    saved = resume_root(tmp_path / "grid", "key-a") / "synthetic/an/0"
+    saved.mkdir(parents=True)
+    (saved / "last.pt").write_bytes(b"state")
+    for key, seen in (("key-a", True), ("key-b", False)):
+        clone = tmp_path / key
+        clone.mkdir()
+        lock = _link_resume(_job(key=key, grid_dir=str(tmp_path / "grid")), clone)
+        assert (clone / "runs/.resume/synthetic/an/0/last.pt").exists() is seen
+        lock.close()
+
+
+def test_slurm_arg_takes_flags_without_values(tmp_path):
+    result, text = _cli("grid", "submit", "--executor", "local", "--root", str(tmp_path), "--slurm-arg", "=x")
+    assert result.exit_code == 2 and "KEY= for a flag without a value" in text, text
+
+
 # --- end to end ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -233,10 +340,10 @@ def _kill_while_training(repo: Path, kill) -> None:
     kill(sub, record)
 
 
-def _settle(repo: Path) -> dict[str, grid.CellState]:
+def _settle(repo: Path, cells: list[str] = CELLS) -> dict[str, grid.CellState]:
     """Wait until no cell is queued or running; their final states."""
     def ended():
-        states = grid.cell_states(repo, CELLS)
+        states = grid.cell_states(repo, cells)
         return None if any(s.state in grid.ACTIVE for s in states) else states
 
     return {s.cell: s for s in _wait_until(ended, 600, "every job to end")}
@@ -274,7 +381,22 @@ def _grid_flow(tmp_path: Path, serial_reports: Path, executor: list[str], kill, 
     assert_same_reports(serial_reports, repo / "reports")
     nothing = spml(repo, "grid", "submit", *executor, env=env)
     assert "4 cells: 4 already on the remote, 0 still queued or running, 0 submitted" in nothing.stdout
+
     return repo
+
+
+def _changed_method_is_stale(repo: Path, env: dict | None = None) -> None:
+    """A committed change of one method's params: its cells are no longer done (their run-cache keys moved),
+    whatever the earlier submissions say; the other method's cells still are."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["method_params"]["full"] = {"default": {}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git_commit_all(repo, "full: params changed")
+    status = spml(repo, "grid", "status", env=env).stdout
+    for cell in CELLS:
+        expected = "stale" if "-full-" in cell else "done"
+        assert re.search(rf"^{re.escape(cell)}\s+{expected}\s", status, re.M), status
+    assert "2 done, 2 stale" in status and "for an older version of the cell" in status, status
 
 
 @pytest.mark.slow
@@ -294,6 +416,7 @@ def test_grid_on_a_real_slurm_cluster(slurm, serial_reports, tmp_path):
                 assert ran["slurm_job_id"] == record["job_id"], (cell, ran)  # it ran as that Slurm job
     first = min((repo / grid.GRID_DIR).glob("*/submitit/*_submission.sh"))
     assert "#SBATCH --array=0-3%2" in first.read_text()  # one job array, at most 2 tasks at once
+    _changed_method_is_stale(repo, slurm.env)
 
 
 @pytest.mark.slow
@@ -325,3 +448,90 @@ def test_grid_with_the_local_executor(serial_reports, tmp_path):
     (victim_entry / ("f" * 64)).write_text(yaml.safe_dump(lock))
     refused = spml(repo, "grid", "collect", check=False)
     assert refused.returncode == 2 and "name outputs it lacks" in refused.stderr, refused.stderr
+    _changed_method_is_stale(repo)
+
+
+@pytest.mark.slow
+def test_grid_resources_refusals_and_resume_on_a_real_slurm_cluster(slurm, tmp_path):
+    """On the real one-node Slurm: (d) two resource shapes from params grid (per dataset, per method) give
+    two job arrays with their resolved sbatch lines (--dry-run) and a setup line runs in the job; (b) a
+    request sbatch refuses (a GPU on a node without GPUs) is one line, exit 2, and leaves nothing behind; (c)
+    a cell whose job gets the pre-emption signal while it trains is requeued, resumes from its checkpoint
+    and ends with the metrics of an uninterrupted run."""
+    env = {**slurm.env, "SPML_NO_PROGRESS": "1"}
+    repo = tiny_repo(tmp_path / "repo", methods=("an", "full"), seeds=(0,), epochs=60)
+    sh(repo, "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"] = ["synthetic", "voc2012"]  # a second dataset, for the dry run: a tiny fake VOC
+    params["data"]["voc2012"]["source"] = str(make_voc(tmp_path / "voc").parent)
+    marker = tmp_path / "setup-ran"
+    params["grid"]["default"].update(time=10, cpus_per_job=1, setup=[f"echo $SLURM_JOB_ID >> {marker}"])
+    params["grid"]["datasets"] = {"synthetic": {"mem_gb": 1}, "voc2012": {"mem_gb": 2, "time": "0:15:00"}}
+    params["grid"]["methods"] = {"full": {"cpus_per_job": 2, "sbatch": ["--requeue", "--comment=full"]}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git_commit_all(repo, "grid resources")
+
+    dry = spml(repo, "grid", "submit", "--dry-run", env=env).stdout
+    assert "4 job array(s), one per resource shape:" in dry, dry
+    shapes, cell = {}, None
+    for line in dry.split("one per resource shape:\n")[1].splitlines():
+        if line.startswith("      "):
+            shapes[cell].add(line.strip())
+        else:
+            cell = line.strip().rstrip(":")
+            shapes[cell] = set()
+    setup = f"setup: echo $SLURM_JOB_ID >> {marker}"
+    assert {"--time=10", "--mem=1G", "--cpus-per-task=1", setup} <= shapes["train@synthetic-an-0"], dry
+    assert {"--time=15", "--mem=2G", "--cpus-per-task=1", setup} <= shapes["train@voc2012-an-0"], dry
+    assert {"--time=10", "--mem=1G", "--cpus-per-task=2", "--requeue", "--comment=full", setup} <= \
+        shapes["train@synthetic-full-0"], dry
+    assert {"--time=15", "--mem=2G", "--cpus-per-task=2", "--requeue"} <= shapes["train@voc2012-full-0"], dry
+    assert not any("--requeue" in line or "--comment" in line for line in shapes["train@voc2012-an-0"])
+    params["datasets"] = ["synthetic"]  # the fake VOC has no real images to train on; no cell's key moves
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git_commit_all(repo, "synthetic only")
+
+    refused = spml(repo, "grid", "submit", "--gpus-per-job", "1", check=False, env=env)
+    errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr
+    assert errors[0].startswith("error: sbatch refused the jobs of train@synthetic-an-0") and \
+        "Invalid generic resource (gres) specification; check --gpus-per-job (1)" in errors[0], errors
+    assert "Traceback" not in refused.stderr
+    assert not [p for p in (repo / grid.GRID_DIR).iterdir() if p.name != "resume"]  # no submission recorded
+    queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env={**os.environ, **slurm.env})
+    assert queue.stdout.strip() == ""
+
+    out = spml(repo, "grid", "submit", "--keep-clones", env=env).stdout
+    assert "2 cells: 0 already on the remote, 0 still queued or running, 2 submitted" in out, out
+    sub = _submission(repo)
+    record = sub["cells"]["train@synthetic-an-0"]
+    resume = Path(grid.GRID_DIR, "resume", record["key"], "synthetic/an/0/last.pt")
+    _wait_until(lambda: (repo / resume).exists(), 300, "the first epoch's resume checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, env={**os.environ, **slurm.env})
+    _wait_until(lambda: (read_state(sub["folder"], "train@synthetic-an-0") or {}).get("state") == "requeued", 60,
+                "the job to checkpoint and requeue itself")
+    # Slurm holds a requeued job for two minutes (its BeginTime); the test does not wait for that
+    _wait_until(lambda: subprocess.run(["scontrol", "update", f"JobId={record['job_id']}", "StartTime=now"],
+                                       env={**os.environ, **slurm.env}, capture_output=True).returncode == 0,
+                30, "the requeued job to be pending")
+    states = _settle(repo, ["train@synthetic-an-0", "train@synthetic-full-0"])
+    assert all(s.state == "done" for s in states.values()), states
+
+    log = Path(record["stdout"]).read_text(errors="replace") + Path(record["stderr"]).read_text(errors="replace")
+    assert "Caught signal SIGUSR2" in log and "resume checkpoint of this key found: synthetic/an/0/last.pt" in log
+    assert "discarding the resume checkpoint" not in log
+    assert log.count("Running stage 'train@synthetic-an-0'") == 2  # trained twice: before and after the requeue
+    # the setup line ran at the start of each job: twice for the requeued one (one cell per shape: plain jobs)
+    ids = [record["job_id"], sub["cells"]["train@synthetic-full-0"]["job_id"]]
+    assert sorted(marker.read_text().split()) == sorted([ids[0], *ids]), (marker.read_text(), ids)
+    assert not (repo / grid.GRID_DIR / "resume" / record["key"]).exists()  # removed once the cell is done
+
+    # the uninterrupted run of the same cell, in the submitting workspace: the same metrics
+    sh(repo, "spml", "train", "synthetic", "an", "--seed", "0", "--out", str(tmp_path / "uninterrupted"),
+       env=_env(repo, env))
+    resumed = json.loads((Path(sub["folder"]) / "clones/train@synthetic-an-0/runs/synthetic/an/0/metrics.json")
+                         .read_text())
+    reference = json.loads((tmp_path / "uninterrupted/metrics.json").read_text())
+    assert set(resumed) == set(reference)
+    assert {k: v for k, v in resumed.items() if k not in TIMING_COLUMNS} == \
+        {k: v for k, v in reference.items() if k not in TIMING_COLUMNS}
