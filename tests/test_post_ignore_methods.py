@@ -229,6 +229,8 @@ def test_the_clip_path_end_to_end_with_a_tiny_random_clip(tiny_workspace):
         assert not np.array_equal(scores.global_cos[:, 0], scores.global_cos[:, 1])  # the flip is a view
         first[method] = scores
     assert scores.meta["text_gcn"] == "random" and scores.meta["prompt"] == "a photo of a {}."
+    # no official files for synthetic: each method's official inputs ran on the substitutes, recorded as such
+    assert first["vlpl"].substitutes == ["text_features"] and first["aevlp"].substitutes == ["class_names", "relation"]
     # the same params give the same table (seeded random weights, seeded GCN)
     assert runner.invoke(app, ["clip-scores", "synthetic", "aevlp", "--params", str(params)]).exit_code == 0
     again = read_clip_scores("synthetic", "aevlp", n, c)
@@ -247,6 +249,7 @@ def test_the_clip_path_end_to_end_with_a_tiny_random_clip(tiny_workspace):
         assert {"fn_flagged", "fn_precision", "fn_recall"} <= set(history.columns), method
         if method != "gr-loss":
             assert history.clip_meaningful.eq(0).all() and history.fn_flagged.gt(0).all()
+            assert history.clip_substitutes.eq(1 if method == "vlpl" else 2).all()
     assert "damp_negative_error" in pd.read_csv("runs/synthetic/aevlp/0/history.csv").columns
     grid = yaml.safe_load(params.read_text())
     grid["methods"] = ["an", "full", "gr-loss"]
@@ -255,11 +258,13 @@ def test_the_clip_path_end_to_end_with_a_tiny_random_clip(tiny_workspace):
     aggregate.run(write_params(tiny_workspace, grid), tiny_workspace / "reports")
     results = (tiny_workspace / "reports/results.md").read_text()
     assert "| vlpl |" in results and "| aevlp |" in results and "| gr-loss |" in results
-    assert results.count("| vlpl † |") == 1 and "† random CLIP weights" in results
+    assert results.count("| vlpl †‡ |") == 1 and "† random CLIP weights" in results
+    assert "| aevlp | " in results and " †‡ | 1 |" in results and "‡ ran on substitutes" in results
     assert "| gr-loss † |" not in results
     summary = json.loads((tiny_workspace / "reports/summary.json").read_text())["synthetic"]
     assert summary["vlpl"]["clip_random_weights"] and summary["aevlp"]["clip_random_weights"]
     assert "clip_random_weights" not in summary["gr-loss"] and summary["vlpl"]["gap_closed"] is None
+    assert summary["vlpl"]["clip_substitutes"] and "clip_substitutes" not in summary["gr-loss"]
     runs = pd.read_csv(tiny_workspace / "reports/runs.csv")
     assert dict(zip(runs.method, runs.clip_random_weights)) == {"an": False, "full": False, "gr-loss": False,
                                                                 "vlpl": True, "aevlp": True}
