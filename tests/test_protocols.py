@@ -262,3 +262,67 @@ def test_reports_say_which_protocol_produced_a_table():
     assert "protocol" in RUN_COLUMNS  # the long runs table (reports/runs.csv) carries it per run
     text = results_markdown(runs, ["em"], ["voc2012"])
     assert "Training protocol: original" in text
+
+
+# ------------------------------------------------------------------------------------ Cole et al.'s search
+def test_cole_original_protocol_is_their_eight_point_search_batch_outer():
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    for method in ("an", "an-ls", "wan", "epr", "role", "full"):
+        run = resolve_run_config(params, "voc2012", method, 0)
+        assert [(p["batch_size"], p["eval_batch_size"], p["lr"]) for p in run.search] == [
+            (b, b, lr) for b in (8, 16) for lr in (1e-2, 1e-3, 1e-4, 1e-5)], method
+        assert run.to_dict()["search"] == run.search and run.train.drop_last and run.train.eval_drop_last
+    assert resolve_run_config(params, "voc2012", "em", 0).search is None
+    assert "search" not in resolve_run_config(params, "voc2012", "em", 0).to_dict()  # single runs: as before
+
+
+def test_the_selected_point_is_the_best_val_map_and_the_first_on_a_tie():
+    from stages.train import best_point
+
+    assert best_point([{"val_map": 50.0}, {"val_map": 52.0}, {"val_map": 51.0}]) == 1
+    assert best_point([{"val_map": 50.0}, {"val_map": 52.0}, {"val_map": 52.0}]) == 1  # strictly better only
+
+
+@pytest.mark.parametrize("search,fragment", [
+    ([], "search must be a list of axes"),
+    ([{"lr": [1.0e-3], "batch_size": [8, 16]}], "non-empty lists of the same length"),
+    ([{"lr": []}], "non-empty lists of the same length"),
+    ([{"lr": [-1.0]}], "lr must be > 0"),
+    ([{"no_such_key": [1]}], "unknown params"),
+])
+def test_bad_searches_are_one_line_errors(search, fragment):
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    params["protocols"]["original"]["an"] = {"default": {**params["protocols"]["original"]["an"]["default"],
+                                                         "search": search}}
+    with pytest.raises(SpmlError, match=fragment) as info:
+        resolve_run_config(params, "voc2012", "an", 0)
+    assert "\n" not in str(info.value)
+
+
+def test_an_under_the_original_protocol_runs_and_selects_over_the_grid(tiny_workspace):
+    """`protocol: original` for AN on the tiny data with a tiny grid (batch {8, 16} x lr {3e-3, 1e-7}, one
+    epoch): every point is a full run, the cell keeps the best val mAP, and its metrics list every point."""
+    from stages import train
+
+    params = yaml.safe_load((tiny_workspace / "params.yaml").read_text())
+    params["protocol"] = "original"
+    cole = params["protocols"]["original"]["an"]["default"]
+    cole.update(epochs=1, search=[{"batch_size": [8, 16], "eval_batch_size": [8, 16]}, {"lr": [3.0e-3, 1.0e-7]}])
+    (tiny_workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = train.run("synthetic", "an", 0)
+    points = metrics["search"]
+    assert [(p["batch_size"], p["lr"]) for p in points] == [(8, 3e-3), (8, 1e-7), (16, 3e-3), (16, 1e-7)]
+    vals = [p["val_map"] for p in points]
+    selected = metrics["search_selected"]
+    assert selected == vals.index(max(vals)) and metrics["val_map"] == max(vals)
+    assert metrics["test_map"] == points[selected]["test_map"] and metrics["protocol"] == "original"
+    assert len(set(vals)) > 1  # the points are different runs
+    config = json.loads((tiny_workspace / "runs/synthetic/an/0/config.json").read_text())
+    assert (config["train"]["batch_size"], config["train"]["lr"]) == (points[selected]["batch_size"],
+                                                                      points[selected]["lr"])
+    assert "search" not in config and config["train"]["drop_last"]  # the selected point's own run config
+    saved = json.loads((tiny_workspace / "runs/synthetic/an/0/metrics.json").read_text())
+    assert saved["search"] == points and saved["search_selected"] == selected
+    assert not list((tiny_workspace / "runs/.resume").rglob("*.search*"))  # nothing left behind
