@@ -57,8 +57,18 @@ def test_gr_loss_matches_the_spec_worked_example():
     by_hand = 0.99145 * (0.11920 * (1 - 0.3 ** 0.01) / 0.01 + 0.88080 * 0.3)
     entry = losses.gr_unobserved(F_, k, v, 0.01, 1.0)[0, 1]
     assert entry.item() == pytest.approx(by_hand, abs=1e-4) and by_hand == pytest.approx(0.40342, abs=1e-4)
+
+    def entries(k, v):  # the doc's entry matrix: -log(f + 1e-7) on the observed positives, the GR term elsewhere
+        return torch.where(Y > 0, losses.gr_log_pos(F_), losses.gr_unobserved(F_, k, v, 0.01, 1.0))
+
+    assert torch.allclose(entries(k, v), torch.tensor([[0.22314, 0.40342, 0.38178], [0.34910, 0.58886, 0.10536]],
+                                                      dtype=D), atol=5e-6)
     loss, k, v = losses.gr_loss(LOGITS, Y, *losses.gr_schedule(8, 8, **GR_DEFAULTS), 0.01, 1.0)
     assert loss.item() == pytest.approx(0.23845, abs=5e-6)
+    # epoch 8's entries (the doc first printed 0.28318 / 0.13750 / 0.15087 / 0.53065; recomputed by hand from
+    # K = sigmoid(1.75 f - 2), V = exp(-(f - 0.8)^2 / 0.5), V (K (1 - f^0.01) / 0.01 + (1 - K) f))
+    assert torch.allclose(entries(k, v), torch.tensor([[0.22314, 0.28323, 0.13746], [0.15093, 0.53058, 0.10536]],
+                                                      dtype=D), atol=5e-6)
     # K = sigmoid(1.75 f - 2); the spec first printed 0.18624 and 0.13876 for (0, 1) and (1, 0), a slip in the
     # fourth decimal (sigmoid(-1.475) = 0.18618, sigmoid(-1.825) = 0.13883; the loss was right)
     assert torch.allclose(k, torch.tensor([[0.35434, 0.18618, 0.12870], [0.13883, 0.27888, 0.39532]], dtype=D),
