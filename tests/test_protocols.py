@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -23,7 +24,20 @@ FIELDS = ("epochs", "batch_size", "lr", "head_lr_mult", "optimizer", "weight_dec
 def _value(text: str):
     if text == "-":
         return None
+    if text.startswith("{"):  # a search over these values
+        return {_value(part.strip()) for part in text.strip("{}").split(",")}
     return yaml.safe_load(text if not text[0].isdigit() else str(float(text)) if "e" in text else text)
+
+
+# A checkable source: a file and its lines at a commit of a GitHub repository (owner/repo@commit:path#Lx-Ly),
+# a paper's section, table or figure, or a statement that there is none.
+REPO_REF = re.compile(r"`[\w.-]+/[\w.-]+@[0-9a-f]{7,40}:[^`\s#]+#L\d+(?:-L\d+)?`")
+PAPER_REF = re.compile(r"\bpaper\b[^|]*?(?:section|§|Table|Fig\.)\s*\d", re.IGNORECASE)
+NO_SOURCE = re.compile(r"no (?:checkable|external) source", re.IGNORECASE)
+
+
+def has_source(text: str) -> bool:
+    return bool(REPO_REF.search(text) or PAPER_REF.search(text) or NO_SOURCE.search(text))
 
 
 def protocol_table() -> list[dict]:
@@ -64,11 +78,16 @@ def test_every_paper_preset_row_resolves_to_the_documented_protocol(tmp_path, pr
                 actual = getattr(run.train, field)
                 if field == "early_stop_value" and expected is None:
                     continue  # the rule takes no value
+                if isinstance(expected, set):  # a search: the points' values of this field
+                    assert run.search, (method, dataset, field)
+                    values = sorted({point[field] for point in run.search})
+                    assert values == pytest.approx(sorted(float(v) for v in expected)), (method, dataset, field)
+                    continue
                 if isinstance(actual, float) or isinstance(expected, float):
                     assert actual == pytest.approx(float(expected)), (method, dataset, field)
                 else:
                     assert actual == expected, (method, dataset, field, actual, expected)
-            assert run.train.amp is False  # fp32 everywhere, as the official code
+            assert run.train.amp is False  # fp32 everywhere (Xie et al.'s scripts use AMP: docs/protocols.md)
             checked += 1
     assert checked == len(params["datasets"]) * len(params["methods"] + params["vl_methods"])
 
@@ -82,6 +101,36 @@ def test_every_method_has_an_original_protocol_and_a_docs_row():
     for name in method_names():
         assert name in params["protocols"]["original"], name  # every method has its own block
         assert name in documented, name
+
+
+def test_every_protocol_row_cites_a_checkable_source():
+    rows = protocol_table()
+    assert len(rows) >= 17
+    for row in rows:
+        assert has_source(row["source"]), f"docs/protocols.md row {row['methods']} / {row['dataset']} has no source " \
+                                          f"reference (owner/repo@commit:file#Lx-Ly, a paper section or table, or " \
+                                          f"'no checkable source'): {row['source']!r}"
+
+
+def test_the_source_check_fails_on_a_row_without_a_reference():
+    assert not has_source("Cole et al. 2021, `train.py`")  # a file without commit and line is not checkable
+    assert not has_source("Zhou et al. 2022")
+    assert not has_source("`Correr-Zhou/SPML-AckTheUnknown:main.py#L323`")  # no commit
+    assert has_source("`Correr-Zhou/SPML-AckTheUnknown@9f960bc:main.py#L323-L325`")
+    assert has_source("the IGNORE paper (ECCV 2024), section 4.1")
+    assert has_source("ASL has no protocol of its own (no checkable source)")
+
+
+def test_every_preset_source_line_is_checkable():
+    from pipeline.config import preset_names
+
+    for name in preset_names(REPO):
+        text = (REPO / "presets" / f"{name}.yaml").read_text()
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("# Source:"))
+        end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("#")), len(lines))
+        source = " ".join(line.lstrip("# ") for line in lines[start:end])  # the line and its continuation
+        assert has_source(source), f"presets/{name}.yaml: its # Source: line cites nothing checkable: {source!r}"
 
 
 def test_default_is_the_unified_protocol_in_fp32():
