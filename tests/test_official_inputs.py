@@ -173,3 +173,46 @@ def test_runs_on_substitutes_are_marked_in_the_tables(tmp_path, monkeypatch):
     assert dataset_scores(runs, "voc2012")["gap_closed"]["vlpl"] == pytest.approx(80.0)
     summary = summary_metrics(runs)["voc2012"]
     assert summary["vlpl"][SUBSTITUTE_CLIP] is True and SUBSTITUTE_CLIP not in summary["aevlp"]
+
+
+def test_the_clip_scores_stage_reads_the_official_files_and_records_them(tiny_workspace):
+    """Stage clip-scores on the tiny data with AEVLP's official files set: the table records them (path and
+    SHA-256) and no substitute; the scores are those of the official names and matrix, not the substitutes'.
+    A missing file stops the stage before any scoring, naming the key, and writes nothing."""
+    from pipeline.clip_scores import read_clip_scores
+    from pipeline.tables import read_label_table
+    from stages import clip_scores
+    from tests.test_post_ignore_methods import vl_params
+
+    table = read_label_table("data/prepared/synthetic.parquet")
+    n, c = len(table.rows("train")), table.num_classes
+    names = tiny_workspace / "official" / "data" / "classnames" / "synthetic_labels.txt"
+    relation = tiny_workspace / "official" / "data" / "relation" / "relation+synthetic.npy"
+    names.parent.mkdir(parents=True)
+    relation.parent.mkdir(parents=True)
+    names.write_text("".join(f"shape number {k}\n" for k in range(c)))
+    matrix = np.random.default_rng(0).random((c, c)).astype(np.float32)
+    np.save(relation, (matrix + matrix.T) / 2)
+    official = {"class_names": {"file": str(names), "sha256": sha(names)},
+                "relation": {"file": str(relation), "sha256": sha(relation)}}
+
+    clip_scores.run("synthetic", "aevlp", vl_params(tiny_workspace))
+    substitute = read_clip_scores("synthetic", "aevlp", n, c)
+    assert substitute.substitutes == ["class_names", "relation"] and substitute.meta["official_inputs"] == {}
+
+    clip_scores.run("synthetic", "aevlp",
+                    vl_params(tiny_workspace, clip={"aevlp": {"synthetic": {"official_inputs": official}}}))
+    scores = read_clip_scores("synthetic", "aevlp", n, c)
+    assert scores.substitutes == [] and scores.diagnostics()["clip_substitutes"] == 0.0
+    assert scores.meta["official_inputs"] == {"class_names": {"file": str(names), "sha256": sha(names)},
+                                              "relation": {"file": str(relation), "sha256": sha(relation)}}
+    assert not np.array_equal(scores.global_cos, substitute.global_cos)
+
+    missing = {**official, "relation": {"file": str(tiny_workspace / "gone.npy"), "sha256": None}}
+    folder = tiny_workspace / "data/clip/synthetic/aevlp"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SpmlError) as info:
+        clip_scores.run("synthetic", "aevlp",
+                        vl_params(tiny_workspace, clip={"aevlp": {"synthetic": {"official_inputs": missing}}}))
+    assert "(params clip.aevlp.official_inputs.relation.file) does not exist" in _one_line(info)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the last table stays as it was
