@@ -75,6 +75,7 @@ from pipeline.train import (
     build_normalizer,
     build_training,
     resolve_run_config,
+    search_config,
     setup_process,
     train_step,
 )
@@ -189,6 +190,8 @@ def bench_configs(params: dict[str, Any], dataset: str, methods: list[str], seed
     runs = []
     for method in methods:
         run = resolve_run_config(params, dataset, method, seed, model)
+        if run.search:  # a protocol that is a search (Cole et al.) trains its points alike: time the first
+            run = search_config(run, run.search[0])
         run.train = dataclasses.replace(run.train, **(overrides or {}))
         run.model_kwargs.update(model_kwargs or {})
         if weights is not None:

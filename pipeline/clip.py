@@ -14,6 +14,13 @@ mirror image (:mod:`pipeline.clip_scores` holds the table):
   through AEVLP's frozen random label-graph residual (``text_gcn: random``, :func:`random_text_gcn`), then
   L2-normalised.
 
+The method's official inputs (``official_inputs``, :func:`load_official_inputs`): the class names its prompts
+use, the relation matrix of its label graph, or its shipped text features, each read from a local copy of the
+official file (``file``, pinned by ``sha256``, never downloaded; a missing file is a one-line error naming the
+key). An input whose ``file`` is null runs on this project's substitute (the prepared table's class names, the
+text embeddings' cosine, the encoded prompt); the table records it (``substitutes``) and the reports mark the
+rows that ran on one.
+
 The weights never come from the network: ``weights`` (a local file) or open_clip's own cache for
 ``pretrained`` (a tag such as ``openai``), pinned by ``sha256``; a missing file is a one-line error naming the
 params key. ``random_init_config`` builds a tiny randomly initialised open_clip model from a config dict
@@ -63,6 +70,19 @@ class ClipParams:
     batch_size: Annotated[int, Range(ge=1)]  # images per forward pass (each with its views, twice)
     num_workers: Annotated[int, Range(ge=0)]  # image decoding workers
     device: str  # auto | cpu | cuda
+    # the official files the method reads ({name: {file, sha256}}, name in OFFICIAL_INPUTS); file null: substitute
+    official_inputs: dict
+
+
+# What each official input is; a listed input whose file is null runs on the substitute named here.
+OFFICIAL_INPUTS = {
+    "class_names": ("a text file, one class name per line in the dataset's class order",
+                    "the prepared table's class names"),
+    "relation": ("a .npy C x C label-relation matrix (the label graph of text_gcn)",
+                 "the class text embeddings' cosine similarity, clipped at 0"),
+    "text_features": ("a .npy C x d array of class text features (replaces the prompt and the text tower)",
+                      "the prompt encoded by CLIP's text tower"),
+}
 
 
 def clip_params(params: dict[str, Any], dataset: str, method: str) -> ClipParams:
@@ -82,6 +102,16 @@ def clip_params(params: dict[str, Any], dataset: str, method: str) -> ClipParams
                         "file), or random_init_config for random weights")
     if p.prompt.count("{}") != 1:
         raise SpmlError(f"params {where}.prompt must hold one {{}} for the class name, got {p.prompt!r}")
+    for name, entry in p.official_inputs.items():
+        key = f"{where}.official_inputs.{name}"
+        if name not in OFFICIAL_INPUTS:
+            raise SpmlError(f"unknown params {key}; valid: {', '.join(OFFICIAL_INPUTS)}")
+        if not isinstance(entry, dict) or set(entry) != {"file", "sha256"}:
+            raise SpmlError(f"params {key} must be a mapping with keys file and sha256 (null: the substitute), "
+                            f"got {entry!r}")
+        for field in ("file", "sha256"):
+            if entry[field] is not None and not isinstance(entry[field], str):
+                raise SpmlError(f"params {key}.{field} must be a string or null, got {entry[field]!r}")
     return p
 
 
@@ -177,6 +207,78 @@ def build_clip(p: ClipParams, where: str) -> tuple[torch.nn.Module, Any, dict[st
     return model.eval().float(), tokenizer, info
 
 
+# ------------------------------------------------------------------------------------------------- official inputs
+
+@dataclass
+class OfficialInputs:
+    """The official files of ``official_inputs`` that are set, read and checked (None: not set or not listed)."""
+
+    class_names: list[str] | None
+    relation: torch.Tensor | None  # (C, C) float32
+    text_features: torch.Tensor | None  # (C, d) float32
+    files: dict[str, dict[str, str]]  # name -> {file, sha256} of every file read
+    substitutes: list[str]  # the listed inputs whose file is null: they run on the substitute
+
+
+def pinned_file(entry: dict[str, str | None], key: str) -> tuple[Path, str]:
+    """A local official file and its SHA-256, checked against the pin; missing or unpinned: an error naming
+    the key (nothing is ever downloaded)."""
+    path = Path(entry["file"]).expanduser()
+    if not path.is_file():
+        raise SpmlError(f"official file {path} (params {key}.file) does not exist; copy it there from the "
+                        f"official repository or set {key}.file to null to run on the substitute (reported)")
+    digest = sha256_file(path)
+    if entry["sha256"] is None:
+        raise SpmlError(f"official file {path} is not pinned: set params {key}.sha256 to {digest} if this is the "
+                        "file you mean to use")
+    if digest != entry["sha256"].lower():
+        raise SpmlError(f"official file {path} has SHA-256 {digest}, but params {key}.sha256 pins "
+                        f"{entry['sha256']}; replace the file or update the pin")
+    return path, digest
+
+
+def _load_array(path: Path, key: str, rows: int) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SpmlError(f"official file {path} (params {key}.file) is not a .npy array ({exc})") from None
+    if array.ndim != 2 or array.shape[0] != rows or not np.issubdtype(array.dtype, np.number) \
+            or not np.isfinite(array).all():
+        raise SpmlError(f"official file {path} (params {key}.file) must hold a finite {rows}-row matrix (one row "
+                        f"per class), got shape {array.shape} of {array.dtype}")
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+def load_official_inputs(p: ClipParams, where: str, num_classes: int) -> OfficialInputs:
+    """Read and check the official files of ``p.official_inputs`` for a dataset of ``num_classes`` classes."""
+    out = OfficialInputs(None, None, None, {}, [])
+    for name, entry in p.official_inputs.items():
+        key = f"{where}.official_inputs.{name}"
+        if entry["file"] is None:
+            out.substitutes.append(name)
+            continue
+        path, digest = pinned_file(entry, key)
+        out.files[name] = {"file": str(path), "sha256": digest}
+        if name == "class_names":
+            try:
+                lines = path.read_text(encoding="utf-8").strip().split("\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SpmlError(f"official file {path} (params {key}.file) is not UTF-8 text ({exc})") from None
+            names = [line.strip() for line in lines]
+            if len(names) != num_classes or not all(names):
+                raise SpmlError(f"official file {path} (params {key}.file) must hold {num_classes} non-empty lines "
+                                f"(one class name per class), got {len(lines)} lines")
+            out.class_names = names
+        elif name == "relation":
+            out.relation = _load_array(path, key, num_classes)
+            if out.relation.shape[1] != num_classes:
+                raise SpmlError(f"official file {path} (params {key}.file) must be {num_classes} x {num_classes}, "
+                                f"got {tuple(out.relation.shape)}")
+        else:
+            out.text_features = _load_array(path, key, num_classes)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- text
 
 def label_graph(relation: torch.Tensor, topk: int, reweight: float) -> torch.Tensor:
@@ -192,16 +294,22 @@ def label_graph(relation: torch.Tensor, topk: int, reweight: float) -> torch.Ten
     return adj
 
 
-def random_text_gcn(text: torch.Tensor, hidden: int, topk: int, reweight: float, seed: int) -> torch.Tensor:
+def substitute_relation(text: torch.Tensor) -> torch.Tensor:
+    """The substitute for an official relation matrix: the text embeddings' cosine similarity, clipped at 0."""
+    unit = F.normalize(text.float(), dim=-1)
+    return (unit @ unit.T).clamp_min(0)
+
+
+def random_text_gcn(text: torch.Tensor, hidden: int, topk: int, reweight: float, seed: int,
+                    relation: torch.Tensor | None = None) -> torch.Tensor:
     """t' = t + Â·φ(Â·φ(Â·t·W₁)·W₂)·W₃, φ = LeakyReLU(0.2), with W₁ (d×h), W₂ (h×h), W₃ (h×d) drawn
     U(−1/√d_out, 1/√d_out) from ``seed`` and never trained (AEVLP's released code: an untrained, unseeded
     GCN; here seeded, so the perturbation is the same in every run).
 
-    The relation matrix is the text embeddings' cosine similarity, clipped at 0: AEVLP's own
-    ``relation+<dataset>.npy`` files are not in its repository (docs/methods/aevlp.md)."""
+    Â comes from ``relation`` (AEVLP's ``relation+<dataset>.npy``), or from :func:`substitute_relation` when
+    it is None."""
     text = text.float()
-    unit = F.normalize(text, dim=-1)
-    adj = label_graph((unit @ unit.T).clamp_min(0), topk, reweight)
+    adj = label_graph(substitute_relation(text) if relation is None else relation.float(), topk, reweight)
     generator = torch.Generator().manual_seed(seed)
     dim = text.shape[1]
 
@@ -215,13 +323,25 @@ def random_text_gcn(text: torch.Tensor, hidden: int, topk: int, reweight: float,
     return text + adj @ (h @ w3)
 
 
+def class_prompts(class_names: list[str], p: ClipParams, official: OfficialInputs | None = None) -> list[str]:
+    """The prompt per class: ``p.prompt`` with the official class name where one is read, else the prepared
+    table's, ``_`` read as a space."""
+    names = official.class_names if official is not None and official.class_names is not None else class_names
+    return [p.prompt.format(name.replace("_", " ")) for name in names]
+
+
 @torch.no_grad()
-def text_features(model, tokenizer, class_names: list[str], p: ClipParams) -> torch.Tensor:
-    """(C, d) L2-normalised class text embeddings: the prompt per class, CLIP's text tower, the GCN if set."""
-    prompts = [p.prompt.format(name.replace("_", " ")) for name in class_names]
-    text = model.encode_text(tokenizer(prompts)).float()
+def text_features(model, tokenizer, class_names: list[str], p: ClipParams,
+                  official: OfficialInputs | None = None) -> torch.Tensor:
+    """(C, d) L2-normalised class text embeddings: the official text features, or the prompt per class through
+    CLIP's text tower; then the GCN if set (over the official relation matrix if one is read)."""
+    if official is not None and official.text_features is not None:
+        text = official.text_features.float()
+    else:
+        text = model.encode_text(tokenizer(class_prompts(class_names, p, official))).float()
     if p.text_gcn == "random":
-        text = random_text_gcn(text, p.gcn_hidden, p.gcn_topk, p.gcn_reweight, p.seed)
+        relation = official.relation if official is not None else None
+        text = random_text_gcn(text, p.gcn_hidden, p.gcn_topk, p.gcn_reweight, p.seed, relation)
     return F.normalize(text, dim=-1)
 
 

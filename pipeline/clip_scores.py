@@ -7,8 +7,10 @@ embeddings, for the view and its horizontal mirror image:
 * ``global.npy``: (N, 2, C) float32, the whole image (index 1 of the second axis: flipped);
 * ``tiles.npy``: (N, G, 2, C) float32, the G = g² tiles of a g×g grid in row-major order (G = 0: none);
 * ``meta.json``: the CLIP model, its weights' SHA-256 (or the random-init config and seed), the prompt, the
-  view settings, the class names, the prepared table's ``labels_sha256`` (row alignment), and ``meaningful``:
-  false for randomly initialised weights, whose scores are noise.
+  view settings, the class names, the prepared table's ``labels_sha256`` (row alignment), ``meaningful``:
+  false for randomly initialised weights, whose scores are noise, ``official_inputs`` (the official files
+  read, with their SHA-256) and ``substitutes``: the method's official inputs that ran on this project's
+  substitute instead (pipeline/clip.py).
 
 Cosines, not probabilities: the methods apply their own temperature softmax. The folder is written as a
 whole (atomically); :func:`read_clip_scores` checks it against the run before a method uses it. No labels
@@ -42,6 +44,17 @@ class ClipScores:
     def meaningful(self) -> bool:
         """False when the scores come from randomly initialised CLIP weights (noise, not a measurement)."""
         return bool(self.meta.get("meaningful"))
+
+    @property
+    def substitutes(self) -> list[str]:
+        """The method's official inputs (class names, relation matrix, text features) that ran on a substitute."""
+        return list(self.meta.get("substitutes") or [])
+
+    def diagnostics(self) -> dict[str, float]:
+        """The history columns a CLIP-based method reports every epoch, which the reports read to mark its rows:
+        ``clip_meaningful`` (0: random CLIP weights) and ``clip_substitutes`` (how many official inputs ran on
+        a substitute)."""
+        return {"clip_meaningful": float(self.meaningful), "clip_substitutes": float(len(self.substitutes))}
 
 
 def write_clip_scores(folder: Path, scores: ClipScores) -> Path:

@@ -36,6 +36,14 @@ UNMEASURED_MARK = "†"
 UNMEASURED_NOTE = (f"{UNMEASURED_MARK} random CLIP weights (a tiny randomly initialised open_clip model, params "
                    "`clip.<method>.random_init_config`): the CLIP pseudo-labels are noise, so the score is "
                    "meaningless, not a measurement of the method; left out of gap closed and Kendall tau.")
+# A run whose CLIP-based method ran on a substitute for one of its official inputs (class names, relation matrix,
+# text features; its history's clip_substitutes is above 0: params `clip.<method>.official_inputs.<name>.file` was
+# null): a measurement of the method with our stand-in for that input, not of the method as released. Marked.
+SUBSTITUTE_CLIP = "clip_substitutes"
+SUBSTITUTE_MARK = "‡"
+SUBSTITUTE_NOTE = (f"{SUBSTITUTE_MARK} ran on substitutes for official inputs (the method's class names, relation "
+                   "matrix or text features: params `clip.<method>.official_inputs.<name>.file` is null, so this "
+                   "project's stand-in was used; the run's data/clip/<dataset>/<method>/meta.json lists which).")
 
 
 # what a metrics.json value may be: mAPs are percentages, epochs count from 1 (a run selects one of its epochs)
@@ -108,30 +116,51 @@ def collect_runs(datasets: list[str], methods: list[str], seeds: list[int],
                 rows.append({key: metrics[key] for key in RUN_COLUMNS}
                             | {"torch": versions.get("torch") if isinstance(versions, dict) else None,
                                "threads": metrics.get("threads"), "allocator": metrics.get("allocator"),
-                               RANDOM_CLIP: random_clip_weights(path.parent / "history.csv")})
+                               RANDOM_CLIP: random_clip_weights(path.parent / "history.csv"),
+                               SUBSTITUTE_CLIP: clip_substitutes(path.parent / "history.csv")})
     return pd.DataFrame(rows)
+
+
+def _history_column(history: Path, column: str) -> pd.Series | None:
+    """A numeric column of a run's history.csv, or None (no file, no such column, unreadable)."""
+    if not history.is_file():
+        return None
+    try:
+        if column not in pd.read_csv(history, nrows=0).columns:
+            return None
+        return pd.to_numeric(pd.read_csv(history, usecols=[column])[column], errors="coerce")
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None  # a broken history is the diagnostics report's business, not the score's
 
 
 def random_clip_weights(history: Path) -> bool:
     """True when the run's history says its CLIP scores came from random weights (``clip_meaningful`` 0)."""
-    if not history.is_file():
-        return False
-    try:
-        columns = pd.read_csv(history, nrows=0).columns
-        if "clip_meaningful" not in columns:
-            return False
-        values = pd.read_csv(history, usecols=["clip_meaningful"]).clip_meaningful
-    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return False  # a broken history is the diagnostics report's business, not the score's
-    return bool((pd.to_numeric(values, errors="coerce") == 0).any())
+    values = _history_column(history, "clip_meaningful")
+    return values is not None and bool((values == 0).any())
+
+
+def clip_substitutes(history: Path) -> bool:
+    """True when the run's history says an official input of its CLIP method ran on a substitute
+    (``clip_substitutes`` above 0)."""
+    values = _history_column(history, "clip_substitutes")
+    return values is not None and bool((values > 0).any())
+
+
+def _flagged(runs: pd.DataFrame, dataset: str, column: str) -> set[str]:
+    if column not in runs:
+        return set()
+    flags = runs[column].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+    return set(runs[(runs.dataset == dataset) & flags].method.astype(str))
 
 
 def unmeasured(runs: pd.DataFrame, dataset: str) -> set[str]:
     """Methods with a run on ``dataset`` scored with random CLIP weights (see RANDOM_CLIP)."""
-    if RANDOM_CLIP not in runs:
-        return set()
-    flags = runs[RANDOM_CLIP].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
-    return set(runs[(runs.dataset == dataset) & flags].method.astype(str))
+    return _flagged(runs, dataset, RANDOM_CLIP)
+
+
+def on_substitutes(runs: pd.DataFrame, dataset: str) -> set[str]:
+    """Methods with a run on ``dataset`` whose CLIP method ran on a substitute official input (SUBSTITUTE_CLIP)."""
+    return _flagged(runs, dataset, SUBSTITUTE_CLIP)
 
 
 def _fmt(values: pd.Series) -> str:
@@ -154,11 +183,14 @@ def results_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]
                "recipe for every method, `original` = each method under its authors' published protocol)."), ""]
     header = "| method | " + " | ".join(datasets) + " | n |"
     marked = {d: unmeasured(runs, d) for d in datasets}
-    note = [UNMEASURED_NOTE, ""] if any(marked.values()) else []
+    substituted = {d: on_substitutes(runs, d) for d in datasets}
+    note = ([UNMEASURED_NOTE, ""] if any(marked.values()) else []) \
+        + ([SUBSTITUTE_NOTE, ""] if any(substituted.values()) else [])
 
     def cell(sub: pd.DataFrame, method: str, dataset: str, column: str) -> str:
         text = _fmt(sub[sub.dataset == dataset][column])
-        return f"{text} {UNMEASURED_MARK}" if method in marked[dataset] else text
+        marks = [UNMEASURED_MARK] * (method in marked[dataset]) + [SUBSTITUTE_MARK] * (method in substituted[dataset])
+        return f"{text} {''.join(marks)}" if marks else text
 
     for title, column in (("", "test_map"), ("Validation mAP (model selection):", "val_map")):
         lines += [title, ""] if title else []
@@ -189,6 +221,8 @@ def summary_metrics(runs: pd.DataFrame) -> dict[str, Any]:
             by_method[method]["gap_closed"] = _round(gap)
         for method in scores["unmeasured"]:  # random CLIP weights: not a measurement (RANDOM_CLIP)
             by_method[method][RANDOM_CLIP] = True
+        for method in on_substitutes(runs, dataset):  # official inputs replaced by ours (SUBSTITUTE_CLIP)
+            by_method[method][SUBSTITUTE_CLIP] = True
         # scalars next to the per-method dicts (a reader telling methods apart by "value is a dict" still can)
         by_method["an_full_ratio"] = _round(scores["an_full_ratio"])
         by_method["kendall_tau"] = _round(scores["kendall_tau"])
@@ -315,7 +349,8 @@ def dataset_scores(runs: pd.DataFrame, dataset: str) -> dict[str, Any]:
     return {"means": means, "an_full_ratio": an_full_ratio(means), "gap_closed": gaps, "mean_error": errors,
             "kendall_tau": tau, "kendall_methods": common, "kendall_interval": kendall_interval(runs, dataset, common),
             "paper": published.table2(dataset),
-            "paper_column": published.table2_column(dataset), "unmeasured": sorted(excluded)}
+            "paper_column": published.table2_column(dataset), "unmeasured": sorted(excluded),
+            "substitutes": sorted(on_substitutes(runs, dataset))}
 
 
 def _num(value: float | None, fmt: str, missing: str = "–") -> str:
@@ -377,11 +412,13 @@ def field_scores_markdown(runs: pd.DataFrame, methods: list[str], datasets: list
         order = [m for m in methods if m in scores["means"]] + [m for m in scores["means"] if m not in methods]
         for method in order:
             mark = f" {UNMEASURED_MARK}" if method in scores["unmeasured"] else ""
-            lines.append(f"| {method}{mark} | {scores['means'][method]:.2f}{mark} | "
+            sub = SUBSTITUTE_MARK if method in scores["substitutes"] else ""
+            lines.append(f"| {method}{mark}{sub} | {scores['means'][method]:.2f}{mark}{sub} | "
                          f"{_num(scores['mean_error'].get(method), '{:.2f}')} | "
                          f"{_num(scores['gap_closed'][method], '{:+.1f}', mark.strip())} | "
                          f"{_num(scores['paper'].get(method), '{:.2f}')} |")
         lines += ["", UNMEASURED_NOTE, ""] if scores["unmeasured"] else [""]
+        lines += [SUBSTITUTE_NOTE, ""] if scores["substitutes"] else []
     return lines
 
 

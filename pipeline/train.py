@@ -136,9 +136,43 @@ class RunConfig:
     # run's and the reference's length, and train / method_params then hold the mapped values
     reference: Reference
     timeline: dict[str, Any] | None = None
+    # a protocol that is a search (Cole et al.): the train values of each point, in the authors' order; the cell
+    # trains every point and keeps the one with the best val mAP (stages/train.py). None: one run
+    search: list[dict[str, Any]] | None = None
+    # SHA-256 of the cell's config as params.yaml resolves it (before the timeline maps its schedules and before a
+    # search picks a point): what metrics.json records and `aggregate` recomputes. Not part of to_dict()
+    cell_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["cell_sha256"]
+        if out["search"] is None:  # a single run's config (and resume fingerprint) is what it was before searches
+            del out["search"]
+        return out
+
+    def cell_config_sha256(self) -> str:
+        return self.cell_sha256 or config_sha256(self.to_dict())
+
+
+def search_points(search: Any, where: str) -> list[dict[str, Any]] | None:
+    """The points of a protocol's ``search``: a list of axes, each a mapping of train keys to equally long lists
+    of values (keys of one axis move together, e.g. batch_size and eval_batch_size); the points are the product
+    of the axes, the first axis outermost (Cole et al.'s loops: batch outer, lr inner). None: no search."""
+    if search is None:
+        return None
+    if not isinstance(search, list) or not search:
+        raise SpmlError(f"params {where}.search must be a list of axes (mappings of train keys to lists of values) "
+                        f"or null, got {search!r}")
+    points: list[dict[str, Any]] = [{}]
+    for axis in search:
+        lengths = {len(v) for v in axis.values() if isinstance(v, list)} if isinstance(axis, dict) else set()
+        if not isinstance(axis, dict) or not axis or len(lengths) != 1 or 0 in lengths \
+                or not all(isinstance(v, list) for v in axis.values()):
+            raise SpmlError(f"params {where}.search axis {axis!r} must map train keys to non-empty lists of the same "
+                            "length (keys of one axis move together)")
+        steps = [{key: values[i] for key, values in axis.items()} for i in range(lengths.pop())]
+        points = [{**point, **step} for point in points for step in steps]
+    return points
 
 
 PROTOCOLS = ("unified", "original")
@@ -173,12 +207,23 @@ def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: 
         raise SpmlError(f"params train.model must be one of {', '.join(model_names())}, got {chosen!r}")
     protocol, proto = protocol_block(params, method)
     values = deep_merge(scoped(train_section, dataset, chosen), scoped(proto, dataset, chosen))
-    train = parse_dataclass(TrainConfig, {**values, "model": model} if model else values, "train")
+    if model:
+        values["model"] = model
+    where = f"protocols.{protocol}.{method}"
+    search = search_points(values.pop("search", None), where)
+    train = parse_dataclass(TrainConfig, values, "train")
+    for i, point in enumerate(search or []):  # every point is a valid train config, checked before any training
+        if "model" in point:
+            raise SpmlError(f"params {where}.search may not vary the model; run each model as its own cell")
+        checked = parse_dataclass(TrainConfig, {**values, **point}, f"{where}.search point {point}")
+        search[i] = {key: getattr(checked, key) for key in point}
+    if search and train.two_stage:
+        raise SpmlError(f"params {where}: a search with two_stage true is not supported; set one of them off")
     model_kwargs = parse_model_params(train.model, (params.get("models") or {}).get(train.model))
     # each method reads its own block only (a train cell tracks only that block in dvc.yaml)
     method_params = scoped((params.get("method_params") or {}).get(method), dataset, train.model)
     run = RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), protocol, train, model_kwargs,
-                    method_params, schedule_reference(params, dataset, method, train.model))
+                    method_params, schedule_reference(params, dataset, method, train.model), search=search)
     if train.two_stage:
         stage1_config(run)  # a method without a stage 1 fails here, before any training
     return run
@@ -221,6 +266,7 @@ def apply_timeline(run: RunConfig, train_images: int) -> RunConfig:
     ``train_images``: rows of the run's training set. Applied once: a run that has its timeline is returned as is."""
     if run.timeline is not None:
         return run
+    cell = run.cell_config_sha256()
     cfg = run.train
     timeline = timeline_for(run.reference, cfg.epochs, steps_per_epoch(train_images, cfg.batch_size, cfg.drop_last),
                             train_images)
@@ -228,7 +274,7 @@ def apply_timeline(run: RunConfig, train_images: int) -> RunConfig:
     mapped = timeline.apply({key: getattr(cfg, key) for key in schedules}, schedules, "train")
     params = timeline.apply(run.method_params, get_method_class(run.method).schedules, f"method_params.{run.method}")
     return dataclasses.replace(run, train=dataclasses.replace(cfg, **mapped), method_params=params,
-                               timeline=timeline.describe())
+                               timeline=timeline.describe(), cell_sha256=cell)
 
 
 def training_rows(dataset: str) -> int:
@@ -236,6 +282,12 @@ def training_rows(dataset: str) -> int:
     from pipeline.tables import read_label_table
 
     return len(read_label_table(paths.label_table(dataset)).rows("train"))
+
+
+def search_config(run: RunConfig, point: dict[str, Any]) -> RunConfig:
+    """One point of a search: the run with the point's train values, as a single run."""
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, **point), search=None, timeline=None,
+                               model_kwargs=dict(run.model_kwargs), cell_sha256=run.cell_config_sha256())
 
 
 def stage1_config(run: RunConfig) -> RunConfig:
@@ -653,7 +705,7 @@ def run_metrics(run: RunConfig, data: RunData, state: Checkpoint, test: MapResul
     cfg = run.train
     return {
         "dataset": run.dataset, "method": run.method, "model": cfg.model, "seed": run.seed,
-        "config_sha256": config_sha256(run.to_dict()),  # what `aggregate` checks the run against its cell with
+        "config_sha256": run.cell_config_sha256(),  # what `aggregate` checks the run against its cell with
         "val_map": state.best.val_map, "test_map": test.map, "best_epoch": state.best.epoch,
         "epochs": cfg.epochs, "epochs_run": len(state.history), "protocol": run.protocol,
         "train_seconds": train_seconds,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
 from pipeline.runtime import checkpoint, distributed
-from pipeline.train import RUN_FILES, apply_timeline, fit, resolve_run_config, stage1_config, training_rows
+from pipeline.train import (RUN_FILES, RunConfig, apply_timeline, fit, resolve_run_config, search_config,
+                            stage1_config, training_rows)
 
 # config.json of a run holds these keys (pipeline.train.RunConfig); together with "only run files"
 # this is what marks a folder as ours
@@ -93,6 +95,70 @@ def check_resume_dir(resume_dir: Path) -> None:
                         f"({', '.join(foreign[:3])}); move them away or pass another --out")
 
 
+SEARCH_KEYS = ("val_map", "test_map", "best_epoch", "epochs_run")
+
+
+def best_point(results: list[dict[str, Any]]) -> int:
+    """The selected point of a search: the best val mAP, the first one on a tie (Cole et al. keep a later run only
+    if its val mAP is strictly higher)."""
+    best = 0
+    for i, result in enumerate(results):
+        if result["val_map"] > results[best]["val_map"]:
+            best = i
+    return best
+
+
+def run_search(run_cfg: RunConfig, target: Path, resume_dir: Path, resume: bool,
+               dist: distributed.DistContext) -> dict[str, Any]:
+    """A protocol that is a search, in one cell: every point trained as a full run, the one with the best val mAP
+    kept as the cell's run; its metrics.json lists every point (``search``) and which was selected.
+
+    Finished points wait in ``<resume>.search/<i>/`` (ours, removed at the end), so an interrupted search resumes
+    at the point it was in; a point whose config changed is trained again."""
+    folder = resume_dir.with_name(f"{resume_dir.name}.search")
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise SpmlError(f"search folder {folder} exists and is not a folder; move it away or pass another --out")
+    if folder.is_dir():
+        foreign = [e.name for e in folder.iterdir() if not (e.name.isdigit() and e.is_dir() and is_run_folder(e))]
+        if foreign:
+            raise SpmlError(f"search folder {folder} holds files that are not finished search points "
+                            f"({', '.join(sorted(foreign)[:3])}); move them away or pass another --out")
+        if not resume:
+            shutil.rmtree(folder)
+    results: list[dict[str, Any]] = []
+    rows = training_rows(run_cfg.dataset)
+    with contextlib.ExitStack() as stack:
+        for i, point in enumerate(run_cfg.search):
+            cfg = apply_timeline(search_config(run_cfg, point), rows)
+            done = folder / str(i)
+            if done.is_dir() and json.loads((done / "config.json").read_text()) == cfg.to_dict() \
+                    and (done / "metrics.json").is_file():
+                metrics = json.loads((done / "metrics.json").read_text())
+            else:
+                point_resume = resume_dir.with_name(f"{resume_dir.name}.search{i}")
+                check_resume_dir(point_resume)
+                if not resume:
+                    checkpoint.clear_resume(point_resume)
+                with contextlib.ExitStack() as out_stack:
+                    out = out_stack.enter_context(atomic_dir(done)) if dist.is_main \
+                        else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                    metrics = fit(cfg, out, point_resume, dist)
+            results.append({**point, **{k: metrics[k] for k in SEARCH_KEYS}})
+        best = best_point(results)
+        if dist.is_main:
+            with atomic_dir(target) as out:
+                for name in RUN_FILES:
+                    if (folder / str(best) / name).is_file():
+                        shutil.copy2(folder / str(best) / name, out / name)
+                metrics = json.loads((out / "metrics.json").read_text())
+                metrics.update(search=results, search_selected=best)
+                (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            shutil.rmtree(folder)
+        else:
+            metrics = {**results[best], "search": results, "search_selected": best}
+    return metrics
+
+
 def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.yaml"),
         out_dir: Path | None = None, resume: bool = True, weights: str | None = None) -> dict[str, Any]:
     """Train into ``out_dir`` (atomic). ``resume``: continue from the last epoch checkpoint of an
@@ -103,8 +169,10 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     run_cfg = resolve_run_config(params, dataset, method, seed)
     if weights is not None:
         run_cfg.model_kwargs["weights"] = weights
-    # the schedules mapped once, before stage 1 of a two-stage run takes its own params from them
-    run_cfg = apply_timeline(run_cfg, training_rows(dataset))
+    # the schedules mapped once, before stage 1 of a two-stage run takes its own params from them (a search maps
+    # each point's: its batch size sets its steps)
+    if not run_cfg.search:
+        run_cfg = apply_timeline(run_cfg, training_rows(dataset))
     target = out_dir or paths.run_dir(dataset, method, seed)
     check_out_dir(target, params_path)
     resume_dir = resume_dir_for(dataset, method, seed, out_dir)
@@ -113,6 +181,8 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
         checkpoint.clear_resume(resume_dir)
     dist = distributed.init_distributed(run_cfg.train.device)
     try:
+        if run_cfg.search:  # the protocol is a search (Cole et al.): every point, the best by val mAP kept
+            return run_search(run_cfg, target, resume_dir, resume, dist)
         with contextlib.ExitStack() as stack:
             init_model, stage1 = None, None
             if run_cfg.train.two_stage:  # a two-stage protocol: stage 1 first, in this cell

@@ -57,8 +57,18 @@ def test_gr_loss_matches_the_spec_worked_example():
     by_hand = 0.99145 * (0.11920 * (1 - 0.3 ** 0.01) / 0.01 + 0.88080 * 0.3)
     entry = losses.gr_unobserved(F_, k, v, 0.01, 1.0)[0, 1]
     assert entry.item() == pytest.approx(by_hand, abs=1e-4) and by_hand == pytest.approx(0.40342, abs=1e-4)
+
+    def entries(k, v):  # the doc's entry matrix: -log(f + 1e-7) on the observed positives, the GR term elsewhere
+        return torch.where(Y > 0, losses.gr_log_pos(F_), losses.gr_unobserved(F_, k, v, 0.01, 1.0))
+
+    assert torch.allclose(entries(k, v), torch.tensor([[0.22314, 0.40342, 0.38178], [0.34910, 0.58886, 0.10536]],
+                                                      dtype=D), atol=5e-6)
     loss, k, v = losses.gr_loss(LOGITS, Y, *losses.gr_schedule(8, 8, **GR_DEFAULTS), 0.01, 1.0)
     assert loss.item() == pytest.approx(0.23845, abs=5e-6)
+    # epoch 8's entries (the doc first printed 0.28318 / 0.13750 / 0.15087 / 0.53065; recomputed by hand from
+    # K = sigmoid(1.75 f - 2), V = exp(-(f - 0.8)^2 / 0.5), V (K (1 - f^0.01) / 0.01 + (1 - K) f))
+    assert torch.allclose(entries(k, v), torch.tensor([[0.22314, 0.28323, 0.13746], [0.15093, 0.53058, 0.10536]],
+                                                      dtype=D), atol=5e-6)
     # K = sigmoid(1.75 f - 2); the spec first printed 0.18624 and 0.13876 for (0, 1) and (1, 0), a slip in the
     # fourth decimal (sigmoid(-1.475) = 0.18618, sigmoid(-1.825) = 0.13883; the loss was right)
     assert torch.allclose(k, torch.tensor([[0.35434, 0.18618, 0.12870], [0.13883, 0.27888, 0.39532]], dtype=D),
@@ -229,6 +239,8 @@ def test_the_clip_path_end_to_end_with_a_tiny_random_clip(tiny_workspace):
         assert not np.array_equal(scores.global_cos[:, 0], scores.global_cos[:, 1])  # the flip is a view
         first[method] = scores
     assert scores.meta["text_gcn"] == "random" and scores.meta["prompt"] == "a photo of a {}."
+    # no official files for synthetic: each method's official inputs ran on the substitutes, recorded as such
+    assert first["vlpl"].substitutes == ["text_features"] and first["aevlp"].substitutes == ["class_names", "relation"]
     # the same params give the same table (seeded random weights, seeded GCN)
     assert runner.invoke(app, ["clip-scores", "synthetic", "aevlp", "--params", str(params)]).exit_code == 0
     again = read_clip_scores("synthetic", "aevlp", n, c)
@@ -247,6 +259,7 @@ def test_the_clip_path_end_to_end_with_a_tiny_random_clip(tiny_workspace):
         assert {"fn_flagged", "fn_precision", "fn_recall"} <= set(history.columns), method
         if method != "gr-loss":
             assert history.clip_meaningful.eq(0).all() and history.fn_flagged.gt(0).all()
+            assert history.clip_substitutes.eq(1 if method == "vlpl" else 2).all()
     assert "damp_negative_error" in pd.read_csv("runs/synthetic/aevlp/0/history.csv").columns
     grid = yaml.safe_load(params.read_text())
     grid["methods"] = ["an", "full", "gr-loss"]
@@ -255,11 +268,13 @@ def test_the_clip_path_end_to_end_with_a_tiny_random_clip(tiny_workspace):
     aggregate.run(write_params(tiny_workspace, grid), tiny_workspace / "reports")
     results = (tiny_workspace / "reports/results.md").read_text()
     assert "| vlpl |" in results and "| aevlp |" in results and "| gr-loss |" in results
-    assert results.count("| vlpl † |") == 1 and "† random CLIP weights" in results
+    assert results.count("| vlpl †‡ |") == 1 and "† random CLIP weights" in results
+    assert "| aevlp | " in results and " †‡ | 1 |" in results and "‡ ran on substitutes" in results
     assert "| gr-loss † |" not in results
     summary = json.loads((tiny_workspace / "reports/summary.json").read_text())["synthetic"]
     assert summary["vlpl"]["clip_random_weights"] and summary["aevlp"]["clip_random_weights"]
     assert "clip_random_weights" not in summary["gr-loss"] and summary["vlpl"]["gap_closed"] is None
+    assert summary["vlpl"]["clip_substitutes"] and "clip_substitutes" not in summary["gr-loss"]
     runs = pd.read_csv(tiny_workspace / "reports/runs.csv")
     assert dict(zip(runs.method, runs.clip_random_weights)) == {"an": False, "full": False, "gr-loss": False,
                                                                 "vlpl": True, "aevlp": True}

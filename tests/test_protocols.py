@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -23,7 +24,20 @@ FIELDS = ("epochs", "batch_size", "lr", "head_lr_mult", "optimizer", "weight_dec
 def _value(text: str):
     if text == "-":
         return None
+    if text.startswith("{"):  # a search over these values
+        return {_value(part.strip()) for part in text.strip("{}").split(",")}
     return yaml.safe_load(text if not text[0].isdigit() else str(float(text)) if "e" in text else text)
+
+
+# A checkable source: a file and its lines at a commit of a GitHub repository (owner/repo@commit:path#Lx-Ly),
+# a paper's section, table or figure, or a statement that there is none.
+REPO_REF = re.compile(r"`[\w.-]+/[\w.-]+@[0-9a-f]{7,40}:[^`\s#]+#L\d+(?:-L\d+)?`")
+PAPER_REF = re.compile(r"\bpaper\b[^|]*?(?:section|§|Table|Fig\.)\s*\d", re.IGNORECASE)
+NO_SOURCE = re.compile(r"no (?:checkable|external) source", re.IGNORECASE)
+
+
+def has_source(text: str) -> bool:
+    return bool(REPO_REF.search(text) or PAPER_REF.search(text) or NO_SOURCE.search(text))
 
 
 def protocol_table() -> list[dict]:
@@ -64,11 +78,16 @@ def test_every_paper_preset_row_resolves_to_the_documented_protocol(tmp_path, pr
                 actual = getattr(run.train, field)
                 if field == "early_stop_value" and expected is None:
                     continue  # the rule takes no value
+                if isinstance(expected, set):  # a search: the points' values of this field
+                    assert run.search, (method, dataset, field)
+                    values = sorted({point[field] for point in run.search})
+                    assert values == pytest.approx(sorted(float(v) for v in expected)), (method, dataset, field)
+                    continue
                 if isinstance(actual, float) or isinstance(expected, float):
                     assert actual == pytest.approx(float(expected)), (method, dataset, field)
                 else:
                     assert actual == expected, (method, dataset, field, actual, expected)
-            assert run.train.amp is False  # fp32 everywhere, as the official code
+            assert run.train.amp is False  # fp32 everywhere (Xie et al.'s scripts use AMP: docs/protocols.md)
             checked += 1
     assert checked == len(params["datasets"]) * len(params["methods"] + params["vl_methods"])
 
@@ -82,6 +101,36 @@ def test_every_method_has_an_original_protocol_and_a_docs_row():
     for name in method_names():
         assert name in params["protocols"]["original"], name  # every method has its own block
         assert name in documented, name
+
+
+def test_every_protocol_row_cites_a_checkable_source():
+    rows = protocol_table()
+    assert len(rows) >= 17
+    for row in rows:
+        assert has_source(row["source"]), f"docs/protocols.md row {row['methods']} / {row['dataset']} has no source " \
+                                          f"reference (owner/repo@commit:file#Lx-Ly, a paper section or table, or " \
+                                          f"'no checkable source'): {row['source']!r}"
+
+
+def test_the_source_check_fails_on_a_row_without_a_reference():
+    assert not has_source("Cole et al. 2021, `train.py`")  # a file without commit and line is not checkable
+    assert not has_source("Zhou et al. 2022")
+    assert not has_source("`Correr-Zhou/SPML-AckTheUnknown:main.py#L323`")  # no commit
+    assert has_source("`Correr-Zhou/SPML-AckTheUnknown@9f960bc:main.py#L323-L325`")
+    assert has_source("the IGNORE paper (ECCV 2024), section 4.1")
+    assert has_source("ASL has no protocol of its own (no checkable source)")
+
+
+def test_every_preset_source_line_is_checkable():
+    from pipeline.config import preset_names
+
+    for name in preset_names(REPO):
+        text = (REPO / "presets" / f"{name}.yaml").read_text()
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("# Source:"))
+        end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("#")), len(lines))
+        source = " ".join(line.lstrip("# ") for line in lines[start:end])  # the line and its continuation
+        assert has_source(source), f"presets/{name}.yaml: its # Source: line cites nothing checkable: {source!r}"
 
 
 def test_default_is_the_unified_protocol_in_fp32():
@@ -262,3 +311,67 @@ def test_reports_say_which_protocol_produced_a_table():
     assert "protocol" in RUN_COLUMNS  # the long runs table (reports/runs.csv) carries it per run
     text = results_markdown(runs, ["em"], ["voc2012"])
     assert "Training protocol: original" in text
+
+
+# ------------------------------------------------------------------------------------ Cole et al.'s search
+def test_cole_original_protocol_is_their_eight_point_search_batch_outer():
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    for method in ("an", "an-ls", "wan", "epr", "role", "full"):
+        run = resolve_run_config(params, "voc2012", method, 0)
+        assert [(p["batch_size"], p["eval_batch_size"], p["lr"]) for p in run.search] == [
+            (b, b, lr) for b in (8, 16) for lr in (1e-2, 1e-3, 1e-4, 1e-5)], method
+        assert run.to_dict()["search"] == run.search and run.train.drop_last and run.train.eval_drop_last
+    assert resolve_run_config(params, "voc2012", "em", 0).search is None
+    assert "search" not in resolve_run_config(params, "voc2012", "em", 0).to_dict()  # single runs: as before
+
+
+def test_the_selected_point_is_the_best_val_map_and_the_first_on_a_tie():
+    from stages.train import best_point
+
+    assert best_point([{"val_map": 50.0}, {"val_map": 52.0}, {"val_map": 51.0}]) == 1
+    assert best_point([{"val_map": 50.0}, {"val_map": 52.0}, {"val_map": 52.0}]) == 1  # strictly better only
+
+
+@pytest.mark.parametrize("search,fragment", [
+    ([], "search must be a list of axes"),
+    ([{"lr": [1.0e-3], "batch_size": [8, 16]}], "non-empty lists of the same length"),
+    ([{"lr": []}], "non-empty lists of the same length"),
+    ([{"lr": [-1.0]}], "lr must be > 0"),
+    ([{"no_such_key": [1]}], "unknown params"),
+])
+def test_bad_searches_are_one_line_errors(search, fragment):
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    params["protocols"]["original"]["an"] = {"default": {**params["protocols"]["original"]["an"]["default"],
+                                                         "search": search}}
+    with pytest.raises(SpmlError, match=fragment) as info:
+        resolve_run_config(params, "voc2012", "an", 0)
+    assert "\n" not in str(info.value)
+
+
+def test_an_under_the_original_protocol_runs_and_selects_over_the_grid(tiny_workspace):
+    """`protocol: original` for AN on the tiny data with a tiny grid (batch {8, 16} x lr {3e-3, 1e-7}, one
+    epoch): every point is a full run, the cell keeps the best val mAP, and its metrics list every point."""
+    from stages import train
+
+    params = yaml.safe_load((tiny_workspace / "params.yaml").read_text())
+    params["protocol"] = "original"
+    cole = params["protocols"]["original"]["an"]["default"]
+    cole.update(epochs=1, search=[{"batch_size": [8, 16], "eval_batch_size": [8, 16]}, {"lr": [3.0e-3, 1.0e-7]}])
+    (tiny_workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = train.run("synthetic", "an", 0)
+    points = metrics["search"]
+    assert [(p["batch_size"], p["lr"]) for p in points] == [(8, 3e-3), (8, 1e-7), (16, 3e-3), (16, 1e-7)]
+    vals = [p["val_map"] for p in points]
+    selected = metrics["search_selected"]
+    assert selected == vals.index(max(vals)) and metrics["val_map"] == max(vals)
+    assert metrics["test_map"] == points[selected]["test_map"] and metrics["protocol"] == "original"
+    assert len(set(vals)) > 1  # the points are different runs
+    config = json.loads((tiny_workspace / "runs/synthetic/an/0/config.json").read_text())
+    assert (config["train"]["batch_size"], config["train"]["lr"]) == (points[selected]["batch_size"],
+                                                                      points[selected]["lr"])
+    assert "search" not in config and config["train"]["drop_last"]  # the selected point's own run config
+    saved = json.loads((tiny_workspace / "runs/synthetic/an/0/metrics.json").read_text())
+    assert saved["search"] == points and saved["search_selected"] == selected
+    assert not list((tiny_workspace / "runs/.resume").rglob("*.search*"))  # nothing left behind

@@ -128,7 +128,7 @@ class AdaptiveVisionLanguagePseudoLabels(Method):
                             f"`spml clip-scores {ctx.dataset} {self.name}`")
         self.global_cos = torch.from_numpy(scores.global_cos).to(ctx.device)  # (N, 2, C)
         self.tile_cos = torch.from_numpy(scores.tile_cos).to(ctx.device)  # (N, G, 2, C)
-        self.meaningful = scores.meaningful
+        self.clip_diagnostics = scores.diagnostics()
         self.schedule = gr_schedule(1, ctx.epochs, p.k_weight, p.k_bias, p.v_mean, p.v_std)
 
     def on_epoch_start(self, epoch):
@@ -163,7 +163,7 @@ class AdaptiveVisionLanguagePseudoLabels(Method):
 
     def epoch_diagnostics(self):
         w, b, mu, sigma = self.schedule
-        return {"clip_meaningful": float(self.meaningful), "gr_w": w, "gr_b": b, "gr_mu": mu, "gr_sigma": sigma}
+        return {**self.clip_diagnostics, "gr_w": w, "gr_b": b, "gr_mu": mu, "gr_sigma": sigma}
 
     def describe(self):
         return {**super().describe(), "expected_positives_used": self.k, "vetoed_classes": self.vetoed}

@@ -66,7 +66,7 @@ class VisionLanguagePseudoLabels(Method):
         super().__init__(params, ctx)
         scores = read_clip_scores(ctx.dataset, self.name, ctx.num_train, ctx.num_classes)
         self.global_cos = torch.from_numpy(scores.global_cos).to(ctx.device)  # (N, 2, C)
-        self.meaningful = scores.meaningful
+        self.clip_diagnostics = scores.diagnostics()
 
     def training_step(self, model, batch, epoch):
         logits = model(batch.image).logits
@@ -82,4 +82,4 @@ class VisionLanguagePseudoLabels(Method):
         return StepOutput(loss, {"pseudo_positives_per_image": pseudo.float().sum(dim=1).mean()}, flagged=pseudo)
 
     def epoch_diagnostics(self):
-        return {"clip_meaningful": float(self.meaningful)}
+        return dict(self.clip_diagnostics)
