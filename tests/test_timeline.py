@@ -130,21 +130,22 @@ def test_every_schedule_param_passes_through_the_rule(method):
 
 
 def test_the_loops_own_schedules_pass_through_the_rule():
-    """plc under `protocol: original` on synthetic: 40 epochs as on VOC, but 100 steps of 32 against VOC's 143,
-    so the per-step weight EMA gets 0.9997 ** (143 / 100); the patience (8 epochs) keeps its epochs."""
+    """plc under `protocol: original` on synthetic: 40 epochs as on VOC, but 100 steps of 32 against VOC's
+    4574 // 32 = 142 (their loader drops the last batch), so the per-step weight EMA gets 0.9997 ** (142 / 100);
+    the patience (8 epochs) keeps its epochs."""
     p = params()
     p["protocol"] = "original"
     run = resolve_run_config(p, "synthetic", "plc", 0)
-    assert run.train.epochs == 40 and run.train.early_stop == "patience"
+    assert run.train.epochs == 40 and run.train.early_stop == "patience" and run.train.drop_last
     mapped = apply_timeline(run, 3200)
-    assert mapped.train.weight_ema == pytest.approx(0.9997 ** (40 * 143 / (40 * 100)))
+    assert mapped.train.weight_ema == pytest.approx(0.9997 ** (40 * 142 / (40 * 100)), rel=1e-12)
     assert mapped.train.early_stop_value == 8.0
     # the same under the unified protocol's 6 epochs: patience 8 of 40 -> 1.2 -> 1
     p["protocol"] = "unified"
     p["train"]["default"].update(early_stop="patience", early_stop_value=8.0, weight_ema=0.9997)
     mapped = apply_timeline(resolve_run_config(p, "synthetic", "plc", 0), 3200)
     assert mapped.train.early_stop_value == 1.0
-    assert mapped.train.weight_ema == pytest.approx(0.9997 ** (40 * 143 / (6 * 100)))
+    assert mapped.train.weight_ema == pytest.approx(0.9997 ** (40 * 142 / (6 * 100)), rel=1e-12)
 
 
 def test_real_dataset_reference_is_the_dataset_itself():
