@@ -123,7 +123,7 @@ def test_bench_resolves_each_method_as_train_does():
 def test_bench_refuses_methods_whose_protocols_disagree_on_the_batch():
     params = load_params(REPO / "params.yaml")
     params["protocol"] = "original"
-    with pytest.raises(SpmlError, match=r"train.batch_size \(an 8, ll-r 16\); pass --batch-size"):
+    with pytest.raises(SpmlError, match=r"train.batch_size \(an 8, ll-r 16\) under protocol original; pass --batch-size"):
         bench.bench_configs(params, "synthetic", ["an", "ll-r"], 0)  # an: the first point of Cole's search
     runs = bench.bench_configs(params, "synthetic", ["an", "ll-r"], 0, overrides={"batch_size": 8})
     assert {run.train.batch_size for run in runs} == {8} and runs[0].search is None and runs[0].train.lr == 1e-2
