@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -244,20 +245,22 @@ def test_p14_import_npy_refuses_repeated_images(workspace, tmp_path, train, val,
     ("duplicate-id", "gives 1 image ids more than once"),
 ])
 def test_p14_label_table_refuses_leaks(tiny_workspace, leak, fragment):
-    table = read_label_table("data/prepared/synthetic.parquet")
-    train, test = table.rows("train"), table.rows("test")
-    if leak == "duplicate-id":
-        table.image_id[train[1]] = table.image_id[train[0]]
-    else:
-        table.path[test[:10]] = table.path[train[:10]]
-        if leak == "copy-train-rows-to-test":
-            table.image_id[test[:10]] = table.image_id[train[:10]]
-    tables.write_table("data/prepared/synthetic.parquet", table, "labels")  # as a foreign writer could
+    # the same rows changed in the prepared and the sampled table, as a foreign writer of both could
+    for name, column in (("sampled", "observed"), ("prepared", "labels")):
+        table = tables.read_table(f"data/{name}/synthetic.parquet", column, "table", "")
+        train, test = table.rows("train"), table.rows("test")
+        if leak == "duplicate-id":
+            table.image_id[train[1]] = table.image_id[train[0]]
+        else:
+            table.path[test[:10]] = table.path[train[:10]]
+            if leak == "copy-train-rows-to-test":
+                table.image_id[test[:10]] = table.image_id[train[:10]]
+        tables.write_table(f"data/{name}/synthetic.parquet", table, column)
     for stage in (("train", "synthetic", "an"), ("sample", "synthetic")):
         assert_one_line_error(invoke(*stage), "label table data/prepared/synthetic.parquet", fragment)
     assert not Path("runs").exists()
-    with pytest.raises(SpmlError, match="label table of synthetic"):  # and prepare's writer refuses it too
-        tables.write_label_table(Path("x.parquet"), table)
+    with pytest.raises(SpmlError, match=re.escape(f"label table of synthetic {fragment}")):  # prepare's writer too
+        tables.write_label_table(Path("x.parquet"), table)  # the prepared table (the loop's last)
 
 
 # ---------------------------------------------------------------------------------------------------- p15
