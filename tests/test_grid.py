@@ -506,14 +506,15 @@ def test_grid_resources_refusals_and_resume_on_a_real_slurm_cluster(slurm, tmp_p
     sub = _submission(repo)
     record = sub["cells"]["train@synthetic-an-0"]
     resume = Path(grid.GRID_DIR, "resume", record["key"], "synthetic/an/0/last.pt")
-    _wait_until(lambda: (repo / resume).exists(), 300, "the first epoch's resume checkpoint")
+    # generous limits: on a loaded machine a job's clone, pull and torch import take minutes
+    _wait_until(lambda: (repo / resume).exists(), 1200, "the first epoch's resume checkpoint")
     subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, env={**os.environ, **slurm.env})
-    _wait_until(lambda: (read_state(sub["folder"], "train@synthetic-an-0") or {}).get("state") == "requeued", 60,
+    _wait_until(lambda: (read_state(sub["folder"], "train@synthetic-an-0") or {}).get("state") == "requeued", 300,
                 "the job to checkpoint and requeue itself")
     # Slurm holds a requeued job for two minutes (its BeginTime); the test does not wait for that
     _wait_until(lambda: subprocess.run(["scontrol", "update", f"JobId={record['job_id']}", "StartTime=now"],
                                        env={**os.environ, **slurm.env}, capture_output=True).returncode == 0,
-                30, "the requeued job to be pending")
+                300, "the requeued job to be pending")
     states = _settle(repo, ["train@synthetic-an-0", "train@synthetic-full-0"])
     assert all(s.state == "done" for s in states.values()), states
 
