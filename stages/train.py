@@ -169,16 +169,16 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     run_cfg = resolve_run_config(params, dataset, method, seed)
     if weights is not None:
         run_cfg.model_kwargs["weights"] = weights
-    # the schedules mapped once, before stage 1 of a two-stage run takes its own params from them (a search maps
-    # each point's: its batch size sets its steps)
-    if not run_cfg.search:
-        run_cfg = apply_timeline(run_cfg, training_rows(dataset))
     target = out_dir or paths.run_dir(dataset, method, seed)
     check_out_dir(target, params_path)
     resume_dir = resume_dir_for(dataset, method, seed, out_dir)
     check_resume_dir(resume_dir)
     if not resume:
         checkpoint.clear_resume(resume_dir)
+    # the schedules mapped once, before stage 1 of a two-stage run takes its own params from them (a search maps
+    # each point's: its batch size sets its steps)
+    if not run_cfg.search:
+        run_cfg = apply_timeline(run_cfg, training_rows(dataset))
     dist = distributed.init_distributed(run_cfg.train.device)
     try:
         if run_cfg.search:  # the protocol is a search (Cole et al.): every point, the best by val mAP kept
