@@ -21,13 +21,13 @@ last epoch of the configured run, past any warm-up, so methods that reject after
 
 Host memory: like ``spml train``, the bench runs with a caching allocator (jemalloc, else tcmalloc) when
 one is installed, preloaded by the ``spml`` command's re-exec (``runtime.host.preload_allocator``; params
-``train.host_allocator``), else with glibc's malloc made to keep freed memory for reuse
-(``runtime.host.cache_host_memory``; params ``train.host_malloc_cache``). ``--host-malloc`` picks one:
+``runtime.host_allocator``), else with glibc's malloc made to keep freed memory for reuse
+(``runtime.host.cache_host_memory``; params ``runtime.host_malloc_cache``). ``--host-malloc`` picks one:
 jemalloc, tcmalloc, cache (glibc keeping blocks up to 32 MiB), system (glibc's default, which page-faults each
 step's activations in again; it costs IGNORE, with its larger working set, relatively more than AN). The
 header line says which one ran (``host_malloc=``).
 
-``--compile`` compiles each model (``train.compile``); its compilation happens in the untimed warm-up steps
+``--compile`` compiles each model (``runtime.compile``); its compilation happens in the untimed warm-up steps
 (at least 2 then), whose total time the header reports as ``warmup_s``.
 
 ``--loader`` times the input pipeline instead of the step (:func:`run_loader_bench`): the training loader
@@ -68,17 +68,8 @@ from pipeline.methods import Batch, MethodContext, get_method_class
 from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels
 from pipeline.runtime.distributed import DistContext
 from pipeline.runtime.host import THREADS_ENV, host_memory, usable_cpus
-from pipeline.train import (
-    MIN_IMAGE_SIZE,
-    RunConfig,
-    Training,
-    build_normalizer,
-    build_training,
-    resolve_run_config,
-    search_config,
-    setup_process,
-    train_step,
-)
+from pipeline.run_config import MIN_IMAGE_SIZE, RunConfig, RuntimeConfig, resolve_run_config, search_config
+from pipeline.train import Training, build_normalizer, build_training, setup_process, train_step
 
 if TYPE_CHECKING:
     from pipeline.tables import LabelTable
@@ -192,7 +183,11 @@ def bench_configs(params: dict[str, Any], dataset: str, methods: list[str], seed
         run = resolve_run_config(params, dataset, method, seed, model)
         if run.search:  # a protocol that is a search (Cole et al.) trains its points alike: time the first
             run = search_config(run, run.search[0])
-        run.train = dataclasses.replace(run.train, **(overrides or {}))
+        # each option replaces the value of the block it belongs to: runtime (threads, device...) or train
+        runtime_keys = {f.name for f in dataclasses.fields(RuntimeConfig)}
+        given = overrides or {}
+        run.train = dataclasses.replace(run.train, **{k: v for k, v in given.items() if k not in runtime_keys})
+        run.runtime = dataclasses.replace(run.runtime, **{k: v for k, v in given.items() if k in runtime_keys})
         run.model_kwargs.update(model_kwargs or {})
         if weights is not None:
             run.model_kwargs["weights"] = weights
@@ -200,10 +195,11 @@ def bench_configs(params: dict[str, Any], dataset: str, methods: list[str], seed
             run.model_kwargs["weights"] = "none"
         runs.append(run)
     for key, option in SHARED_SETTINGS.items():  # protocol: original may give each method its own
-        values = {run.method: getattr(run.train, key) for run in runs}
+        block = "runtime" if hasattr(runs[0].runtime, key) else "train"
+        values = {run.method: getattr(getattr(run, block), key) for run in runs}
         if len(set(values.values())) > 1:
             listed = ", ".join(f"{method} {value}" for method, value in values.items())
-            raise SpmlError(f"the methods train with different train.{key} ({listed}) under protocol "
+            raise SpmlError(f"the methods train with different {block}.{key} ({listed}) under protocol "
                             f"{runs[0].protocol}; pass {option} to bench them alike")
     return runs
 
@@ -260,11 +256,11 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
     if prepare:
         dataset, overrides = prepare, {**overrides, "image_size": PREPARED_IMAGE_SIZE}
     runs = bench_configs(load_params(params_path), dataset, methods, seed, model, overrides, model_kwargs, weights)
-    cfg = runs[0].train  # what every method shares (bench_configs checked)
-    device = setup_process(cfg, DistContext())
+    cfg, rt = runs[0].train, runs[0].runtime  # what every method shares (bench_configs checked)
+    device = setup_process(cfg, rt, DistContext())
     # asked again only to report it: the call is idempotent and says what runs
-    malloc_used = host_memory(cfg.host_allocator, cfg.host_malloc_cache).label
-    if cfg.compile:
+    malloc_used = host_memory(rt.host_allocator, rt.host_malloc_cache).label
+    if rt.compile:
         warmup = max(warmup, COMPILE_WARMUP)
     torch.manual_seed(seed)
     if prepare:
@@ -287,7 +283,7 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
                             device=device)
         torch.manual_seed(seed)  # each method's model starts from the same draws (methods that draw none)
         training = build_training(run, ctx)
-        normalize = build_normalizer(run.train, device)
+        normalize = build_normalizer(run.train, device, run.runtime.channels_last)
         key = (normalize.imagenet, label_source)
         if key not in batches:
             batches[key] = _batches(data, cfg.batch_size, normalize, strong, seed, label_source)
@@ -344,9 +340,9 @@ def run_bench(methods: list[str], params_path: Path = Path("params.yaml"), datas
     amp = runners[0].training.amp
     header = {"model": cfg.model, "image_size": cfg.image_size, "batch": cfg.batch_size, "steps": steps,
               "device": _device_name(device), "amp": str(amp).replace("torch.", "") if amp else "off",
-              "channels_last": cfg.channels_last, "host_malloc": malloc_used, "torch": torch.__version__,
+              "channels_last": rt.channels_last, "host_malloc": malloc_used, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
-    if cfg.compile:
+    if rt.compile:
         header.update(compile="on", warmup_s=f"{warmup_s:.1f}")
     return [results[name] for name in methods], header
 
@@ -413,12 +409,12 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
     if steps < 1 or warmup < 0 or overrides.get("batch_size", 1) < 1 or overrides.get("num_workers", 0) < 0:
         raise SpmlError("--steps must be >= 1, --warmup >= 0, --batch-size >= 1 and --workers >= 0")
     runs = bench_configs(load_params(params_path), dataset, methods, seed, None, overrides)
-    cfg = runs[0].train
-    warmup = max(warmup, cfg.num_workers)  # every worker's first batch (its start) is left out
-    device = setup_process(cfg, DistContext())
+    cfg, rt = runs[0].train, runs[0].runtime
+    warmup = max(warmup, rt.num_workers)  # every worker's first batch (its start) is left out
+    device = setup_process(cfg, rt, DistContext())
     strong = any(get_method_class(run.method).needs_strong_view for run in runs)
     data = random_data(cfg.batch_size * LOADER_ROWS_PER_BATCH, num_classes, cfg.image_size, seed)
-    normalize = build_normalizer(cfg, device)
+    normalize = build_normalizer(cfg, device, rt.channels_last)
     times = []
     with tempfile.TemporaryDirectory(prefix="spml-bench-loader-") as tmp:
         path = Path(tmp) / "images.npy"
@@ -427,7 +423,7 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
                          augment=cfg.augment, augment_on=cfg.augment_on)
         sampler = EpochSampler(len(train), seed)
         loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed),
-                            **loader_settings(cfg, device))
+                            **loader_settings(rt, device))
 
         def sync() -> None:
             if device.type == "cuda":
@@ -448,7 +444,7 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
                     break
             del batch
         del loader  # its workers exit before the temporary file goes
-    header = {"loader": "train", "image_size": cfg.image_size, "batch": cfg.batch_size, "workers": cfg.num_workers,
+    header = {"loader": "train", "image_size": cfg.image_size, "batch": cfg.batch_size, "workers": rt.num_workers,
               "device": _device_name(device), "augment_on": cfg.augment_on,
               "views": "weak+strong" if strong else "weak", "batches": steps, "threads": torch.get_num_threads()}
     return LoaderResult(cfg.augment_on, times, cfg.batch_size), header
@@ -466,8 +462,8 @@ def format_loader(result: LoaderResult, header: dict[str, Any]) -> str:
 # evaluation count as they do in a grid of cells. A bench setting, deep-merged over the given params.yaml.
 PARALLEL_WORKLOAD: dict[str, Any] = {
     "data": {"synthetic": {"num_train": 160, "num_test": 40, "image_size": 32, "seed": 0}},
-    "train": {"default": {"model": "smallcnn", "epochs": 2, "batch_size": 16, "image_size": 32, "num_workers": 0,
-                          "threads": None}},
+    "train": {"default": {"model": "smallcnn", "epochs": 2, "batch_size": 16, "image_size": 32}},
+    "runtime": {"num_workers": 0, "threads": None},
     "models": {"smallcnn": {"width": 8}},
 }
 

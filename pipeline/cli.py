@@ -210,19 +210,27 @@ def config(dataset: DatasetArg,
            preset: Annotated[list[str] | None, typer.Option(
                help="presets/NAME.yaml composed over params.yaml, as `dvc exp run -S +presets=NAME` does "
                     "(repeatable)")] = None,
+           all_unread: Annotated[bool, typer.Option(
+               "--all-unread", help="warn about every params key no cell of the grid reads, the repository's own "
+                                    "defaults included (default: only the keys the presets change)")] = False,
            params: ParamsOption = Path("params.yaml")):
     """Print the fully resolved run configuration as JSON (what `spml train` records in config.json).
 
-    With the dataset prepared, the schedules are shown mapped to the run (the timeline rule); before, as set."""
+    With the dataset prepared, the schedules are shown mapped to the run (the timeline rule); before, as set.
+    Keys that no cell of the grid reads (a more specific block always overrides them) are named on stderr."""
     import json
 
     from pipeline import paths
     from pipeline.config import compose_params, load_params
-    from pipeline.train import apply_timeline, resolve_run_config, training_rows
+    from pipeline.run_config import apply_timeline, resolve_run_config, training_rows
+    from pipeline.unread import committed_params, warn_unread, without_preset_keys
 
     def resolve():
         loaded = compose_params(params, [f"+presets={name}" for name in preset]) if preset else load_params(params)
         run = resolve_run_config(loaded, dataset, method, seed)
+        base = None if all_unread else committed_params(params) if not preset else \
+            without_preset_keys(load_params(params), Path(params).parent, preset)
+        warn_unread(loaded, lambda line: typer.echo(line, err=True), base)
         return apply_timeline(run, training_rows(dataset)) if paths.label_table(dataset).exists() else run
 
     run = _run(resolve)
@@ -256,31 +264,31 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
               help="training batch size (default: params train.batch_size)")] = None,
           steps: Annotated[int, typer.Option(help="timed steps per method")] = 20,
           warmup: Annotated[int, typer.Option(help="untimed steps per method first")] = 3,
-          device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (default: params train.device)")] = None,
+          device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (default: params runtime.device)")] = None,
           num_classes: Annotated[int, typer.Option(help="classes of the random bench data")] = 20,
           dataset: Annotated[str, typer.Option(help="dataset whose params blocks apply")] = "synthetic",
           prepare: Annotated[str | None, typer.Option(
               help="DATASET: bench on pipeline.bench_prepare.run(DATASET) data instead of random data")] = None,
           threads: Annotated[int | None, typer.Option(
-              help="torch intra-op threads (default: params train.threads; $SPML_THREADS wins, as in spml train)")] = None,
+              help="torch intra-op threads (default: params runtime.threads; $SPML_THREADS wins, as in spml train)")] = None,
           amp: Annotated[bool | None, typer.Option(
               "--amp/--no-amp", help="autocast in params train.amp_dtype (default: params train.amp)")] = None,
           channels_last: Annotated[bool | None, typer.Option(
-              "--channels-last/--no-channels-last", help="NHWC model and batches (default: params train.channels_last)")] = None,
+              "--channels-last/--no-channels-last", help="NHWC model and batches (default: params runtime.channels_last)")] = None,
           weights: Annotated[str | None, typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
           model_kwargs: Annotated[str | None, typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
           host_malloc: Annotated[str | None, typer.Option(
               help="jemalloc or tcmalloc: that library preloaded (the spml command re-executes itself); cache: "
                    "glibc malloc keeping freed memory; system: glibc's default. Default: params "
-                   "train.host_allocator and train.host_malloc_cache ($SPML_ALLOCATOR wins, as in spml train)")] = None,
+                   "runtime.host_allocator and runtime.host_malloc_cache ($SPML_ALLOCATOR wins, as in spml train)")] = None,
           compile_model: Annotated[bool | None, typer.Option(
               "--compile/--no-compile", help="torch.compile each model; compiling happens in the untimed warm-up "
-                                              "(default: params train.compile)")] = None,
+                                              "(default: params runtime.compile)")] = None,
           loader: Annotated[bool, typer.Option(
               "--loader", help="instead, time the training input pipeline (loader, views, normalisation on the "
                                "device): images/s delivered")] = False,
           workers: Annotated[int | None, typer.Option(
-              help="--loader: loader worker processes (default: params train.num_workers)")] = None,
+              help="--loader: loader worker processes (default: params runtime.num_workers)")] = None,
           augment_on: Annotated[str | None, typer.Option(
               help="--loader: where the views are made, loader or device (default: params train.augment_on)")] = None,
           parallel: Annotated[int | None, typer.Option(

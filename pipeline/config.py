@@ -3,7 +3,7 @@
 Every value the pipeline reads lives in ``params.yaml``; the dataclasses that parse it carry no defaults
 (tests/test_config.py checks that), so a missing key is an error naming it, never a silent second value.
 
-Scoped sections (``train``, ``protocols.<protocol>.<method>``, ``method_params.<method>``) hold a ``default``
+Scoped sections (``train``, ``method_params.<method>`` and its ``original`` protocol) hold a ``default``
 block and optional blocks keyed by a model name, a dataset name, or ``dataset/model``. They are merged in
 that order, so the most specific wins::
 
@@ -67,6 +67,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise SpmlError(f"params file {path}: {exc}") from None
     if not isinstance(params, dict):
         raise SpmlError(f"params file {path} must hold a mapping at the top level")
+    if "protocols" in params:  # the layout before each method's protocol moved into its own block
+        raise SpmlError(f"params file {path}: `protocols` is gone; move protocols.original.<method> to "
+                        "method_params.<method>.original (docs/protocols.md)")
     check_blocks(params, BLOCKS)
     return params
 
@@ -107,7 +110,7 @@ def strict_loader() -> type:
 # where one of them belongs would otherwise reach the code as an AttributeError.
 BLOCKS: dict[str, Any] = {
     "pretrain": {"*": None}, "data": {"*": None}, "split": None, "sample": None, "train": {"*": None},
-    "protocols": {"*": {"*": {"*": None}}}, "models": {"*": None}, "method_params": {"*": {"*": None}},
+    "runtime": None, "models": {"*": None}, "method_params": {"*": {"original": {"*": None}, "*": None}},
     "clip": {"*": {"*": None}},
 }
 

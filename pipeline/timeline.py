@@ -15,7 +15,7 @@ so a warm-up of 3 of IGNORE's 25 epochs is 1 of 6, LL's rejection reaches the sh
 reaches on its 10, and an EMA's horizon spans the same share of all steps. Under the method's own protocol on
 its own dataset E = E_ref and S = S_ref, and the rule is the identity: the paper's values run as published.
 
-The reference: ``protocols.original.<method>`` (its epochs, batch size and drop_last), on the run's dataset,
+The reference: ``method_params.<method>.original`` (its epochs, batch size and drop_last), on the run's dataset,
 or for an embedded set on the real dataset it stands for (params ``timeline.<dataset>``: VOC for ``synthetic``,
 CUB for ``synthetic-dense``, with that dataset's training-image count). A method without an ``original`` block
 has no reference, and its values run as written.
@@ -42,7 +42,7 @@ UNITS: tuple[str, ...] = ("epochs", "per_epoch", "step_decay", "progress")
 class Reference:
     """The protocol a method's schedules were published for (from params, before the run's data is read)."""
 
-    source: str  # where it comes from, for config.json: "protocols.original.ignore on voc2012" or "none: ..."
+    source: str  # where it comes from, for config.json: "method_params.ignore.original on voc2012" or "none: ..."
     epochs: int | None  # None: no reference, the schedules run as written
     batch_size: int | None
     drop_last: bool

@@ -19,14 +19,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline import __version__, paths
-from pipeline.config import Range, config_sha256, deep_merge, derive_seed, parse_dataclass, scoped
+from pipeline.config import derive_seed
 from pipeline.data import (
     EvalSet,
     ImageArray,
@@ -40,13 +40,13 @@ from pipeline.data import (
 from pipeline.errors import SpmlError
 from pipeline.methods import Batch, Method, MethodContext, StepOutput, build_method, get_method_class
 from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, score_step
-from pipeline.models import build_model, model_names, parse_model_params, weight_files
+from pipeline.models import build_model, weight_files
 from pipeline.progress import progress_bar
 from pipeline.runtime.checkpoint import Best, Checkpoint, clear_resume, run_fingerprint, save_file
 from pipeline.runtime.distributed import DistContext, EpochSampler, broadcast_buffers, gather_arrays
 from pipeline.runtime.host import announcing, host_memory, running_allocator, torch_threads
 from pipeline.runtime.optim import WeightEMA, amp_dtype, autocast, build_scheduler
-from pipeline.timeline import Reference, steps_per_epoch, timeline_for
+from pipeline.run_config import RunConfig, RuntimeConfig, TrainConfig, apply_timeline
 
 # pipeline.tables (pyarrow) and pipeline.metrics (scikit-learn) are imported where they are used: `spml bench`
 # builds through this module on GPU machines that have torch but neither of those (docs/bench-gpu.md)
@@ -54,251 +54,7 @@ if TYPE_CHECKING:
     from pipeline.metrics import MapResult
     from pipeline.tables import LabelTable
 
-# The smallest input: every trunk downsamples by 8 or more, and a CAM needs at least 2x2 maps (smallcnn).
-MIN_IMAGE_SIZE = 16
 RUN_FILES = ("metrics.json", "config.json", "history.csv", "best.pt")  # what fit writes into a run folder
-
-
-@dataclass
-class TrainConfig:
-    """``params.yaml: train`` (scoped by dataset and model, see :mod:`pipeline.config`).
-
-    No defaults here: params.yaml holds every value, and a missing key is an error naming it.
-    """
-
-    model: str
-    epochs: Annotated[int, Range(ge=1)]
-    batch_size: Annotated[int, Range(ge=1)]
-    eval_batch_size: Annotated[int, Range(ge=1)]
-    lr: Annotated[float, Range(gt=0)]
-    head_lr_mult: Annotated[float, Range(ge=0)]  # the 1x1-conv / linear head's lr is lr * head_lr_mult
-    weight_decay: Annotated[float, Range(ge=0)]
-    optimizer: Literal["adam", "adamw"]
-    image_size: Annotated[int, Range(ge=MIN_IMAGE_SIZE)]
-    num_workers: Annotated[int, Range(ge=0)]
-    device: str  # auto: cuda if available, else cpu
-    strong_num_ops: Annotated[int, Range(ge=0)]  # RandAugment of the strong view
-    strong_magnitude: Annotated[int, Range(ge=0, le=30)]  # RandAugment's 31 magnitude bins: 0..30
-    # where the flips and the strong view's RandAugment run: loader (per sample, in the loader's processes) |
-    # device (batched on the training device, pipeline.augment.DeviceAugment); augment: lac's views stay in the loader
-    augment_on: Literal["loader", "device"]
-    deterministic: bool  # torch deterministic algorithms (CPU metrics are then reproducible)
-    # which malloc serves host memory: auto (jemalloc, else tcmalloc, else glibc) | jemalloc | tcmalloc | glibc;
-    # the CLI preloads the library by a re-exec (runtime.host.preload_allocator); $SPML_ALLOCATOR wins
-    host_allocator: Literal["auto", "jemalloc", "tcmalloc", "glibc"]
-    host_malloc_cache: bool  # where glibc's malloc runs: keep freed memory for reuse (runtime.host.cache_host_memory)
-    threads: Annotated[int, Range(ge=1)] | None  # torch intra-op threads; None: runtime.host.torch_threads decides
-    # a step loss above this (or any non-finite one) stops the run as diverged; None: only non-finite losses
-    max_loss: Annotated[float, Range(gt=0)] | None
-    # GPU path (see pipeline/runtime/); all of it is ignored or a no-op on CPU
-    amp: bool  # mixed precision, opt-in (see runtime.optim.amp_dtype)
-    amp_dtype: Literal["auto", "bf16", "fp16"]  # auto: bf16 where supported, else fp16 + GradScaler
-    channels_last: bool
-    cudnn_benchmark: bool
-    compile: bool  # torch.compile the model (its first steps compile it: slower start, faster steps on a GPU)
-    sync_bn: bool  # DDP: BatchNorm statistics over all ranks' samples (the global batch)
-    scheduler: Literal["none", "onecycle"]  # onecycle: OneCycleLR (max_lr = lr), stepped every iteration
-    onecycle_pct_start: Annotated[float, Range(gt=0, lt=1)]
-    # protocol knobs (params `protocols`: each method's authors' published training protocol)
-    drop_last: bool  # drop the last partial training batch
-    eval_drop_last: bool  # also drop the last partial val/test batch (Cole et al.'s loaders)
-    # none | no_improvement: stop after the first epoch whose val mAP is not a new best (Zhou et al.) |
-    # drop: stop once val mAP falls more than early_stop_value points below the best (Kim et al.) |
-    # patience: stop once early_stop_value epochs passed without a new best (Xie et al.)
-    early_stop: Literal["none", "no_improvement", "drop", "patience"]
-    early_stop_value: Annotated[float, Range(ge=0)]
-    weight_ema: Annotated[float, Range(gt=0, lt=1)] | None  # decay of an every-step EMA of the weights
-    augment: Literal["standard", "lac"]  # lac: Xie et al.'s views, no ImageNet normalisation
-    # two stages in one cell: the method first trains in its stage-1 form (Method.stage1_params, e.g.
-    # PLC+LAC without LAC), then again from stage 1's best model with fresh optimiser, schedule and EMA
-    two_stage: bool
-
-
-@dataclass
-class TimelineParams:
-    """``params.yaml: timeline.<dataset>``: the real dataset an embedded one stands for (pipeline/timeline.py)."""
-
-    reference: str  # a dataset name: whose protocols.original blocks the schedules were set for
-    train_images: Annotated[int, Range(ge=1)]  # its training images (the community's 80 % of official train)
-
-
-@dataclass
-class RunConfig:
-    dataset: str
-    method: str
-    seed: int
-    run_seed: int
-    protocol: str
-    train: TrainConfig
-    model_kwargs: dict[str, Any]
-    method_params: dict[str, Any]
-    # the protocol the method's schedules were set for; `timeline` (None until apply_timeline ran) records the
-    # run's and the reference's length, and train / method_params then hold the mapped values
-    reference: Reference
-    timeline: dict[str, Any] | None = None
-    # a protocol that is a search (Cole et al.): the train values of each point, in the authors' order; the cell
-    # trains every point and keeps the one with the best val mAP (stages/train.py). None: one run
-    search: list[dict[str, Any]] | None = None
-    # SHA-256 of the cell's config as params.yaml resolves it (before the timeline maps its schedules and before a
-    # search picks a point): what metrics.json records and `aggregate` recomputes. Not part of to_dict()
-    cell_sha256: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        del out["cell_sha256"]
-        if out["search"] is None:  # a single run's config (and resume fingerprint) is what it was before searches
-            del out["search"]
-        return out
-
-    def cell_config_sha256(self) -> str:
-        return self.cell_sha256 or config_sha256(self.to_dict())
-
-
-def search_points(search: Any, where: str) -> list[dict[str, Any]] | None:
-    """The points of a protocol's ``search``: a list of axes, each a mapping of train keys to equally long lists
-    of values (keys of one axis move together, e.g. batch_size and eval_batch_size); the points are the product
-    of the axes, the first axis outermost (Cole et al.'s loops: batch outer, lr inner). None: no search."""
-    if search is None:
-        return None
-    if not isinstance(search, list) or not search:
-        raise SpmlError(f"params {where}.search must be a list of axes (mappings of train keys to lists of values) "
-                        f"or null, got {search!r}")
-    points: list[dict[str, Any]] = [{}]
-    for axis in search:
-        lengths = {len(v) for v in axis.values() if isinstance(v, list)} if isinstance(axis, dict) else set()
-        if not isinstance(axis, dict) or not axis or len(lengths) != 1 or 0 in lengths \
-                or not all(isinstance(v, list) for v in axis.values()):
-            raise SpmlError(f"params {where}.search axis {axis!r} must map train keys to non-empty lists of the same "
-                            "length (keys of one axis move together)")
-        steps = [{key: values[i] for key, values in axis.items()} for i in range(lengths.pop())]
-        points = [{**point, **step} for point in points for step in steps]
-    return points
-
-
-PROTOCOLS = ("unified", "original")
-
-
-def protocol_block(params: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
-    """The active protocol's name and its block for ``method``."""
-    protocol = params.get("protocol")
-    if protocol is None:
-        raise SpmlError("params protocol is missing; add `protocol: unified` (or original) to params.yaml")
-    if protocol not in PROTOCOLS:
-        raise SpmlError(f"params protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    blocks = (params.get("protocols") or {}).get(protocol) or {}
-    block = blocks.get(method)
-    if protocol == "original" and block is None:
-        raise SpmlError(f"params protocols.original has no block for method {method!r}; add one (docs/protocols.md)")
-    return protocol, block or {}
-
-
-def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: int,
-                       model: str | None = None) -> RunConfig:
-    """The run's full configuration: ``train`` blocks, then the active protocol's block for the method
-    (``protocol: original``: its authors' published protocol), then the method's params.
-
-    ``model`` replaces params ``train.model`` before anything is scoped by it (``spml bench --model``)."""
-    get_method_class(method)  # unknown method names fail first, listing the valid ones
-    train_section = params.get("train") or {}
-    chosen = model or scoped(train_section, dataset).get("model")
-    if chosen is None:
-        raise SpmlError("params train.model is missing; add it to params.yaml")
-    if not isinstance(chosen, str):
-        raise SpmlError(f"params train.model must be one of {', '.join(model_names())}, got {chosen!r}")
-    protocol, proto = protocol_block(params, method)
-    values = deep_merge(scoped(train_section, dataset, chosen), scoped(proto, dataset, chosen))
-    if model:
-        values["model"] = model
-    where = f"protocols.{protocol}.{method}"
-    search = search_points(values.pop("search", None), where)
-    train = parse_dataclass(TrainConfig, values, "train")
-    for i, point in enumerate(search or []):  # every point is a valid train config, checked before any training
-        if "model" in point:
-            raise SpmlError(f"params {where}.search may not vary the model; run each model as its own cell")
-        checked = parse_dataclass(TrainConfig, {**values, **point}, f"{where}.search point {point}")
-        search[i] = {key: getattr(checked, key) for key in point}
-    if search and train.two_stage:
-        raise SpmlError(f"params {where}: a search with two_stage true is not supported; set one of them off")
-    model_kwargs = parse_model_params(train.model, (params.get("models") or {}).get(train.model))
-    # each method reads its own block only (a train cell tracks only that block in dvc.yaml)
-    method_params = scoped((params.get("method_params") or {}).get(method), dataset, train.model)
-    run = RunConfig(dataset, method, seed, derive_seed(dataset, method, seed), protocol, train, model_kwargs,
-                    method_params, schedule_reference(params, dataset, method, train.model), search=search)
-    if train.two_stage:
-        stage1_config(run)  # a method without a stage 1 fails here, before any training
-    return run
-
-
-def schedule_reference(params: dict[str, Any], dataset: str, method: str, model: str) -> Reference:
-    """The protocol ``method``'s schedules were published for: its ``protocols.original`` block on the run's
-    dataset, or on the real dataset an embedded one stands for (``timeline.<dataset>``)."""
-    block = ((params.get("protocols") or {}).get("original") or {}).get(method)
-    if block is None:
-        return Reference(f"none: protocols.original has no block for {method}", None, None, False, None)
-    embedded = (params.get("timeline") or {}).get(dataset)
-    images = None
-    reference = dataset
-    if embedded is not None:
-        stand_in = parse_dataclass(TimelineParams, embedded, f"timeline.{dataset}")
-        reference, images = stand_in.reference, stand_in.train_images
-    values = deep_merge(scoped(params.get("train") or {}, reference, model), scoped(block, reference, model))
-    where = f"protocols.original.{method}"
-    epochs, batch_size, drop_last = values.get("epochs"), values.get("batch_size"), values.get("drop_last")
-    for key, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpmlError(f"params {where}.{key} must be an integer >= 1 (the reference of the method's schedules), "
-                            f"got {value!r}")
-    if not isinstance(drop_last, bool):
-        raise SpmlError(f"params {where}.drop_last must be true or false, got {drop_last!r}")
-    source = f"{where} on {reference}" + (f" ({images} training images)" if images is not None else "")
-    return Reference(source, epochs, batch_size, drop_last, images)
-
-
-def train_schedules(cfg: TrainConfig) -> dict[str, str]:
-    """The loop's own schedules (units of pipeline/timeline.py): the weight EMA's per-step decay, and the
-    patience of ``early_stop: patience`` (in epochs; the other rules' values are mAP points)."""
-    return {"weight_ema": "step_decay", **({"early_stop_value": "epochs"} if cfg.early_stop == "patience" else {})}
-
-
-def apply_timeline(run: RunConfig, train_images: int) -> RunConfig:
-    """``run`` with every schedule (the method's ``Method.schedules`` and :func:`train_schedules`) mapped from
-    its reference protocol to this run's epochs and steps by the one rule of :mod:`pipeline.timeline`.
-    ``train_images``: rows of the run's training set. Applied once: a run that has its timeline is returned as is."""
-    if run.timeline is not None:
-        return run
-    cell = run.cell_config_sha256()
-    cfg = run.train
-    timeline = timeline_for(run.reference, cfg.epochs, steps_per_epoch(train_images, cfg.batch_size, cfg.drop_last),
-                            train_images)
-    schedules = train_schedules(cfg)
-    mapped = timeline.apply({key: getattr(cfg, key) for key in schedules}, schedules, "train")
-    params = timeline.apply(run.method_params, get_method_class(run.method).schedules, f"method_params.{run.method}")
-    return dataclasses.replace(run, train=dataclasses.replace(cfg, **mapped), method_params=params,
-                               timeline=timeline.describe(), cell_sha256=cell)
-
-
-def training_rows(dataset: str) -> int:
-    """Rows of the prepared table's training split (the timeline's steps per epoch, before the data loads)."""
-    from pipeline.tables import read_label_table
-
-    return len(read_label_table(paths.label_table(dataset)).rows("train"))
-
-
-def search_config(run: RunConfig, point: dict[str, Any]) -> RunConfig:
-    """One point of a search: the run with the point's train values, as a single run."""
-    return dataclasses.replace(run, train=dataclasses.replace(run.train, **point), search=None, timeline=None,
-                               model_kwargs=dict(run.model_kwargs), cell_sha256=run.cell_config_sha256())
-
-
-def stage1_config(run: RunConfig) -> RunConfig:
-    """Stage 1 of a two-stage run: the same method in its stage-1 form (``Method.stage1_params``), same
-    train config and seed, one stage only."""
-    params = get_method_class(run.method).stage1_params(run.method_params, run.train.epochs)
-    if params is None:
-        raise SpmlError(f"train.two_stage is true for method {run.method!r}, which has no stage 1; set it to "
-                        f"false in the block that sets it (protocols.{run.protocol}.{run.method} or train)")
-    return dataclasses.replace(run, train=dataclasses.replace(run.train, two_stage=False), method_params=params,
-                               model_kwargs=dict(run.model_kwargs))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -321,23 +77,23 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SpmlError(f"params train.device {name!r} is not a torch device; use auto, cpu or cuda") from None
+        raise SpmlError(f"params runtime.device {name!r} is not a torch device; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpmlError(f"params train.device {name!r}: CUDA is not available on this machine; use auto or cpu")
+        raise SpmlError(f"params runtime.device {name!r}: CUDA is not available on this machine; use auto or cpu")
     return device
 
 
-def setup_process(cfg: TrainConfig, dist: DistContext) -> torch.device:
+def setup_process(cfg: TrainConfig, rt: RuntimeConfig, dist: DistContext) -> torch.device:
     """Threads, host memory and the device, before any work (``spml bench`` starts the same way)."""
-    torch.set_num_threads(torch_threads(cfg.threads))  # before any work (see runtime.host.torch_threads)
-    memory = host_memory(cfg.host_allocator, cfg.host_malloc_cache)  # the glibc fallback is applied here
+    torch.set_num_threads(torch_threads(rt.threads))  # before any work (see runtime.host.torch_threads)
+    memory = host_memory(rt.host_allocator, rt.host_malloc_cache)  # the glibc fallback is applied here
     if announcing() and dist.is_main:  # one line, from the spml command (in-process callers stay quiet)
         print(memory.notice, file=sys.stderr, flush=True)
-    device = pick_device(cfg.device)
+    device = pick_device(rt.device)
     if device.type == "cuda":
         if dist.enabled:
             device = torch.device("cuda", dist.local_rank)
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.benchmark = rt.cudnn_benchmark
     if cfg.batch_size % dist.world_size:  # checked here, before the data are loaded (or cached)
         raise SpmlError(f"params train.batch_size {cfg.batch_size} is not divisible by the {dist.world_size} "
                         "DDP processes; change one of them")
@@ -353,7 +109,7 @@ class RunData:
     train_rows: np.ndarray
 
 
-def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
+def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool, num_workers: int,
                   dist: DistContext | None = None) -> RunData:
     from pipeline.datasets import check_source
     from pipeline.tables import read_label_table, read_observed_table
@@ -373,7 +129,7 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
     # all rows decoded and resized once into data/cache/<dataset>/ (one builder per node under DDP)
     dist = dist or DistContext()
     cache_args = (root, list(table.path), cfg.image_size, paths.DATA / "cache" / dataset,
-                  table.meta["provenance"]["labels_sha256"], f"{dataset} images", cfg.num_workers)
+                  table.meta["provenance"]["labels_sha256"], f"{dataset} images", num_workers)
     if dist.local_rank == 0:
         cache = cached_images(*cache_args)
     dist.barrier()
@@ -403,16 +159,17 @@ class Loaders:
     generator: torch.Generator  # the train loader's; a checkpoint saves it
 
 
-def loader_settings(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+def loader_settings(rt: RuntimeConfig, device: torch.device) -> dict[str, Any]:
     """The DataLoader settings of every loader (``spml bench --loader`` builds its loader with them too)."""
-    return {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "worker_init_fn": _seed_worker,
-            "persistent_workers": cfg.num_workers > 0}
+    return {"num_workers": rt.num_workers, "pin_memory": device.type == "cuda", "worker_init_fn": _seed_worker,
+            "persistent_workers": rt.num_workers > 0}
 
 
-def build_loaders(data: RunData, cfg: TrainConfig, seed: int, device: torch.device, dist: DistContext) -> Loaders:
+def build_loaders(data: RunData, cfg: TrainConfig, rt: RuntimeConfig, seed: int, device: torch.device,
+                  dist: DistContext) -> Loaders:
     """Seeded loaders (see :class:`EpochSampler`); under DDP each rank loads its share of every batch."""
     generator = torch.Generator().manual_seed(seed)
-    loader_kwargs = loader_settings(cfg, device)
+    loader_kwargs = loader_settings(rt, device)
     sampler = EpochSampler(len(data.train), seed, True, dist.rank, dist.world_size)
     train = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=sampler,
                        generator=generator, drop_last=cfg.drop_last, **loader_kwargs)
@@ -429,7 +186,7 @@ def build_loaders(data: RunData, cfg: TrainConfig, seed: int, device: torch.devi
     return Loaders(train, val, test, sampler, generator)
 
 
-def build_normalizer(cfg: TrainConfig, device: torch.device) -> Normalizer:
+def build_normalizer(cfg: TrainConfig, device: torch.device, channels_last: bool) -> Normalizer:
     """The loop's input scaling; with ``augment_on: device`` it also makes the training views (batched)."""
     augment = None
     if cfg.augment_on == "device" and cfg.augment == "standard":  # Xie et al.'s views stay in the loader
@@ -437,7 +194,7 @@ def build_normalizer(cfg: TrainConfig, device: torch.device) -> Normalizer:
 
         augment = DeviceAugment(cfg.strong_num_ops, cfg.strong_magnitude)
     # augment: lac feeds Xie et al.'s views, which are not ImageNet-normalised
-    return Normalizer(device, channels_last=cfg.channels_last, imagenet=cfg.augment != "lac", augment=augment)
+    return Normalizer(device, channels_last=channels_last, imagenet=cfg.augment != "lac", augment=augment)
 
 
 def method_context(run: RunConfig, data: RunData, steps_per_epoch: int, device: torch.device) -> MethodContext:
@@ -479,17 +236,17 @@ def build_training(run: RunConfig, ctx: MethodContext, dist: DistContext | None 
                    init_model: dict[str, torch.Tensor] | None = None) -> Training:
     """The method, then the model (the method may ask for a variant: plc-lac's projector), then what
     updates the weights. ``init_model``: starting weights (keys the model lacks or adds are allowed)."""
-    cfg, device, dist = run.train, ctx.device, dist or DistContext()
+    cfg, rt, device, dist = run.train, run.runtime, ctx.device, dist or DistContext()
     method = build_method(run.method, run.method_params, ctx)
     model = build_model(cfg.model, ctx.num_classes, **{**run.model_kwargs, **method.model_kwargs()})
     if dist.enabled and cfg.sync_bn and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if init_model is not None:
         model.load_state_dict(init_model, strict=False)
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model, method)
     ema = WeightEMA(model, cfg.weight_ema) if cfg.weight_ema is not None else None
-    if cfg.compile:  # in place, after the EMA's copy: parameters, state_dict keys and checkpoints stay as they are
+    if rt.compile:  # in place, after the EMA's copy: parameters, state_dict keys and checkpoints stay as they are
         compile_model(model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, ctx.steps_per_epoch, cfg.onecycle_pct_start)
     amp = amp_dtype(cfg.amp, cfg.amp_dtype, device)
@@ -501,7 +258,7 @@ def compile_model(model: torch.nn.Module) -> None:
     """``torch.compile`` the model's forward in place (``nn.Module.compile``). Its first calls in each mode
     (training, no-grad, eval) compile a graph, which ``spml bench`` leaves to its untimed warm-up steps."""
     if not hasattr(torch, "compile"):
-        raise SpmlError(f"train.compile is true but torch {torch.__version__} has no torch.compile; set it to false")
+        raise SpmlError(f"runtime.compile is true but torch {torch.__version__} has no torch.compile; set it to false")
     model.compile()
 
 
@@ -523,12 +280,12 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, dist: DistContext) ->
 
 
 class DivergedError(SpmlError):
-    """The loss or the scores became non-finite (or the loss passed ``train.max_loss``)."""
+    """The loss or the scores became non-finite (or the loss passed ``runtime.max_loss``)."""
 
 
 def diverged(epoch: int, where: str, what: str) -> DivergedError:
     return DivergedError(f"training diverged at epoch {epoch}, {where}: {what}; lower train.lr (or raise "
-                         "train.max_loss if such losses are expected); no metrics were written")
+                         "runtime.max_loss if such losses are expected); no metrics were written")
 
 
 def _first_bad_step(loss: torch.Tensor, max_loss: float | None) -> torch.Tensor:
@@ -604,7 +361,7 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # one collective per epoch
         torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
     if (step := int(first_bad.item())) != no_step:
-        limit = "" if max_loss is None else f" (train.max_loss {max_loss:g})"
+        limit = "" if max_loss is None else f" (runtime.max_loss {max_loss:g})"
         raise diverged(epoch, f"step {step + 1} of {steps}", f"loss {float(bad_loss.item()):.4g}{limit}")
     row = {"train_loss": (total_loss / max(steps, 1)).item()}
     row.update({key: (value / max(steps, 1)).item() for key, value in log_sums.items()})
@@ -755,15 +512,18 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None, dist: Dis
     ``init_model``: starting weights (a previous stage's best; keys the model lacks or adds are allowed),
     ``stage1`` that stage's metrics, recorded in this run's.
     """
-    cfg, dist = run.train, dist or DistContext()
-    device = setup_process(cfg, dist)
-    seed_everything(run.run_seed, cfg.deterministic)
+    cfg, rt, dist = run.train, run.runtime, dist or DistContext()
+    if rt is None:
+        raise SpmlError("a run needs its runtime settings (params runtime); resolve it with resolve_run_config")
+    device = setup_process(cfg, rt, dist)
+    seed_everything(run.run_seed, rt.deterministic)
     method_cls = get_method_class(run.method)
-    data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances, dist)
+    data = load_run_data(run.dataset, cfg, method_cls.needs_strong_view, method_cls.needs_instances,
+                         rt.num_workers, dist)
     run = apply_timeline(run, len(data.train))  # the schedules, mapped to this run's epochs and steps
     cfg = run.train
-    loaders = build_loaders(data, cfg, run.run_seed, device, dist)
-    normalize = build_normalizer(cfg, device)
+    loaders = build_loaders(data, cfg, rt, run.run_seed, device, dist)
+    normalize = build_normalizer(cfg, device, rt.channels_last)
     # the method, then the model, draw their initial values from the seeded RNG: reordering moves every number
     training = build_training(run, method_context(run, data, len(loaders.train), device), dist, init_model)
     model, method = training.model, training.method
@@ -789,7 +549,7 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None, dist: Dis
             row: dict[str, Any] = {"epoch": epoch}
             row.update(train_one_epoch(train_model, method, loaders.train, training.optimizer, normalize, epoch,
                                        bar, task, training.scheduler, training.scaler, training.amp, training.ema,
-                                       cfg.max_loss))
+                                       rt.max_loss))
             # the train loader as the method sees it: batches without the hidden labels
             method.on_epoch_end(epoch, model, MethodBatches(loaders.train, normalize, method.label_source))
             row.update(method.epoch_diagnostics())  # what needs no hidden labels (tau...); fn_* came above

@@ -33,7 +33,7 @@ def grid(params: dict) -> tuple[list[str], list[str], list[int]]:
 def cell_config_sha256(params: dict):
     """(dataset, method, seed) -> the SHA-256 of the run config params.yaml gives that cell (spml train's)."""
     from pipeline.config import config_sha256
-    from pipeline.train import resolve_run_config
+    from pipeline.run_config import resolve_run_config
 
     return lambda dataset, method, seed: config_sha256(resolve_run_config(params, dataset, method, seed).to_dict())
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from pipeline.datasets import get_dataset
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
 from pipeline.runtime import checkpoint, distributed
-from pipeline.train import (RUN_FILES, RunConfig, apply_timeline, fit, resolve_run_config, search_config,
-                            stage1_config, training_rows)
+from pipeline.run_config import (RunConfig, apply_timeline, resolve_run_config, search_config, stage1_config,
+                                 training_rows)
+from pipeline.train import RUN_FILES, fit
+from pipeline.unread import committed_params, warn_unread
 
-# config.json of a run holds these keys (pipeline.train.RunConfig); together with "only run files"
+# config.json of a run holds these keys (pipeline.run_config.RunConfig); together with "only run files"
 # this is what marks a folder as ours
 RUN_CONFIG_KEYS = {"dataset", "method", "seed", "run_seed", "train", "model_kwargs", "method_params"}
 
@@ -167,6 +170,9 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     get_dataset(dataset)
     params = load_params(params_path)
     run_cfg = resolve_run_config(params, dataset, method, seed)
+    base = committed_params(params_path)  # outside git there is nothing to tell a change from the file's own values
+    if base is not None and distributed.env_rank() == 0:  # values this grid never reads (a preset's, an edit's)
+        warn_unread(params, lambda line: print(line, file=sys.stderr), base, ablations=False)
     if weights is not None:
         run_cfg.model_kwargs["weights"] = weights
     target = out_dir or paths.run_dir(dataset, method, seed)
@@ -179,7 +185,7 @@ def run(dataset: str, method: str, seed: int, params_path: Path = Path("params.y
     # each point's: its batch size sets its steps)
     if not run_cfg.search:
         run_cfg = apply_timeline(run_cfg, training_rows(dataset))
-    dist = distributed.init_distributed(run_cfg.train.device)
+    dist = distributed.init_distributed(run_cfg.runtime.device)
     try:
         if run_cfg.search:  # the protocol is a search (Cole et al.): every point, the best by val mAP kept
             return run_search(run_cfg, target, resume_dir, resume, dist)

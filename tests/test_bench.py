@@ -16,7 +16,7 @@ from pipeline.cli import app
 from pipeline.config import load_params
 from pipeline.errors import SpmlError
 from pipeline.runtime import host
-from pipeline.train import resolve_run_config
+from pipeline.run_config import resolve_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "4", "--image-size", "16", "--steps", "2", "--warmup", "1", "--num-classes", "5",

@@ -34,10 +34,11 @@ def test_torchrun_two_processes_gathers_all_predictions(tiny_workspace):
     from pipeline.methods import MethodContext
     from pipeline.metrics import mean_average_precision
     from pipeline.models import build_model
-    from pipeline.train import load_run_data, predict, resolve_run_config
+    from pipeline.run_config import resolve_run_config
+    from pipeline.train import load_run_data, predict
 
     run = resolve_run_config(load_params("params.yaml"), "synthetic", "an", 0)
-    data = load_run_data("synthetic", run.train, False, False)
+    data = load_run_data("synthetic", run.train, False, False, 0)
     model = build_model(run.train.model, data.table.num_classes, **run.model_kwargs)
     model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
     ctx = MethodContext("synthetic", run.train.model, data.table.num_classes, len(data.train), 1, 1, 1.0,

@@ -4,6 +4,7 @@ state reused. Tests are named after their point (p01, p03, ...)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,9 +54,14 @@ def assert_one_line_error(result, *fragments: str) -> str:
     return text
 
 
-def set_params(workspace: Path, **train) -> dict:
+def set_params(workspace: Path, **values) -> dict:
+    """tiny params with ``values`` set in the block each belongs to: ``runtime`` (threads, max_loss...) or train."""
+    from pipeline.run_config import RuntimeConfig
+
     params = tiny_params()
-    params["train"]["default"].update(train)
+    runtime = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    params["runtime"].update({k: v for k, v in values.items() if k in runtime})
+    params["train"]["default"].update({k: v for k, v in values.items() if k not in runtime})
     write_params(workspace, params)
     return params
 
@@ -254,7 +260,7 @@ def test_p03_unchanged_run_still_resumes(tiny_workspace, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("lr, max_loss, fragment", [
-    (1.0e4, 1.0e6, "(train.max_loss 1e+06)"),  # finite blow-up: losses reach ~1e18 at this lr
+    (1.0e4, 1.0e6, "(runtime.max_loss 1e+06)"),  # finite blow-up: losses reach ~1e18 at this lr
     (1.0e30, None, "loss nan"),                  # non-finite: it used to reach scikit-learn as a traceback
 ])
 def test_p04_divergence_stops_with_epoch_and_step(tiny_workspace, lr, max_loss, fragment):
@@ -330,9 +336,9 @@ def test_p04_divergence_check_adds_no_host_sync_per_step(tiny_workspace, monkeyp
 
 def test_p04_max_loss_is_validated_and_in_params_yaml(tiny_workspace):
     repo_params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    assert repo_params["train"]["default"]["max_loss"] == 1.0e6
+    assert repo_params["runtime"]["max_loss"] == 1.0e6
     set_params(tiny_workspace, max_loss=-1.0)
-    assert_one_line_error(invoke("train", "synthetic", "an"), "params train.max_loss must be > 0")
+    assert_one_line_error(invoke("train", "synthetic", "an"), "params runtime.max_loss must be > 0")
 
 
 # ---------------------------------------------------------------------------------------------------- p08

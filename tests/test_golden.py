@@ -21,7 +21,7 @@ from torch import nn
 from pipeline.config import load_params
 from pipeline.methods import Batch, MethodContext, build_method
 from pipeline.models import ModelOutput
-from pipeline.train import resolve_run_config
+from pipeline.run_config import resolve_run_config
 from tests.conftest import REPO
 
 GOLDEN = REPO.parent / "shared" / "golden"
@@ -60,7 +60,7 @@ def test_synthetic_lambda_keeps_the_official_voc_horizon_as_a_share_of_training(
     becomes lambda_synthetic with lambda_synthetic ** (6 x 100) == 0.999 ** (25 x 286)."""
     import math
 
-    from pipeline.train import apply_timeline
+    from pipeline.run_config import apply_timeline
 
     params = load_params(REPO / "params.yaml")
     voc = default_params()

@@ -25,7 +25,7 @@ from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir, atomic_file, write_text
 from pipeline.runtime import host
 from pipeline.tables import read_label_table, write_label_table
-from pipeline.train import TrainConfig, resolve_run_config
+from pipeline.run_config import TrainConfig, resolve_run_config
 from tests.conftest import tiny_params, write_params
 
 runner = CliRunner(env={"NO_COLOR": "1", "TERM": "dumb"})
@@ -96,14 +96,14 @@ def test_p02_training_uses_regenerated_images(tiny_workspace):
     run = resolve_run_config(params, "synthetic", "an", 0)
     from pipeline.train import load_run_data
 
-    before = load_run_data("synthetic", run.train, False, False).train.images
+    before = load_run_data("synthetic", run.train, False, False, 0).train.images
     before_sum = int(before[0].sum())
     table = read_label_table("data/prepared/synthetic.parquet")
     first = Path(table.meta["image_root"]) / table.path[table.rows("train")[0]]
     stat = first.stat()
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(first)
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    after = load_run_data("synthetic", run.train, False, False).train.images
+    after = load_run_data("synthetic", run.train, False, False, 0).train.images
     assert after.path != before.path
     assert int(after[0].sum()) == 0 and before_sum > 0
     assert not before.path.exists()  # the stale cache is deleted, so it cannot be served again
@@ -119,13 +119,13 @@ OUT_OF_RANGE = [  # (dotted param, value, stage args, fragment of the message)
     ("train.default.weight_decay", float("nan"), ("train", "synthetic", "an"), "train.weight_decay must be a finite"),
     ("train.default.batch_size", 0, ("train", "synthetic", "an"), "params train.batch_size must be >= 1, got 0"),
     ("train.default.eval_batch_size", 0, ("train", "synthetic", "an"), "params train.eval_batch_size must be >= 1"),
-    ("train.default.num_workers", -1, ("train", "synthetic", "an"), "params train.num_workers must be >= 0"),
+    ("runtime.num_workers", -1, ("train", "synthetic", "an"), "params runtime.num_workers must be >= 0"),
     ("train.default.epochs", 0, ("train", "synthetic", "an"), "params train.epochs must be >= 1, got 0"),
     ("train.default.epochs", -3, ("train", "synthetic", "an"), "params train.epochs must be >= 1"),
     ("train.default.image_size", 3, ("train", "synthetic", "an"), "params train.image_size must be >= 16, got 3"),
     ("train.default.strong_magnitude", 31, ("train", "synthetic", "an"), "train.strong_magnitude must be >= 0 and <= 30"),
     ("train.default.onecycle_pct_start", 1.0, ("train", "synthetic", "an"), "train.onecycle_pct_start must be > 0 and < 1"),
-    ("train.default.threads", 0, ("train", "synthetic", "an"), "params train.threads must be >= 1, got 0"),
+    ("runtime.threads", 0, ("train", "synthetic", "an"), "params runtime.threads must be >= 1, got 0"),
     ("models.smallcnn.width", 0, ("train", "synthetic", "an"), "params models.smallcnn.width must be >= 1, got 0"),
     ("data.synthetic.image_size", 2, ("download", "synthetic"), "params data.synthetic.image_size must be >= 16"),
     ("data.synthetic.num_train", 0, ("download", "synthetic"), "params data.synthetic.num_train must be >= 2"),
@@ -392,7 +392,7 @@ def test_p11_thread_count_precedence():
 def test_p11_fit_applies_the_thread_count(tiny_workspace):
     import torch
 
-    params = set_param(yaml.safe_load(Path("params.yaml").read_text()), "train.default.threads", 1)
+    params = set_param(yaml.safe_load(Path("params.yaml").read_text()), "runtime.threads", 1)
     set_param(params, "train.default.epochs", 1)
     write_params(tiny_workspace, params)
     before = torch.get_num_threads()
@@ -410,7 +410,8 @@ def test_p11_bench_parallel_prints_both_wall_times(tmp_path, monkeypatch):
     repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
     tiny = {"data": {"synthetic": {"num_train": 24, "num_test": 8, "image_size": 16, "seed": 0}},
             "train": {"default": {"model": "smallcnn", "epochs": 1, "batch_size": 8, "eval_batch_size": 16,
-                                  "image_size": 16, "num_workers": 0, "threads": None}},
+                                  "image_size": 16}},
+            "runtime": {"num_workers": 0, "threads": None},
             "models": {"smallcnn": {"width": 4, "weights": "none"}}}
     monkeypatch.setattr(bench, "PARALLEL_WORKLOAD", tiny)
     monkeypatch.chdir(tmp_path)
@@ -426,4 +427,4 @@ def test_p11_bench_parallel_prints_both_wall_times(tmp_path, monkeypatch):
 def test_p11_params_yaml_documents_the_threads_knob():
     text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
     assert "threads: null" in text and "SPML_THREADS" in text
-    assert tiny_params()["train"]["default"]["threads"] is None
+    assert tiny_params()["runtime"]["threads"] is None

@@ -321,7 +321,7 @@ def test_an_ablation_reads_only_its_own_block_which_params_yaml_shares_with_igno
     """A train cell tracks only its method's block, so an ablation must not read IGNORE's: params.yaml gives
     Table 3's rows IGNORE's values through a YAML anchor instead."""
     from pipeline.config import load_params
-    from pipeline.train import resolve_run_config
+    from pipeline.run_config import resolve_run_config
     from tests.conftest import REPO
 
     params = load_params(REPO / "params.yaml")
@@ -336,7 +336,8 @@ def test_one_epoch_smoke_train_on_tiny_synthetic(tiny_workspace):
     import pandas as pd
 
     from pipeline.config import load_params
-    from pipeline.train import fit, resolve_run_config
+    from pipeline.run_config import resolve_run_config
+    from pipeline.train import fit
 
     params = load_params("params.yaml")
     params["train"]["default"]["epochs"] = 2

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import compose_params, preset_names
 from pipeline.errors import SpmlError
-from pipeline.train import resolve_run_config
+from pipeline.run_config import resolve_run_config
 from tests.conftest import REPO
 
 PAPER = {"voc2012", "coco2014", "nuswide", "cub"}

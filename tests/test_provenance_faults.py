@@ -7,6 +7,7 @@ thing, with the previous outputs intact and nothing left that a later run would 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -58,9 +59,14 @@ def assert_one_line_error(result, *fragments: str) -> str:
     return text
 
 
-def set_params(workspace: Path, **train) -> dict:
+def set_params(workspace: Path, **values) -> dict:
+    """tiny params with ``values`` set in the block each belongs to: ``runtime`` (threads, max_loss...) or train."""
+    from pipeline.run_config import RuntimeConfig
+
     params = tiny_params()
-    params["train"]["default"].update(train)
+    runtime = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    params["runtime"].update({k: v for k, v in values.items() if k in runtime})
+    params["train"]["default"].update({k: v for k, v in values.items() if k not in runtime})
     write_params(workspace, params)
     return params
 
@@ -391,8 +397,8 @@ def test_p18_yaml_merge_keys_may_still_override(workspace):
     assert load_params(Path("params.yaml"))["other"] == {"x": 3, "y": 2}
 
 
-@pytest.mark.parametrize("block", ["train", "models", "method_params", "method_params.an", "protocols",
-                                   "protocols.original", "train.default"])
+@pytest.mark.parametrize("block", ["train", "models", "method_params", "method_params.an", "runtime",
+                                   "method_params.an.original", "train.default"])
 def test_p18_params_block_of_the_wrong_type(tiny_workspace, block):
     params = tiny_params()
     *parents, last = block.split(".")

@@ -15,7 +15,7 @@ from pipeline.data import ImageArray, TrainSet, cached_images
 from pipeline.errors import SpmlError
 from pipeline.runtime.distributed import EpochSampler
 from pipeline.runtime.optim import amp_dtype, build_scheduler
-from pipeline.train import TrainConfig
+from pipeline.run_config import RuntimeConfig, TrainConfig
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_cover_everything():
@@ -138,20 +138,25 @@ def test_train_config_validates_the_new_options():
     from tests.conftest import tiny_params
 
     train = tiny_params()["train"]["default"]
-    cfg = parse_dataclass(TrainConfig, {**train, "scheduler": "onecycle", "amp": True, "channels_last": True}, "train")
+    cfg = parse_dataclass(TrainConfig, {**train, "scheduler": "onecycle", "amp": True}, "train")
     assert cfg.scheduler == "onecycle" and cfg.amp_dtype == "auto"
     with pytest.raises(SpmlError, match="train.scheduler"):
         parse_dataclass(TrainConfig, {**train, "scheduler": "cosine"}, "train")
-    for key, bad in (("augment_on", "gpu"), ("host_allocator", "mimalloc"), ("compile", "yes")):
-        with pytest.raises(SpmlError, match=f"train.{key}"):
-            parse_dataclass(TrainConfig, {**train, key: bad}, "train")
+    with pytest.raises(SpmlError, match="train.augment_on"):
+        parse_dataclass(TrainConfig, {**train, "augment_on": "gpu"}, "train")
+    runtime = tiny_params()["runtime"]
+    for key, bad in (("host_allocator", "mimalloc"), ("compile", "yes"), ("channels_last", 1)):
+        with pytest.raises(SpmlError, match=f"runtime.{key}"):
+            parse_dataclass(RuntimeConfig, {**runtime, key: bad}, "runtime")
+    with pytest.raises(SpmlError, match="unknown params train.threads"):  # a runtime key in the train block
+        parse_dataclass(TrainConfig, {**train, "threads": 1}, "train")
     # the device makes the standard views only: Xie et al.'s (augment: lac) stay in the loader
     from pipeline.train import build_normalizer
 
     cfg = parse_dataclass(TrainConfig, {**train, "augment": "lac", "augment_on": "device"}, "train")
-    assert build_normalizer(cfg, torch.device("cpu")).augment is None
+    assert build_normalizer(cfg, torch.device("cpu"), False).augment is None
     assert build_normalizer(parse_dataclass(TrainConfig, {**train, "augment_on": "device"}, "train"),
-                            torch.device("cpu")).augment is not None
+                            torch.device("cpu"), False).augment is not None
 
 
 # ---------------------------------------------------------------- host memory: the caching allocator
@@ -222,8 +227,8 @@ def test_the_command_line_says_which_allocator_before_torch_is_imported(tmp_path
 
     monkeypatch.chdir(tmp_path)
     assert host.requested_allocator(["train", "synthetic", "an"]) == "auto"  # no params.yaml: the command says so
-    (tmp_path / "params.yaml").write_text("train:\n  default:\n    host_allocator: tcmalloc\n")
-    (tmp_path / "other.yaml").write_text("train:\n  default:\n    host_allocator: glibc\n")
+    (tmp_path / "params.yaml").write_text("runtime:\n  host_allocator: tcmalloc\n")
+    (tmp_path / "other.yaml").write_text("runtime:\n  host_allocator: glibc\n")
     assert host.requested_allocator(["train", "synthetic", "an"]) == "tcmalloc"
     assert host.requested_allocator(["train", "synthetic", "an", "--params", "other.yaml"]) == "glibc"
     assert host.requested_allocator(["bench", "--params=other.yaml"]) == "glibc"
@@ -248,11 +253,11 @@ def test_without_a_caching_allocator_glibc_keeps_freed_memory_and_the_notice_say
     jemalloc = host.host_memory("auto", True, {}, _maps(tmp_path, "/usr/lib/libjemalloc.so.2"))
     assert (jemalloc.allocator, jemalloc.label) == ("jemalloc", "jemalloc")
     assert jemalloc.notice == "host memory: jemalloc (/usr/lib/libjemalloc.so.2)"
-    with pytest.raises(SpmlError, match="params train.host_allocator 'x'"):
+    with pytest.raises(SpmlError, match="params runtime.host_allocator 'x'"):
         host.host_memory("x", True, {}, _maps(tmp_path))
 
 
-# ---------------------------------------------------------------- train.compile
+# ---------------------------------------------------------------- runtime.compile
 
 
 def _compiles() -> bool:
@@ -264,13 +269,14 @@ def _compiles() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _compiles(), reason="torch.compile needs torch >= 2 and a C compiler (inductor's CPU backend)")
 def test_compiled_model_trains_to_the_eager_losses():
-    """train.compile on the CPU, smallcnn at width 8, IGNORE (a training and a no-grad forward per step): the
+    """runtime.compile on the CPU, smallcnn at width 8, IGNORE (a training and a no-grad forward per step): the
     same losses, step by step, as eager to float tolerance, and state_dict keys unchanged (checkpoints load)."""
     import dataclasses
 
     from pipeline import bench
     from pipeline.methods import MethodContext
-    from pipeline.train import build_normalizer, build_training, resolve_run_config, train_step
+    from pipeline.run_config import resolve_run_config
+    from pipeline.train import build_normalizer, build_training, train_step
     from tests.conftest import tiny_params
 
     run = resolve_run_config(tiny_params(), "synthetic", "ignore", 0)
@@ -278,11 +284,12 @@ def test_compiled_model_trains_to_the_eager_losses():
     device = torch.device("cpu")
     losses, keys, traced = {}, {}, []
     for compiled in (False, True):
-        cfg = dataclasses.replace(run.train, compile=compiled)
+        cfg = run.train
         ctx = MethodContext("synthetic", cfg.model, 5, 8, cfg.epochs, 4, 1.5, data.observed, device)
         torch.manual_seed(0)
-        training = build_training(dataclasses.replace(run, train=cfg), ctx)
-        batches = bench._batches(data, 4, build_normalizer(cfg, device), True, 0, "observed")
+        training = build_training(dataclasses.replace(run, runtime=dataclasses.replace(run.runtime, compile=compiled)),
+                                  ctx)
+        batches = bench._batches(data, 4, build_normalizer(cfg, device, False), True, 0, "observed")
         training.model.register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
         training.model.train()
         losses[compiled] = [train_step(training.model, training.method, batches[i % 2][0], cfg.epochs,

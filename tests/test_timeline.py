@@ -12,7 +12,7 @@ import yaml
 from pipeline.errors import SpmlError
 from pipeline.methods import get_method_class, method_names
 from pipeline.timeline import UNITS, Reference, Timeline, timeline_for
-from pipeline.train import apply_timeline, resolve_run_config
+from pipeline.run_config import apply_timeline, block_owner, resolve_run_config
 from tests.conftest import REPO
 
 # Every schedule-type param of every method, with its unit: a new one must be added here *and* declared in its
@@ -110,15 +110,17 @@ def test_every_schedule_param_passes_through_the_rule(method):
     """On synthetic (6 epochs of 3200 / 32 = 100 steps, reference: the method's VOC protocol), each declared
     param comes out of apply_timeline as the rule says; progress-type params come out unchanged."""
     p = params()
-    block = p["method_params"][method]["default"]
+    owner = block_owner(method)  # an ablation reads its method's block
+    block = p["method_params"][owner]["default"]
     for key, unit in SCHEDULES[method].items():
         if unit in TEST_VALUES:
             block[key] = TEST_VALUES[unit]
     run = resolve_run_config(p, "synthetic", method, 0)
-    proto = {**p["protocols"]["original"][method]["default"], **p["protocols"]["original"][method].get("voc2012", {})}
+    original = p["method_params"][owner]["original"]
+    proto = {**original["default"], **original.get("voc2012", {})}
     ref_steps = -(-4574 // proto["batch_size"]) if not proto["drop_last"] else 4574 // proto["batch_size"]
     mapped = apply_timeline(run, 3200)
-    assert mapped.timeline == {"reference": f"protocols.original.{method} on voc2012 (4574 training images)",
+    assert mapped.timeline == {"reference": f"method_params.{owner}.original on voc2012 (4574 training images)",
                                "reference_epochs": proto["epochs"], "reference_steps_per_epoch": ref_steps,
                                "epochs": 6, "steps_per_epoch": 100}
     for key, unit in SCHEDULES[method].items():
@@ -154,7 +156,7 @@ def test_real_dataset_reference_is_the_dataset_itself():
     p["protocol"] = "original"
     run = resolve_run_config(p, "voc2012", "ignore", 0)
     mapped = apply_timeline(run, 4574)
-    assert mapped.timeline["reference"] == "protocols.original.ignore on voc2012"
+    assert mapped.timeline["reference"] == "method_params.ignore.original on voc2012"
     assert mapped.method_params == run.method_params and mapped.train == run.train
 
 

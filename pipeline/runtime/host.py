@@ -8,7 +8,7 @@ page-faults its activations in again every time. Two remedies, best first:
    ``libtcmalloc-minimal4``), loaded into the process by :func:`preload_allocator`: the CLI re-executes
    itself once, before torch is imported, with the library in ``LD_PRELOAD`` (and the library told to keep
    freed pages, :data:`ALLOCATOR_CONF`); an environment marker stops a second re-exec;
-2. when none is installed (or ``train.host_allocator: glibc``): :func:`cache_host_memory`, glibc's own
+2. when none is installed (or ``runtime.host_allocator: glibc``): :func:`cache_host_memory`, glibc's own
    thresholds raised, which keeps blocks up to 32 MiB and covers the small models but not ResNet-50.
 
 :func:`host_memory` (called by ``setup_process``) says which one runs and applies the glibc fallback.
@@ -56,8 +56,8 @@ def cache_host_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
-ALLOCATORS = ("auto", "jemalloc", "tcmalloc", "glibc")  # params train.host_allocator / $SPML_ALLOCATOR
-ALLOCATOR_ENV = "SPML_ALLOCATOR"  # overrides params train.host_allocator for one invocation
+ALLOCATORS = ("auto", "jemalloc", "tcmalloc", "glibc")  # params runtime.host_allocator / $SPML_ALLOCATOR
+ALLOCATOR_ENV = "SPML_ALLOCATOR"  # overrides params runtime.host_allocator for one invocation
 REEXEC_MARK = "SPML_ALLOCATOR_REEXEC"  # set in the re-executed process: it never re-executes again
 # the shared objects of each library (Debian's packages libjemalloc2 and libtcmalloc-minimal4 first)
 PRELOAD_LIBRARIES = {
@@ -143,7 +143,7 @@ def _option(args: Sequence[str], name: str) -> str | None:
 def requested_allocator(args: Sequence[str]) -> str | None:
     """The allocator an ``spml`` command line asks for, before anything heavy is imported: None for a command
     that does not train (:data:`PRELOAD_COMMANDS`); for ``bench --host-malloc`` its choice (cache and system
-    are glibc's); else params ``train.default.host_allocator`` of the ``--params`` file (default
+    are glibc's); else params ``runtime.host_allocator`` of the ``--params`` file (default
     ./params.yaml), or auto when that cannot be read (the command itself then reports the problem)."""
     command = next((a for a in args if not a.startswith("-")), None)
     if command not in PRELOAD_COMMANDS:
@@ -155,7 +155,7 @@ def requested_allocator(args: Sequence[str]) -> str | None:
         import yaml
 
         params = yaml.safe_load(Path(_option(args, "--params") or "params.yaml").read_text()) or {}
-        value = params["train"]["default"]["host_allocator"]
+        value = params["runtime"]["host_allocator"]
     except Exception:  # noqa: BLE001 - any unreadable params: no preference here; the command reports it
         return "auto"
     return value if value in ALLOCATORS else "auto"
@@ -190,13 +190,13 @@ def preload_allocator(args: Sequence[str] | None = None) -> None:
 
 
 def chosen_allocator(configured: str, environ: Mapping[str, str] | None = None) -> str:
-    """The allocator asked for: ``$SPML_ALLOCATOR``, else params ``train.host_allocator`` (the same order as
+    """The allocator asked for: ``$SPML_ALLOCATOR``, else params ``runtime.host_allocator`` (the same order as
     :func:`torch_threads`: one invocation's environment over the experiment's setting)."""
     environ = os.environ if environ is None else environ
     value = environ.get(ALLOCATOR_ENV, "").strip() or configured
     if value not in ALLOCATORS:
         source = f"environment variable {ALLOCATOR_ENV}" if environ.get(ALLOCATOR_ENV, "").strip() \
-            else "params train.host_allocator"
+            else "params runtime.host_allocator"
         raise SpmlError(f"{source} {value!r} must be one of {', '.join(ALLOCATORS)}")
     return value
 
@@ -213,7 +213,7 @@ class HostMemory:
 def host_memory(configured: str, glibc_cache: bool, environ: Mapping[str, str] | None = None,
                 maps: str | os.PathLike = "/proc/self/maps") -> HostMemory:
     """Which malloc serves this process; where no caching allocator runs, apply the glibc fallback
-    (:func:`cache_host_memory`, when ``glibc_cache``). ``configured``: params ``train.host_allocator``
+    (:func:`cache_host_memory`, when ``glibc_cache``). ``configured``: params ``runtime.host_allocator``
     (``$SPML_ALLOCATOR`` wins). Idempotent; the notice says why a wanted library is not running."""
     requested = chosen_allocator(configured, environ)
     name, library = running_allocator(maps)
@@ -264,9 +264,9 @@ def usable_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
 
 
 def torch_threads(configured: int | None, environ: Mapping[str, str] | None = None) -> int:
-    """How many intra-op threads torch gets: $SPML_THREADS, else params ``train.threads``, else all usable CPUs.
+    """How many intra-op threads torch gets: $SPML_THREADS, else params ``runtime.threads``, else all usable CPUs.
 
-    Why this order: ``train.threads`` is a property of the experiment (tracked by DVC), while running N
+    Why this order: ``runtime.threads`` is this machine's setting (tracked by no cell), while running N
     cells side by side (``SPML_THREADS=1 dvc exp run -j 2``) is a property of one invocation, which only
     the launcher knows; each process cannot tell how many siblings it has. Auto takes every usable CPU,
     the fastest choice for one run at a time; side by side, the launcher should give each a share
