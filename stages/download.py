@@ -6,19 +6,19 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import load_params
-from pipeline.datasets import get_dataset
+from pipeline.datasets import dataset_params, get_dataset
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir
 
 
 def run(dataset: str, source: Path | None = None, params_path: Path = Path("params.yaml")) -> Path:
     source_ds = get_dataset(dataset)
-    params = load_params(params_path)
-    data_params = (params.get("data") or {}).get(dataset) or {}
-    if not isinstance(data_params, dict):
-        raise SpmlError(f"params data.{dataset} must be a mapping, got {data_params!r}")
-    if source is None and data_params.get("source"):  # params data.<name>.source: a local archive or folder
-        source = Path(str(data_params["source"])).expanduser()
+    data_params = dataset_params(source_ds, load_params(params_path))
+    # data.<name>.source (the downloaded datasets' Params have it; generated and imported ones do not): a
+    # local archive or folder, as --from, which wins over it
+    configured = getattr(data_params, "source", None)
+    if source is None and configured is not None:
+        source = Path(configured).expanduser()
     if source is not None and not Path(source).exists():
         raise SpmlError(f"--from {source} does not exist; pass an archive or an extracted folder")
     target = paths.raw_dir(dataset)

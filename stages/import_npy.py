@@ -37,6 +37,6 @@ def run(directory: Path, name: str, images: Path | None = None, classes: Path | 
              "format": "formatted-npy"}
     target = paths.raw_dir(name)
     with atomic_dir(target) as tmp:
-        ImportedNpy(name, entry).download(tmp, {}, None)
+        ImportedNpy(name, entry).download(tmp, ImportedNpy.Params(), None)
         register(name, entry, REGISTRY)  # last: a failed import leaves no registry entry
     return target

@@ -8,14 +8,15 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import load_params, parse_dataclass
-from pipeline.datasets import get_dataset, source_sha256
+from pipeline.datasets import DatasetParams, dataset_params, get_dataset, source_sha256
 from pipeline.errors import SpmlError
 from pipeline.io import ensure_dir
 from pipeline.sampling import SplitParams, train_val_split
 from pipeline.tables import LabelTable, labels_hash, write_label_table
 
 
-def build_label_table(dataset: str, raw_dir: Path, data_params: dict, val_fraction: float, split_seed: int) -> LabelTable:
+def build_label_table(dataset: str, raw_dir: Path, data_params: DatasetParams, val_fraction: float,
+                      split_seed: int) -> LabelTable:
     official = get_dataset(dataset).load_official(raw_dir, data_params)
     num_classes = len(official.class_names)
     for name, rows in (("train", official.train), ("test", official.test)):
@@ -62,15 +63,15 @@ def build_label_table(dataset: str, raw_dir: Path, data_params: dict, val_fracti
 
 
 def run(dataset: str, params_path: Path = Path("params.yaml")) -> Path:
-    get_dataset(dataset)  # unknown names fail before anything else
+    source = get_dataset(dataset)  # unknown names fail before anything else
     params = load_params(params_path)
     split = parse_dataclass(SplitParams, params.get("split") or {}, "split")
+    data_params = dataset_params(source, params)  # e.g. check_images, COCO's loader (dvc.yaml tracks data.<name>)
     raw = paths.raw_dir(dataset)
     if not raw.exists():
         raise SpmlError(f"{raw} does not exist; run `spml download {dataset}` first")
     out = paths.label_table(dataset)
     ensure_dir(out.parent)  # an unwritable data/ fails before the table is built
-    table = build_label_table(dataset, raw, (params.get("data") or {}).get(dataset) or {}, split.val_fraction,
-                              split.seed)
+    table = build_label_table(dataset, raw, data_params, split.val_fraction, split.seed)
     write_label_table(out, table)
     return out

@@ -198,13 +198,14 @@ def test_pretraining_imports_only_the_pretrain_stages_dependencies(tiny_workspac
 
 # --------------------------------------------------------------------------- one source of truth
 def parsed_dataclasses():
-    from pipeline.datasets.synthetic import SyntheticParams
+    from pipeline.datasets.imported import ImportedNpy
     from pipeline.pretrain import PretrainParams
     from pipeline.run_config import TrainConfig
     from stages.prepare import SplitParams
     from stages.sample import SampleParams
 
-    classes = [TrainConfig, SyntheticParams, PretrainParams, SplitParams, SampleParams]
+    classes = [TrainConfig, PretrainParams, SplitParams, SampleParams, ImportedNpy.Params]
+    classes += [DATASETS.get(name).Params for name in DATASETS.names()]  # data.<name>: no `.get(key, default)`
     classes += [METHODS.get(name).Params for name in METHODS.names()]
     classes += [MODELS.get(name).Params for name in MODELS.names() if hasattr(MODELS.get(name), "Params")]
     return classes

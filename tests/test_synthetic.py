@@ -4,9 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.datasets import dataset_params, get_dataset
 from pipeline.datasets.synthetic import CLASS_NAMES, SHAPES, generate
 from pipeline.tables import read_label_table
 from tests.conftest import tiny_params
+
+
+def synthetic_params(block: dict):
+    """``block`` as ``data.synthetic``, parsed as the download and prepare stages parse it."""
+    return dataset_params(get_dataset("synthetic"), {"data": {"synthetic": block}})
 
 
 def expected_positives(block: dict) -> float:
@@ -35,8 +41,8 @@ def test_prepare_gives_the_defaults_mean_positives(tmp_path):
 
     params = {**tiny_params()["data"]["synthetic"], "num_train": 1000, "num_test": 4, "image_size": 16}
     params["class_weights"] = yaml_default()["data"]["synthetic"]["class_weights"]
-    generate(tmp_path / "raw", params)
-    stats = build_label_table("synthetic", tmp_path / "raw", params, 0.2, 1200).meta["stats"]
+    generate(tmp_path / "raw", synthetic_params(params))
+    stats = build_label_table("synthetic", tmp_path / "raw", synthetic_params(params), 0.2, 1200).meta["stats"]
     assert 1.4 <= stats["mean_positives_train"] <= 1.6
     counts = stats["label_count_train"]
     assert counts[0] == 0 and sum(counts) == stats["num_train"] == 800
@@ -58,15 +64,15 @@ def test_class_weights_or_power_law_exactly_one(tmp_path):
 
     params = {**tiny_params()["data"]["synthetic"], "num_train": 2, "num_test": 1, "image_size": 16}
     with pytest.raises(SpmlError, match="exactly one of class_weights"):
-        generate(tmp_path / "a", {**params, "frequency_decay": 0.8})
+        synthetic_params({**params, "frequency_decay": 0.8})
     with pytest.raises(SpmlError, match="class_weights must be 20 non-negative"):
-        generate(tmp_path / "b", {**params, "class_weights": [1.0] * 19})
+        synthetic_params({**params, "class_weights": [1.0] * 19})
 
 
 def test_generation_is_seeded(tmp_path):
     params = {**tiny_params()["data"]["synthetic"], "num_train": 6, "num_test": 2, "image_size": 32, "seed": 7}
-    generate(tmp_path / "a", params)
-    generate(tmp_path / "b", params)
+    generate(tmp_path / "a", synthetic_params(params))
+    generate(tmp_path / "b", synthetic_params(params))
     a, b = (json.loads((tmp_path / d / "annotations.json").read_text()) for d in "ab")
     assert a == b
     for rec in a["images"]:

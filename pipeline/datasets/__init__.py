@@ -3,6 +3,10 @@
 Each source is one module in this package that registers a class with :func:`register_dataset`.
 The generic ``prepare`` stage turns :class:`OfficialSplits` into the full label table, so a source
 only knows its own file formats.
+
+A source declares its ``params.yaml: data.<name>`` block as a ``Params`` dataclass, as methods and models
+do: every key typed and range-checked (``Annotated[..., Range(...)]``), none with a default, so a missing
+key is an error naming it and an unknown one too. :func:`dataset_params` parses the block once per stage.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.errors import unknown_name
+from pipeline.config import parse_dataclass
+from pipeline.errors import SpmlError, unknown_name
 from pipeline.registry import DATASETS
 
 
@@ -37,14 +42,48 @@ class OfficialSplits:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
+class DatasetParams:
+    """Base of every source's ``Params`` dataclass (``params.yaml: data.<name>``); no defaults in subclasses."""
+
+    def check(self, where: str) -> None:
+        """Refuse what one key's type and range cannot say (a list's length, a pair of keys); ``where`` is
+        ``data.<name>``, since one Params class may serve two names (synthetic, synthetic-dense)."""
+
+
 class DatasetSource(Protocol):
     name: str
+    Params: type[DatasetParams]  # a dataclass: params.yaml's data.<name>, parsed by dataset_params
 
-    def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
+    def download(self, raw_dir: Path, params: DatasetParams, source: Path | None) -> None:
         """Fill ``raw_dir`` (a fresh, empty directory) from the network or from ``source``."""
 
-    def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
+    def load_official(self, raw_dir: Path, params: DatasetParams) -> OfficialSplits:
         """Read the official train and test splits from ``raw_dir``."""
+
+
+def dataset_params(source: DatasetSource, params: dict[str, Any]) -> DatasetParams:
+    """``data.<name>`` of the loaded params.yaml as the source's ``Params``: one-line errors naming
+    ``data.<name>.<key>`` for a missing, unknown, mistyped or out-of-range key. An absent block reads as
+    empty, so its keys are reported missing (an imported dataset's Params has none: ``data.NAME: {}``)."""
+    where = f"data.{source.name}"
+    block = (params.get("data") or {}).get(source.name)
+    parsed = parse_dataclass(source.Params, {} if block is None else block, where)
+    parsed.check(where)
+    return parsed
+
+
+def check_path(value: str | None, where: str) -> None:
+    """A local path param (``source``, NUS-WIDE's ``images``): a non-empty string or null."""
+    if value is not None and not value.strip():
+        raise SpmlError(f"params {where} must be a path or null, got an empty string")
+
+
+def check_url(value: str | None, where: str) -> None:
+    """A mirror URL param: http(s), since downloads resume with HTTP Range requests; or null. A local file
+    is ``source``'s job."""
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise SpmlError(f"params {where} must be an http:// or https:// URL or null, got {value!r}; "
+                        "give a local archive as `source` instead")
 
 
 # what source_sha256 leaves out: the images (the image cache keys them by size and mtime; hashing their bytes
@@ -76,7 +115,6 @@ def source_sha256(raw_dir: Path) -> str:
 def check_source(meta: dict[str, Any], table_path: Path) -> None:
     """Refuse a prepared table whose raw data changed since ``prepare`` (or that records none)."""
     from pipeline import paths
-    from pipeline.errors import SpmlError
 
     dataset = meta.get("dataset")
     recorded = (meta.get("provenance") or {}).get("source_sha256")

@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
-from pipeline.datasets import OfficialSplits, SplitRows, register_dataset
+from pipeline.datasets import DatasetParams, OfficialSplits, SplitRows, check_path, register_dataset
 from pipeline.datasets.formats import require_images
 from pipeline.download import Archive, obtain
 from pipeline.errors import SpmlError
@@ -41,7 +42,6 @@ ARCHIVES = [
 ]
 HINT = ("pass the COCO 2014 zips or the extracted folder (annotations/, train2014/, val2014/): "
         "`spml download coco2014 --from PATH`")
-LOADERS = ("arrow", "pycocotools")
 MAX_ARROW_BYTES = (1 << 31) - 2  # pyarrow's JSON block size is an int32
 
 
@@ -139,16 +139,26 @@ class Coco2014:
     """Download: the annotations zip and, unless ``images: false``, the train/val image zips (resumable,
     MD5-checked); or ``--from`` one zip, a folder holding the zips, or the extracted folder."""
 
-    def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
-        archives = ARCHIVES if params.get("images", True) else ARCHIVES[:1]
+    @dataclass
+    class Params(DatasetParams):
+        """``params.yaml: data.coco2014``; no defaults here, params.yaml holds every value."""
+
+        source: str | None  # the zips, a folder of them or the extracted folder instead of downloading; download
+        images: bool  # false: fetch the annotations zip only (labels without images); download
+        loader: Literal["arrow", "pycocotools"]  # identical rows; arrow reads the JSON in a fraction of the memory
+        check_images: bool  # prepare refuses a listed image that is absent
+
+        def check(self, where: str) -> None:
+            check_path(self.source, f"{where}.source")
+
+    def download(self, raw_dir: Path, params: Params, source: Path | None) -> None:
+        archives = ARCHIVES if params.images else ARCHIVES[:1]
         obtain(archives, "coco2014", raw_dir, source)
         for phase in ("train", "val"):
             annotation_file(raw_dir, phase)
 
-    def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
-        loader = params.get("loader", "arrow")
-        if loader not in LOADERS:
-            raise SpmlError(f"params data.coco2014.loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    def load_official(self, raw_dir: Path, params: Params) -> OfficialSplits:
+        loader = params.loader
         read = _read_arrow if loader == "arrow" else _read_pycocotools
         splits, categories = {}, {}
         for split, phase in (("train", "train"), ("test", "val")):
@@ -159,7 +169,7 @@ class Coco2014:
         if not _same_categories(categories["train"], categories["val"]):
             raise SpmlError(f"{annotation_file(raw_dir, 'train')} and {annotation_file(raw_dir, 'val')} have "
                             "different category lists; both must come from the same COCO 2014 release")
-        if params.get("check_images", True):
+        if params.check_images:
             for split, phase in (("train", "train"), ("test", "val")):
                 require_images(raw_dir, splits[split].paths, os.fspath(annotation_file(raw_dir, phase)), HINT)
         return OfficialSplits(

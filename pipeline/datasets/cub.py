@@ -13,12 +13,12 @@ LL, IGNORE, AckTheUnknown) and Cole's ``tar -xf -C CUB_200_2011`` (one more ``CU
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import OfficialSplits, SplitRows, register_dataset
+from pipeline.datasets import DatasetParams, OfficialSplits, SplitRows, check_path, check_url, register_dataset
 from pipeline.datasets.formats import find_first, read_lines, require_images
 from pipeline.download import Archive, obtain
 from pipeline.errors import SpmlError
@@ -100,12 +100,24 @@ def read_attribute_labels(path: Path, image_ids: list[str]) -> np.ndarray:
 class Cub:
     """Download: ``CUB_200_2011.tgz`` (resumable, MD5-checked), or ``--from`` the tgz or an extracted folder."""
 
-    def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
-        url = params.get("url")
-        obtain(ARCHIVES, "cub", raw_dir, source, {ARCHIVES[0].filename: url} if url else None)
+    @dataclass
+    class Params(DatasetParams):
+        """``params.yaml: data.cub``; no defaults here, params.yaml holds every value."""
+
+        source: str | None  # the tgz or its extracted folder instead of downloading (= --from); download
+        url: str | None  # a mirror of the tgz (its MD5 is still checked); download
+        check_images: bool  # prepare refuses a listed image that is absent
+
+        def check(self, where: str) -> None:
+            check_path(self.source, f"{where}.source")
+            check_url(self.url, f"{where}.url")
+
+    def download(self, raw_dir: Path, params: Params, source: Path | None) -> None:
+        url = params.url
+        obtain(ARCHIVES, "cub", raw_dir, source, {ARCHIVES[0].filename: url} if url is not None else None)
         find_dirs(raw_dir)
 
-    def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
+    def load_official(self, raw_dir: Path, params: Params) -> OfficialSplits:
         cub, attributes_file = find_dirs(raw_dir)
         images = _pairs(cub / "images.txt", "<image_id> <path>")
         split_of = dict(_pairs(cub / "train_test_split.txt", "<image_id> <is_training_image>"))
@@ -130,7 +142,7 @@ class Cub:
             rows = np.flatnonzero(mask)
             splits[split] = SplitRows(image_ids=[images[r][0] for r in rows], paths=[images[r][1] for r in rows],
                                       labels=labels[rows])
-        if params.get("check_images", True):
+        if params.check_images:
             for split in ("train", "test"):
                 require_images(cub / "images", splits[split].paths, str(cub / "images.txt"), HINT)
         return OfficialSplits(

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import OfficialSplits
+from pipeline.datasets import DatasetParams, OfficialSplits
 from pipeline.datasets.formats import formatted_names, read_formatted, report_missing_images
 from pipeline.download import link_file
 from pipeline.errors import SpmlError
@@ -52,6 +53,11 @@ def imported_source(name: str) -> ImportedNpy | None:
 class ImportedNpy:
     """A dataset given as formatted .npy files; ``entry`` is its registry record."""
 
+    @dataclass
+    class Params(DatasetParams):
+        """``params.yaml: data.NAME``, empty (``data.NAME: {}`` or absent): what an import needs is machine-local
+        and lives in its registry record, not in params.yaml."""
+
     def __init__(self, name: str, entry: dict[str, Any]):
         self.name, self.entry = name, entry
 
@@ -59,7 +65,7 @@ class ImportedNpy:
     def hint(self) -> str:
         return f"rerun `spml import-npy DIR --name {self.name}` with the folder of formatted .npy files"
 
-    def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
+    def download(self, raw_dir: Path, params: Params, source: Path | None) -> None:
         folder = Path(source) if source is not None else Path(self.entry["dir"])
         read_formatted(folder, self.hint)  # validate before linking
         for name in FILES:
@@ -67,7 +73,7 @@ class ImportedNpy:
         images = self.entry.get("images") or str(folder.resolve())
         (raw_dir / "source.json").write_text(json.dumps({"dir": str(folder.resolve()), "images": images}) + "\n")
 
-    def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
+    def load_official(self, raw_dir: Path, params: Params) -> OfficialSplits:
         rows, num_classes, dtype = read_formatted(raw_dir, self.hint)
         info_file = raw_dir / "source.json"
         if not info_file.exists():

@@ -12,10 +12,11 @@ reported, not fatal, because link rot makes every copy of Flickr/ slightly diffe
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from pipeline.datasets import OfficialSplits, register_dataset
+from pipeline.datasets import DatasetParams, OfficialSplits, check_path, register_dataset
 from pipeline.datasets.formats import PHASES, formatted_names, read_formatted, report_missing_images
 from pipeline.download import link_file, link_tree
 from pipeline.errors import SpmlError
@@ -43,7 +44,19 @@ def formatted_files() -> list[str]:
 
 @register_dataset("nuswide")
 class NusWide:
-    def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
+    @dataclass
+    class Params(DatasetParams):
+        """``params.yaml: data.nuswide``; no defaults here, params.yaml holds every value."""
+
+        source: str | None  # the folder of formatted .npy files (+ Flickr/); null: `--from` must give it; download
+        images: str | None  # the Flickr/ folder when it is not inside `source`; download
+        variant: Literal["cole", "official"]  # which formatted files `source` holds (VARIANTS): provenance only
+
+        def check(self, where: str) -> None:
+            check_path(self.source, f"{where}.source")
+            check_path(self.images, f"{where}.images")
+
+    def download(self, raw_dir: Path, params: Params, source: Path | None) -> None:
         if source is None:
             raise SpmlError(f"dataset 'nuswide' has no download; {HINT}")
         source = Path(source)
@@ -55,16 +68,14 @@ class NusWide:
         read_formatted(source, HINT)  # validate before linking anything
         for name in formatted_files():
             link_file(source / name, raw_dir / name)
-        images = Path(params["images"]) if params.get("images") else source / "Flickr"
+        images = Path(params.images) if params.images is not None else source / "Flickr"
         if images.is_dir():
             link_tree(images, raw_dir / "Flickr", "NUS-WIDE images")
         (raw_dir / "source.json").write_text(json.dumps({"formatted": str(source.resolve()),
                                                          "images": str(images.resolve())}) + "\n")
 
-    def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
-        variant = params.get("variant", "cole")
-        if variant not in VARIANTS:
-            raise SpmlError(f"params data.nuswide.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    def load_official(self, raw_dir: Path, params: Params) -> OfficialSplits:
+        variant = params.variant
         rows, num_classes, dtype = read_formatted(raw_dir, HINT)
         if num_classes != len(CLASS_NAMES):
             raise SpmlError(f"{raw_dir / 'formatted_train_labels.npy'} has {num_classes} classes, expected the "

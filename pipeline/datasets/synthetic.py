@@ -23,8 +23,8 @@ from typing import Annotated, Any
 import numpy as np
 from PIL import Image
 
-from pipeline.config import Range, parse_dataclass
-from pipeline.datasets import OfficialSplits, SplitRows, register_dataset
+from pipeline.config import Range
+from pipeline.datasets import DatasetParams, OfficialSplits, SplitRows, register_dataset
 from pipeline.errors import SpmlError
 from pipeline.progress import progress_bar
 
@@ -108,8 +108,9 @@ MIN_IMAGE_SIZE = 16
 
 
 @dataclass
-class SyntheticParams:
-    """``params.yaml: data.synthetic``; no defaults here, params.yaml holds every value."""
+class SyntheticParams(DatasetParams):
+    """``params.yaml: data.synthetic`` (and ``data.synthetic-dense``); no defaults here, params.yaml holds every
+    value. ``download`` reads them all; ``prepare`` reads none (they reach it through data/raw)."""
 
     num_train: Annotated[int, Range(ge=2)]  # official-train images; `prepare` splits them into train and val
     num_test: Annotated[int, Range(ge=1)]
@@ -126,24 +127,21 @@ class SyntheticParams:
     object_size: list[float]  # [min, max] object diameter as a fraction of the image side
     min_visible: Annotated[float, Range(ge=0, le=1)]  # fraction of an object's pixels that must stay visible
 
-
-def _params(params: dict[str, Any], where: str = "data.synthetic") -> dict[str, Any]:
-    p = parse_dataclass(SyntheticParams, params if params is not None else {}, where)
-    probs = p.objects_per_image
-    if not probs or len(probs) > len(SHAPES) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
-        raise SpmlError(f"params {where}.objects_per_image must be 1 to {len(SHAPES)} non-negative "
-                        f"probabilities summing to 1, got {probs!r}")
-    if len(p.object_size) != 2 or not 0 < p.object_size[0] <= p.object_size[1] <= 1:
-        raise SpmlError(f"params {where}.object_size must be [min, max] with 0 < min <= max <= 1, "
-                        f"got {p.object_size!r}")
-    if (p.class_weights is None) == (p.frequency_decay is None):
-        raise SpmlError(f"params {where}: set exactly one of class_weights (a list of {len(SHAPES)} weights) and "
-                        f"frequency_decay (a power law); the other must be null")
-    if p.class_weights is not None and (len(p.class_weights) != len(SHAPES) or min(p.class_weights) < 0
-                                        or not sum(p.class_weights) > 0):
-        raise SpmlError(f"params {where}.class_weights must be {len(SHAPES)} non-negative weights, not all 0, "
-                        f"got {p.class_weights!r}")
-    return dataclasses.asdict(p)
+    def check(self, where: str) -> None:
+        probs = self.objects_per_image
+        if not probs or len(probs) > len(SHAPES) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+            raise SpmlError(f"params {where}.objects_per_image must be 1 to {len(SHAPES)} non-negative "
+                            f"probabilities summing to 1, got {probs!r}")
+        if len(self.object_size) != 2 or not 0 < self.object_size[0] <= self.object_size[1] <= 1:
+            raise SpmlError(f"params {where}.object_size must be [min, max] with 0 < min <= max <= 1, "
+                            f"got {self.object_size!r}")
+        if (self.class_weights is None) == (self.frequency_decay is None):
+            raise SpmlError(f"params {where}: set exactly one of class_weights (a list of {len(SHAPES)} weights) "
+                            f"and frequency_decay (a power law); the other must be null")
+        if self.class_weights is not None and (len(self.class_weights) != len(SHAPES) or min(self.class_weights) < 0
+                                               or not sum(self.class_weights) > 0):
+            raise SpmlError(f"params {where}.class_weights must be {len(SHAPES)} non-negative weights, not all 0, "
+                            f"got {self.class_weights!r}")
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -207,18 +205,21 @@ def render_image(rng, p, weights, partners, shapes=SHAPES) -> tuple[np.ndarray, 
     return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8), instances, classes
 
 
-def class_weights(p: dict[str, Any]) -> np.ndarray:
+def class_weights(p: SyntheticParams) -> np.ndarray:
     """Each class's draw weight before the seeded shuffle: the given weights, or the power law."""
-    if p["class_weights"] is not None:
-        return np.asarray(p["class_weights"], dtype=float)
-    return (np.arange(len(CLASS_NAMES)) + 1.0) ** -p["frequency_decay"]
+    if p.class_weights is not None:
+        return np.asarray(p.class_weights, dtype=float)
+    return (np.arange(len(CLASS_NAMES)) + 1.0) ** -p.frequency_decay
 
 
-def generate(out_dir: Path, params: dict[str, Any], where: str = "data.synthetic") -> None:
-    p = _params(params, where)
+def generate(out_dir: Path, params: SyntheticParams) -> None:
+    """Render the images, instance maps and ``annotations.json`` (which records ``params``) into ``out_dir``."""
+    # render_image reads a plain mapping (the pretrain stage hands it its own settings); the same mapping is
+    # what annotations.json records, in the dataclass's field order
+    p = dataclasses.asdict(params)
     rng = np.random.default_rng(p["seed"])
     num_classes = len(CLASS_NAMES)
-    weights = class_weights(p)
+    weights = class_weights(params)
     weights = weights[rng.permutation(num_classes)]
     pair_classes = rng.permutation(num_classes)[: 2 * p["cooccurrence_pairs"]].reshape(-1, 2)
     partners: dict[int, list[int]] = {}
@@ -257,12 +258,14 @@ class Synthetic:
     default) has VOC 2012's label statistics, ``synthetic-dense`` CUB's density of false negatives
     (docs/embedded-benchmark.md); both are this generator with their own ``data.<name>`` block."""
 
-    def download(self, raw_dir: Path, params: dict[str, Any], source: Path | None) -> None:
+    Params = SyntheticParams
+
+    def download(self, raw_dir: Path, params: SyntheticParams, source: Path | None) -> None:
         if source is not None:
             raise SpmlError(f"dataset '{self.name}' is generated, not downloaded; drop --from")
-        generate(raw_dir, params, f"data.{self.name}")
+        generate(raw_dir, params)
 
-    def load_official(self, raw_dir: Path, params: dict[str, Any]) -> OfficialSplits:
+    def load_official(self, raw_dir: Path, params: SyntheticParams) -> OfficialSplits:
         path = raw_dir / "annotations.json"
         if not path.exists():
             raise SpmlError(f"{path} does not exist; run `spml download {self.name}` first")
