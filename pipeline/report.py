@@ -172,15 +172,26 @@ def _fmt(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
+def protocol_line(runs: pd.DataFrame) -> str:
+    """Which protocol produced the numbers. Under ``protocol: original`` a method without an ``original`` block
+    runs ``unified`` (pipeline/run_config.py): the line names those methods, so no row passes for its authors'."""
+    protocols = sorted(set(runs.protocol.dropna())) if "protocol" in runs else []
+    line = (f"Training protocol: {', '.join(protocols) or 'unknown'} (docs/protocols.md: `unified` = one shared "
+            "recipe for every method, `original` = each method under its authors' published protocol).")
+    if set(protocols) == {"original", "unified"}:
+        fallback = sorted(set(runs[runs.protocol == "unified"].method))
+        line += (f" Under `original`, {', '.join(fallback)} ran `unified`: no `original` block in "
+                 f"method_params.<method> (a method's authors' protocol is added there).")
+    return line
+
+
 def results_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]) -> str:
     """Methods x datasets, test mAP (at the best-val epoch) as mean ± sample std (ddof=1) over seeds, then
     per dataset the field scores (:func:`field_scores_markdown`: gap closed, AN/full, Kendall tau vs Table 2)."""
     lines = ["# Results", "",
              "Test mAP (%) at the best-validation epoch, mean ± sample standard deviation (ddof=1) over seeds;",
              "n = number of seeds. Regenerate with `dvc repro`.", ""]
-    protocols = sorted(set(runs.protocol.dropna())) if "protocol" in runs else []
-    lines += [(f"Training protocol: {', '.join(protocols) or 'unknown'} (docs/protocols.md: `unified` = one shared "
-               "recipe for every method, `original` = each method under its authors' published protocol)."), ""]
+    lines += [protocol_line(runs), ""]
     header = "| method | " + " | ".join(datasets) + " | n |"
     marked = {d: unmeasured(runs, d) for d in datasets}
     substituted = {d: on_substitutes(runs, d) for d in datasets}

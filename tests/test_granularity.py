@@ -59,6 +59,38 @@ def test_changing_a_methods_params_block_reruns_only_its_cells(reproduced):
         undo()
 
 
+def test_runtime_settings_leave_every_cell_up_to_date(reproduced):
+    """params `runtime` (threads, workers, compile, device...) can change no metric beyond float noise: no cell
+    tracks it, so a user who sets it for their machine keeps every committed result."""
+    def change(text):
+        params = yaml.safe_load(text)
+        params["runtime"].update(threads=1, num_workers=2, compile=True, device="cpu", channels_last=True,
+                                 host_allocator="glibc", max_loss=1.0e7)
+        return yaml.safe_dump(params, sort_keys=False)
+
+    undo = edit(reproduced, "params.yaml", change)
+    try:
+        assert stale(reproduced) == set()
+    finally:
+        undo()
+
+
+def test_changing_one_methods_protocol_reruns_only_its_cells(reproduced):
+    """A method's authors' protocol lives in its own block (method_params.<m>.original), which also sets the
+    reference of its schedules under `unified`: changing it reruns that method's cells and no other."""
+    def change(text):
+        params = yaml.safe_load(text)
+        params["method_params"]["em"]["original"]["default"]["epochs"] = 12
+        params["method_params"]["ll-r"]["original"]["default"]["lr"] = 1.0e-4  # a method outside the grid
+        return yaml.safe_dump(params, sort_keys=False)
+
+    undo = edit(reproduced, "params.yaml", change)
+    try:
+        assert train_cells(stale(reproduced)) == {"train@synthetic-em-0"}
+    finally:
+        undo()
+
+
 def test_editing_a_methods_module_reruns_only_its_cells(reproduced):
     undo = edit(reproduced, "pipeline/methods/em.py", lambda text: text + "\n# an edit\n")
     try:
@@ -96,6 +128,11 @@ def test_a_new_method_is_one_module_and_one_params_block_and_only_its_cells_are_
     assert "Running stage 'train@synthetic-toy-an-0'" in out
     assert "Running stage 'train@synthetic-an-0'" not in out and "Running stage 'train@synthetic-em-0'" not in out
     assert "toy-an" in (repo / "reports/results.md").read_text()
+    # no `original` block: under protocol original it runs unified, and the run and the report say so
+    params["protocol"] = "original"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config = json.loads(sh(repo, "spml", "config", "synthetic", "toy-an", env={"PYTHONPATH": str(repo)}))
+    assert config["protocol"] == "unified" and config["reference"]["epochs"] is None
 
 
 def test_dvc_exp_run_with_a_preset_trains_exactly_the_presets_grid(reproduced, tmp_path):

@@ -383,3 +383,52 @@ def test_an_under_the_original_protocol_runs_and_selects_over_the_grid(tiny_work
     saved = json.loads((tiny_workspace / "runs/synthetic/an/0/metrics.json").read_text())
     assert saved["search"] == points and saved["search_selected"] == selected
     assert not list((tiny_workspace / "runs/.resume").rglob("*.search*"))  # nothing left behind
+
+
+def test_a_method_without_an_original_block_runs_unified_and_the_report_says_so():
+    import pandas as pd
+
+    from pipeline.report import protocol_line
+
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    del params["method_params"]["wan"]["original"]
+    run = resolve_run_config(params, "synthetic", "wan", 0)
+    assert run.protocol == "unified" and run.train.epochs == params["train"]["default"]["epochs"]
+    assert run.reference.epochs is None  # no reference: its schedules (none) stay as set
+    assert resolve_run_config(params, "synthetic", "an", 0).protocol == "original"
+    runs = pd.DataFrame({"method": ["an", "wan"], "protocol": ["original", "unified"]})
+    assert "Under `original`, wan ran `unified`: no `original` block" in protocol_line(runs)
+    assert "ran `unified`" not in protocol_line(runs.iloc[:1])
+
+
+def test_an_ablation_reads_its_methods_block():
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    params["method_params"]["ignore"]["default"]["cam_threshold"] = 0.55
+    params["method_params"]["ignore"]["original"]["default"]["epochs"] = 7
+    for name in ("ignore-gap", "an-cons"):
+        run = resolve_run_config(params, "synthetic", name, 0)
+        assert run.method_params["cam_threshold"] == 0.55 and run.train.epochs == 7, name
+
+
+def test_unread_params_are_named_with_what_overrides_them():
+    from pipeline.unread import unread_params
+
+    base = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml")
+    params["protocol"] = "original"
+    params["train"]["default"]["lr"] = 0.5  # every grid method's own protocol sets lr: read by no cell
+    params["train"]["default"]["eval_batch_size"] = 128  # read (no protocol of this grid sets it)
+    params["method_params"]["ignore-gap"] = {"default": {"cam_threshold": 0.3}}
+    params["ablations"] = ["ignore-gap"]
+    found = {u.key: u for u in unread_params(params, base)}
+    assert set(found) == {"train.default.lr", "method_params.ignore-gap"}
+    assert {"method_params.em.original.default", "method_params.an.original (its search)"} <= set(found["train.default.lr"].overridden_by)
+    assert "reads method_params.ignore" in found["method_params.ignore-gap"].message()
+    assert unread_params(base, base) == []  # the repository's own values are not reported against themselves
+    # a value for another grid's dataset or model is not unread, it is for that grid
+    params = load_params(REPO / "params.yaml")
+    params["train"]["coco2014"] = {"lr": 0.5}
+    params["method_params"]["ignore"]["q2l"]["cam_threshold"] = 0.1
+    assert unread_params(params, base) == []
