@@ -46,9 +46,12 @@ def write_params(directory: Path, params: dict) -> Path:
 
 
 def method_defaults(name: str) -> dict:
-    """params.yaml's ``method_params.<name>.default`` block: a method's parameters carry no code defaults."""
-    return dict((yaml.safe_load((REPO / "params.yaml").read_text())["method_params"][name] or {}).get("default")
-                or {})
+    """params.yaml's ``method_params.<name>.default`` block (an ablation's: its method's): a method's parameters
+    carry no code defaults."""
+    from pipeline.run_config import block_owner
+
+    block = yaml.safe_load((REPO / "params.yaml").read_text())["method_params"][block_owner(name)]
+    return dict((block or {}).get("default") or {})
 
 
 def make_method(name: str, overrides: dict, ctx):

@@ -317,18 +317,22 @@ def test_params_validation_and_state_roundtrip():
     assert float(m2.tau) == pytest.approx(0.7)
 
 
-def test_an_ablation_reads_only_its_own_block_which_params_yaml_shares_with_ignore():
-    """A train cell tracks only its method's block, so an ablation must not read IGNORE's: params.yaml gives
-    Table 3's rows IGNORE's values through a YAML anchor instead."""
+def test_an_ablation_reads_ignores_block_and_its_cells_track_it():
+    """One key per value: Table 3's rows read IGNORE's block (a preset that changes IGNORE's gamma changes its
+    ablations too), and dvc.yaml's ablate cells track that block."""
+    import yaml
+
     from pipeline.config import load_params
     from pipeline.run_config import resolve_run_config
     from tests.conftest import REPO
 
     params = load_params(REPO / "params.yaml")
+    assert "ignore-gap" not in params["method_params"] and "an-cons" not in params["method_params"]
+    params["method_params"]["ignore"]["default"]["cam_threshold"] = 0.3
     for row in ("ignore-gap", "an-cons"):
-        assert params["method_params"][row] == params["method_params"]["ignore"]
-    params["method_params"] = {"ignore": {"default": {"cam_threshold": 0.3}}, "ignore-gap": {"default": {"reg_weight": 0.9}}}
-    assert resolve_run_config(params, "synthetic", "ignore-gap", 0).method_params == {"reg_weight": 0.9}
+        assert resolve_run_config(params, "synthetic", row, 0).method_params["cam_threshold"] == 0.3
+    ablate = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["ablate"]
+    assert "method_params.ignore" in ablate["params"] and "pipeline/methods/ignore.py" in ablate["deps"]
 
 
 # ------------------------------------------------------------------------------------------- smoke
