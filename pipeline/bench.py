@@ -62,10 +62,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.config import load_params
+from pipeline.contracts import Batch, HiddenLabels, MethodContext
 from pipeline.data import Normalizer
 from pipeline.errors import SpmlError
-from pipeline.methods import Batch, MethodContext, get_method_class
-from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels
+from pipeline.hidden_scoring import FalseNegativeMeter
+from pipeline.methods import get_method_class
 from pipeline.runtime.distributed import DistContext
 from pipeline.runtime.host import THREADS_ENV, host_memory, usable_cpus
 from pipeline.run_config import MIN_IMAGE_SIZE, RunConfig, RuntimeConfig, resolve_run_config, search_config

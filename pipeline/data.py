@@ -38,9 +38,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandAugment
 
+from pipeline.contracts import Batch, HiddenLabels
 from pipeline.errors import SpmlError, bomb_error
-from pipeline.methods import Batch
-from pipeline.methods.diagnostics import HiddenLabels
 from pipeline.progress import progress_bar
 
 if TYPE_CHECKING:

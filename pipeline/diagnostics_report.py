@@ -1,7 +1,7 @@
 """False-negative diagnostics report: ``reports/diagnostics.md`` and ``reports/diagnostics.png``.
 
 Generic over methods: any run whose ``history.csv`` has ``fn_*`` columns (written by the training loop's
-:class:`pipeline.methods.diagnostics.FalseNegativeMeter` from what the method reports) appears,
+:class:`pipeline.hidden_scoring.FalseNegativeMeter` from what the method reports) appears,
 whatever the method. Per (dataset, method) the table gives the last epoch's values and the averages over
 the epochs where the method was rejecting or relabelling (``fn_active == 1`` where the method reports it,
 else the epochs with at least one flagged entry), each averaged over seeds. The figure is the analogue of

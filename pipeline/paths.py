@@ -5,6 +5,9 @@ from pathlib import Path
 DATA = Path("data")
 RUNS = Path("runs")
 REPORTS = Path("reports")
+# the trunk weights stage `pretrain` writes into pretrained_dir(model); here, not in pipeline.pretrain, so a
+# model reads the name without importing a stage's module
+TRUNK_FILE = "trunk.pt"
 
 
 def raw_dir(dataset: str) -> Path:

@@ -27,10 +27,10 @@ from pipeline.datasets.synthetic import SOURCE_SHAPES, render_image
 from pipeline.errors import SpmlError
 from pipeline.metrics import mean_average_precision
 from pipeline.models import build_model, parse_model_params
+from pipeline.paths import TRUNK_FILE
 from pipeline.progress import progress_bar
 from pipeline.runtime.host import torch_threads
 
-TRUNK_FILE = "trunk.pt"
 OUTPUT_FILES = (TRUNK_FILE, "metrics.json")
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import __version__, paths
 from pipeline.config import derive_seed
+from pipeline.contracts import Batch, HiddenLabels, MethodContext, StepOutput
 from pipeline.data import (
     EvalSet,
     ImageArray,
@@ -38,8 +39,8 @@ from pipeline.data import (
     pad_instance_classes,
 )
 from pipeline.errors import SpmlError
-from pipeline.methods import Batch, Method, MethodContext, StepOutput, build_method, get_method_class
-from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, score_step
+from pipeline.hidden_scoring import FalseNegativeMeter, score_step
+from pipeline.methods import Method, build_method, get_method_class
 from pipeline.models import build_model, weight_files
 from pipeline.progress import progress_bar
 from pipeline.runtime.checkpoint import Best, Checkpoint, clear_resume, run_fingerprint, save_file

@@ -44,8 +44,9 @@ STUBBED = _stub_missing("pyarrow", "pyarrow.parquet", "sklearn", "sklearn.metric
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.contracts import MethodContext
 from pipeline.data import EvalSet, Normalizer, TrainSet
-from pipeline.methods import MethodContext, build_method
+from pipeline.methods import build_method
 from pipeline.models import build_model
 from pipeline.runtime.distributed import EpochSampler
 from pipeline.runtime.optim import amp_dtype, build_scheduler

@@ -10,7 +10,7 @@ from pipeline import paths
 from pipeline.config import load_params
 from pipeline.errors import SpmlError
 from pipeline.io import atomic_dir, write_json
-from pipeline.pretrain import OUTPUT_FILES, TRUNK_FILE, parse_params, pretrain
+from pipeline.pretrain import OUTPUT_FILES, parse_params, pretrain
 
 
 def run(params_path: Path = Path("params.yaml")) -> Path:
@@ -22,6 +22,6 @@ def run(params_path: Path = Path("params.yaml")) -> Path:
                         "move them away, the stage replaces the folder as a whole")
     with atomic_dir(out) as tmp:
         torch.save({"trunk": trunk, "width": model_params["width"], "source_classes": metrics["source_classes"]},
-                   tmp / TRUNK_FILE)
+                   tmp / paths.TRUNK_FILE)
         write_json(tmp / "metrics.json", metrics)
     return out

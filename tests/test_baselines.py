@@ -11,11 +11,10 @@ import math
 import pytest
 import torch
 
+from pipeline.contracts import Batch, HiddenLabels, MethodContext, ModelOutput, StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Batch, MethodContext, StepOutput
+from pipeline.hidden_scoring import FalseNegativeMeter, score_step
 from pipeline.methods import losses as L
-from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, score_step
-from pipeline.models import ModelOutput
 from tests.conftest import make_method
 
 EPS = 1e-5

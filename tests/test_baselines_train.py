@@ -66,7 +66,8 @@ def test_adding_a_method_is_one_module_and_one_params_entry(run_params, tmp_path
 
         import torch.nn.functional as F
 
-        from pipeline.methods import Method, StepOutput, register_method
+        from pipeline.contracts import StepOutput
+        from pipeline.methods import Method, register_method
 
 
         @register_method("toy-an")

@@ -31,7 +31,7 @@ def test_torchrun_two_processes_gathers_all_predictions(tiny_workspace):
     # evaluate the saved best model in this process on the whole val split
     from pipeline.config import load_params
     from pipeline.data import Normalizer
-    from pipeline.methods import MethodContext
+    from pipeline.contracts import MethodContext
     from pipeline.metrics import mean_average_precision
     from pipeline.models import build_model
     from pipeline.run_config import resolve_run_config

@@ -306,7 +306,7 @@ def test_p04_divergence_check_adds_no_host_sync_per_step(tiny_workspace, monkeyp
     inside = [False]
     real_epoch = train_mod.train_one_epoch
     package = Path(train_mod.__file__).parent
-    watched = (str(package / "train.py"), str(package / "methods"))
+    watched = (str(package / "train.py"), str(package / "hidden_scoring.py"), str(package / "methods"))
 
     def counting(name):
         real = getattr(torch.Tensor, name)

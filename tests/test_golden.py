@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.config import load_params
-from pipeline.methods import Batch, MethodContext, build_method
-from pipeline.models import ModelOutput
+from pipeline.contracts import Batch, MethodContext, ModelOutput
+from pipeline.methods import build_method
 from pipeline.run_config import resolve_run_config
 from tests.conftest import REPO
 

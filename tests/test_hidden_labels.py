@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.contracts import Batch, HiddenLabels, MethodContext, ModelOutput, StepOutput
 from pipeline.data import MethodBatches, Normalizer
 from pipeline.errors import SpmlError
-from pipeline.methods import Batch, Method, MethodContext, StepOutput, register_method
-from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, score_step
-from pipeline.models import ModelOutput
+from pipeline.hidden_scoring import FalseNegativeMeter, score_step
+from pipeline.methods import Method, register_method
 from pipeline.train import train_one_epoch
 
 # 4 training rows, 3 classes, served as two batches of two rows

@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.methods import Batch, MethodContext
+from pipeline.contracts import Batch, HiddenLabels, MethodContext, ModelOutput
+from pipeline.hidden_scoring import FalseNegativeMeter, mask_coverage, score_step
 from pipeline.methods import ignore as ig
-from pipeline.methods.diagnostics import FalseNegativeMeter, HiddenLabels, mask_coverage, score_step
-from pipeline.models import ModelOutput
 from tests.conftest import make_method
 
 

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
+from pipeline.contracts import ModelOutput
 from pipeline.errors import SpmlError
-from pipeline.models import ModelOutput, build_model
+from pipeline.models import build_model
 from pipeline.models.q2l import sine_position_encoding
 from pipeline.models.resnet50 import trunk_features
 from pipeline.models.weights import resolve_weights, verified_state_dict

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.methods import Batch, MethodContext
+from pipeline.contracts import Batch, MethodContext
 from pipeline.models import build_model
 from tests.conftest import make_method
 

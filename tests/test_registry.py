@@ -81,8 +81,27 @@ def test_every_method_lives_in_the_module_named_like_it():
     assert not strays, f"modules that are neither a method nor listed as shared core in dvc.yaml: {strays}"
 
 
+def project_imports(path: Path) -> set[str]:
+    """The files of pipeline/ and stages/ a module imports by name (``from pipeline import paths`` included)."""
+    files = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names] if node.module in ("pipeline", "stages") \
+                else [node.module]
+        for name in names:
+            if name.split(".")[0] in ("pipeline", "stages"):
+                base = REPO / name.replace(".", "/")
+                found = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py"
+                files.add(os.path.relpath(found, REPO))
+    return files
+
+
 def test_a_method_module_imports_only_the_shared_core():
+    """Another method's module never, and of the rest of the project only files its cell depends on in dvc.yaml
+    (the CLIP scores' reader: train-vl's cells only) or that cannot change a number."""
     shared = shared_core() | {"__init__"}
+    vl_methods = yaml.safe_load((REPO / "presets" / "all-methods.yaml").read_text())["vl_methods"]
     for path in sorted(METHODS_DIR.glob("*.py")):
         if path.stem in shared:
             continue
@@ -91,6 +110,9 @@ def test_a_method_module_imports_only_the_shared_core():
                 assert node.module.split(".")[-1] in shared, f"{path.name} imports {node.module}"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("pipeline.methods.") for a in node.names), path.name
+        stage = "train-vl" if path.stem in vl_methods else "train"
+        deps = [d for d in stage_deps(stage) if "${" not in d]
+        assert not uncovered(project_imports(path), deps), f"{path.name} imports files its cells do not track"
 
 
 def test_train_and_ablate_cells_differ_only_in_the_method_module():
@@ -188,9 +210,9 @@ def test_pretraining_imports_only_the_pretrain_stages_dependencies(tiny_workspac
     # the other model modules are imported by the registry's scan for `smallcnn` and build nothing here
     models = tuple(f"pipeline/models/{p.name}" for p in (REPO / "pipeline/models").glob("*.py")
                    if p.name not in ("__init__.py", "small_cnn.py"))
-    # pipeline/data.py imports the method base for the Batch types Normalizer.batch builds; pretraining calls
-    # only Normalizer's image scaling (data.py, a dependency)
-    types_only = ("pipeline/methods/__init__.py", "pipeline/methods/diagnostics.py")
+    # pipeline/data.py imports the record types Normalizer.batch builds (pipeline/contracts.py, which imports nothing
+    # of the project); pretraining calls only Normalizer's image scaling (data.py, a dependency)
+    types_only = ("pipeline/contracts.py",)
     missing = uncovered(imported, deps, ("pipeline/datasets/__init__.py", "pipeline/download.py", *models,
                                          *types_only))
     assert not missing, f"imported by pretraining but not a dependency of the pretrain stage: {missing}"

@@ -274,7 +274,7 @@ def test_compiled_model_trains_to_the_eager_losses():
     import dataclasses
 
     from pipeline import bench
-    from pipeline.methods import MethodContext
+    from pipeline.contracts import MethodContext
     from pipeline.run_config import resolve_run_config
     from pipeline.train import build_normalizer, build_training, train_step
     from tests.conftest import tiny_params

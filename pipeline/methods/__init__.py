@@ -6,15 +6,20 @@ hyperparameters as a dataclass (``Params``) whose defaults are overridden by
 (IGNORE needs three, AN one) and returns the loss. The training loop knows no method by name: it only
 calls the hooks below.
 
-A method never sees the hidden full labels (nor the synthetic instance maps): a :class:`Batch` holds the
-images and the observed labels only, and :class:`MethodContext` the observed training labels. What a
-method did to the unannotated entries it *reports* in its :class:`StepOutput` (``flagged``,
-``split_means``, ``fn_share``, ``kept_region``); the training loop scores that against the hidden labels
-(:mod:`pipeline.methods.diagnostics`) and writes the false-negative columns of the history. The one
-method trained on the full labels (``full``, the upper bound) says so with ``label_source = "full"``:
-the loop then hands it the full labels *as* ``Batch.observed``.
+What a method is handed and returns are the records of :mod:`pipeline.contracts` (the ground floor data,
+loop and methods share). A method never sees the hidden full labels (nor the synthetic instance maps): a
+:class:`~pipeline.contracts.Batch` holds the images and the observed labels only, and
+:class:`~pipeline.contracts.MethodContext` the observed training labels. What a method did to the unannotated
+entries it *reports* in its :class:`~pipeline.contracts.StepOutput` (``flagged``, ``split_means``,
+``fn_share``, ``kept_region``); the training loop scores that against the hidden labels
+(:mod:`pipeline.hidden_scoring`, beside the loop: no module of this package may import it) and writes the
+false-negative columns of the history. The one method trained on the full labels (``full``, the upper bound)
+says so with ``label_source = "full"``: the loop then hands it the full labels *as* ``Batch.observed``.
 
 Adding a method is one new module in this package plus one ``method_params`` entry, e.g.::
+
+    from pipeline.contracts import StepOutput
+    from pipeline.methods import Method, register_method
 
     @register_method("my-an")
     class MyAN(Method):
@@ -35,80 +40,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from pipeline.config import parse_dataclass
+from pipeline.contracts import Batch, MethodContext, StepOutput
 from pipeline.errors import SpmlError
 from pipeline.registry import METHODS
 
+# Batch, MethodContext and StepOutput live in pipeline.contracts; they stay importable from here because the
+# docs for method authors named this package as their home before the contracts had one (such methods still run)
+__all__ = ["LABEL_SOURCES", "Batch", "Method", "MethodContext", "StepOutput", "build_method",
+           "expected_positives", "get_method_class", "method_names", "register_method"]
+
 # what a method trains on (Method.label_source): the observed labels, or the full ones (the upper bound only)
 LABEL_SOURCES = ("observed", "full")
-
-
-@dataclass
-class Batch:
-    """One training batch as a method sees it, already on the device and normalised.
-
-    No hidden ground truth here, by design: the full labels and instance maps of the batch stay with the
-    training loop (:class:`pipeline.methods.diagnostics.HiddenLabels`)."""
-
-    index: torch.Tensor  # (B,) long: row of each image in the training set (keys method state)
-    image: torch.Tensor  # (B, 3, H, W) weak view (random horizontal flip only)
-    # (B, C) float in {0, 1} (or {-1, 0, 1} with observed negatives); the full labels for label_source "full"
-    observed: torch.Tensor
-    strong: torch.Tensor | None = None  # (B, 3, H, W) strong view, when the method asks for it
-
-    @property
-    def positives(self) -> torch.Tensor:
-        """{0,1} float matrix of observed positives (observed negatives count as 0)."""
-        return (self.observed > 0).to(self.image.dtype)
-
-
-@dataclass
-class StepOutput:
-    """The loss of one step, and what the method did, for the history.
-
-    Only ``loss`` is required. The optional report fields are scored by the training loop against the
-    hidden labels (:func:`pipeline.methods.diagnostics.score_step`), so a method can be diagnosed without
-    seeing them; each field's history columns are named below. All are detached, on the batch's device."""
-
-    loss: torch.Tensor
-    # scalar tensors averaged over the epoch's steps and written to the history (no host sync per step)
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)
-    # (B, C) bool: the unannotated entries the method does not take as negatives this step (rejected,
-    # corrected, pseudo-labelled positive...) -> fn_flagged, fn_precision, fn_recall, fn_f1, fn_base_rate,
-    # fn_tn_ratio
-    flagged: torch.Tensor | None = None
-    # name -> (B, C) per-entry values (IGNORE's logit gap); their mean at the observed positives, the true
-    # negatives and the false negatives -> <name>_sp, <name>_tn, <name>_fn
-    split_means: dict[str, torch.Tensor] = field(default_factory=dict)
-    # name -> (B, C) bool entry set (APL's pseudo-negatives); the share of false negatives among its
-    # unannotated entries -> <name>
-    fn_share: dict[str, torch.Tensor] = field(default_factory=dict)
-    # (B, H, W) in [0, 1]: the pixels of the weak view the method kept (IGNORE's CAM mask); against the
-    # synthetic instance maps (where loaded, see Method.needs_instances) -> mask_pos_kept, mask_other_removed
-    kept_region: torch.Tensor | None = None
-
-
-@dataclass
-class MethodContext:
-    """What a method may know about the run when it is built."""
-
-    dataset: str
-    model: str
-    num_classes: int
-    num_train: int  # rows of the training set; Batch.index < num_train
-    epochs: int
-    steps_per_epoch: int
-    # the dataset's mean label count over the training images: EPR/ROLE's published choice of k (a dataset
-    # statistic, not any image's labels)
-    mean_positives: float
-    observed_train: torch.Tensor  # (num_train, C) initial labels as Batch.observed has them, on the device
-    device: torch.device
 
 
 def expected_positives(k: float | None, ctx, where: str) -> float:

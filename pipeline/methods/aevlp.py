@@ -30,8 +30,9 @@ import torch
 
 from pipeline.clip_scores import clip_score_files, read_clip_scores
 from pipeline.config import Range
+from pipeline.contracts import StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, expected_positives, register_method
+from pipeline.methods import Method, expected_positives, register_method
 from pipeline.methods.losses import (
     expected_positive_regulariser,
     gr_log_neg,

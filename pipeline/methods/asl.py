@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline.contracts import StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, register_method
+from pipeline.methods import Method, register_method
 from pipeline.methods.losses import asl_loss
 
 

@@ -18,8 +18,9 @@ from typing import Annotated, ClassVar
 import torch
 
 from pipeline.config import Range
+from pipeline.contracts import StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, register_method
+from pipeline.methods import Method, register_method
 from pipeline.methods.losses import apl_quota, em_loss, lowest_k_per_class
 from pipeline.methods.sync import all_reduce_
 

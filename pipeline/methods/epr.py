@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.methods import Method, StepOutput, expected_positives, register_method
+from pipeline.contracts import StepOutput
+from pipeline.methods import Method, expected_positives, register_method
 from pipeline.methods.losses import epr_loss
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from pipeline.methods import Method, StepOutput, register_method
+from pipeline.contracts import StepOutput
+from pipeline.methods import Method, register_method
 
 
 @register_method("full")

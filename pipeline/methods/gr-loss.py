@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
 from pipeline.config import Range
+from pipeline.contracts import StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, register_method
+from pipeline.methods import Method, register_method
 from pipeline.methods.losses import gr_loss, gr_pushes_up, gr_schedule
 
 

@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.contracts import Batch, StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Batch, Method, StepOutput, register_method
+from pipeline.methods import Method, register_method
 from pipeline.methods.diagnostics import EpochMeans
 
 LOG_EPS = 1e-5  # the official code's epsilon inside every log

@@ -19,8 +19,9 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from pipeline.contracts import StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput
+from pipeline.methods import Method
 from pipeline.methods.losses import large_loss_count, large_loss_mask
 from pipeline.methods.sync import all_reduce_
 

@@ -31,8 +31,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from pipeline.contracts import StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, register_method
+from pipeline.methods import Method, register_method
 from pipeline.methods.losses import plc_loss, plc_targets
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.contracts import StepOutput
 from pipeline.errors import SpmlError
-from pipeline.methods import Method, StepOutput, expected_positives, register_method
+from pipeline.methods import Method, expected_positives, register_method
 from pipeline.methods.losses import role_loss
 from pipeline.methods.sync import average_gradient_hook
 

@@ -24,7 +24,8 @@ import torch
 
 from pipeline.clip_scores import clip_score_files, read_clip_scores
 from pipeline.config import Range
-from pipeline.methods import Method, StepOutput, register_method
+from pipeline.contracts import StepOutput
+from pipeline.methods import Method, register_method
 from pipeline.methods.losses import entropy, log_pos, mean_over_entries, soft_bce
 
 

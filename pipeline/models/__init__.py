@@ -1,40 +1,23 @@
 """Models registered by name. Every model maps images to class logits **and** a class activation map.
 
-``forward(x)`` returns :class:`ModelOutput` with ``logits`` (B, C) and ``cam`` (B, C, h, w): the
-per-class spatial evidence whose global average gives the logits for CAM-head models (IGNORE masks the
-image with it). ``parameter_groups(lr, head_lr_mult)`` returns optimizer groups (trunk, head).
+``forward(x)`` returns :class:`pipeline.contracts.ModelOutput` with ``logits`` (B, C) and ``cam``
+(B, C, h, w): the per-class spatial evidence whose global average gives the logits for CAM-head models
+(IGNORE masks the image with it). ``parameter_groups(lr, head_lr_mult)`` returns optimizer groups (trunk,
+head).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from pipeline.config import parse_dataclass
+from pipeline.contracts import ModelOutput
 from pipeline.errors import SpmlError
 from pipeline.registry import MODELS
-
-
-class _LogitsCam(NamedTuple):
-    logits: torch.Tensor
-    cam: torch.Tensor
-
-
-class ModelOutput(_LogitsCam):
-    """``(logits, cam)``, plus an optional ``embeddings`` attribute.
-
-    Still a 2-tuple (``logits, cam = model(x)`` keeps working). ``embeddings`` (B, C, d) holds
-    label-wise embeddings for models that have them (Query2Label's decoder outputs, or their
-    L2-normalised projection when the model was built with a projector); None otherwise.
-    """
-
-    def __new__(cls, logits: torch.Tensor, cam: torch.Tensor, embeddings: torch.Tensor | None = None):
-        self = super().__new__(cls, logits, cam)
-        self.embeddings = embeddings
-        return self
 
 
 def cam_head_output(cam: torch.Tensor, cam_boost: float) -> ModelOutput:

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.contracts import ModelOutput
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import SpmlError
-from pipeline.models import ModelOutput, cam_head_output, register_model
+from pipeline.models import cam_head_output, register_model
 from pipeline.models.weights import verified_state_dict
 
 LITE0_FILE = "efficientnet-lite0-57934424.pth"

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from pipeline.contracts import ModelOutput
 from pipeline.errors import SpmlError
-from pipeline.models import ModelOutput, register_model
+from pipeline.models import register_model
 from pipeline.models.resnet50 import RESNET50_LAYERS, build_resnet_trunk, trunk_features
 from pipeline.models.weights import RESNET50_IMAGENET1K_V1_SHA256
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from pipeline.models import ModelOutput, cam_head_output, register_model
+from pipeline.contracts import ModelOutput
+from pipeline.models import cam_head_output, register_model
 from pipeline.models.weights import RESNET50_IMAGENET1K_V1_SHA256, load_trunk_weights, resolve_weights
 
 RESNET50_LAYERS = (3, 4, 6, 3)

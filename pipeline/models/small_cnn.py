@@ -11,8 +11,9 @@ from torch import nn
 
 from pipeline import paths
 from pipeline.config import Range
+from pipeline.contracts import ModelOutput
 from pipeline.errors import SpmlError
-from pipeline.models import ModelOutput, cam_head_output, register_model
+from pipeline.models import cam_head_output, register_model
 
 
 def load_pretrained_trunk(path: Path, width: int) -> dict[str, torch.Tensor]:
@@ -74,9 +75,7 @@ class SmallCNN(nn.Module):
         if weights == "none":
             return None
         if weights == "pretrained":
-            from pipeline.pretrain import TRUNK_FILE
-
-            return paths.pretrained_dir("smallcnn") / TRUNK_FILE
+            return paths.pretrained_dir("smallcnn") / paths.TRUNK_FILE
         return Path(weights)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
