@@ -216,10 +216,8 @@ class _Runner:
     meter: FalseNegativeMeter  # the loop's diagnostics run in the step too (their cost is part of it)
 
     def step(self, i: int) -> None:
-        t = self.training
         batch, hidden = self.batches[i % len(self.batches)]
-        train_step(t.model, t.method, batch, self.epoch, t.optimizer, t.scheduler, t.scaler, t.amp, t.ema,
-                   self.meter, hidden)
+        train_step(self.training, batch, self.epoch, meter=self.meter, hidden=hidden)
 
 
 def _saved_tensor_bytes(step: Callable[[], None]) -> int:

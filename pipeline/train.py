@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import platform
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,6 +233,8 @@ class Training:
     scaler: torch.amp.GradScaler | None  # fp16 autocast only
     ema: WeightEMA | None
     amp: torch.dtype | None  # autocast dtype; None: fp32
+    # a step loss above this (or any non-finite one) is divergence (runtime.max_loss); None: non-finite only
+    max_loss: float | None
 
 
 def build_training(run: RunConfig, ctx: MethodContext, dist: DistContext | None = None,
@@ -252,7 +256,7 @@ def build_training(run: RunConfig, ctx: MethodContext, dist: DistContext | None 
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, ctx.steps_per_epoch, cfg.onecycle_pct_start)
     amp = amp_dtype(cfg.amp, cfg.amp_dtype, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    return Training(model, method, optimizer, scheduler, scaler, ema, amp)
+    return Training(model, method, optimizer, scheduler, scaler, ema, amp, rt.max_loss)
 
 
 def compile_model(model: torch.nn.Module) -> None:
@@ -295,15 +299,17 @@ def _first_bad_step(loss: torch.Tensor, max_loss: float | None) -> torch.Tensor:
     return bad if max_loss is None else bad | (loss.abs() > max_loss)
 
 
-def train_step(model: torch.nn.Module, method: Method, batch: Batch, epoch: int, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-               scaler: torch.amp.GradScaler | None = None, amp: torch.dtype | None = None,
-               ema: WeightEMA | None = None, meter: FalseNegativeMeter | None = None,
-               hidden: HiddenLabels | None = None) -> StepOutput:
+def train_step(training: Training, batch: Batch, epoch: int, model: torch.nn.Module | None = None,
+               meter: FalseNegativeMeter | None = None, hidden: HiddenLabels | None = None) -> StepOutput:
     """One training step, as the loop runs it and ``spml bench`` times it: the method's forward passes and
     loss, what it reported scored against the hidden labels (``meter``, ``hidden``), backward, the optimizer
-    (and LR schedule) step, the method's post-step hook, the weight EMA. Returns the loss and logs only."""
-    with autocast(batch.image.device, amp):
+    (and LR schedule) step, the method's post-step hook, the weight EMA. Returns the loss and logs only.
+
+    ``model``: the module the step runs through, ``training.model`` unless given (``fit`` gives its DDP
+    wrapper)."""
+    model = training.model if model is None else model
+    method, optimizer, scaler = training.method, training.optimizer, training.scaler
+    with autocast(batch.image.device, training.amp):
         out = method.training_step(model, batch, epoch)
     if meter is not None and hidden is not None:
         # scored before backward so the report's tensors are freed early (no_grad, draws no random numbers)
@@ -317,25 +323,29 @@ def train_step(model: torch.nn.Module, method: Method, batch: Batch, epoch: int,
     else:
         out.loss.backward()
         optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if training.scheduler is not None:
+        training.scheduler.step()
     method.after_optimizer_step(batch, epoch)
-    if ema is not None:
-        ema.update(model)
+    if training.ema is not None:
+        training.ema.update(model)
     return out
 
 
-def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normalizer, epoch: int,
-                    bar=None, task=None, scheduler=None, scaler=None, amp: torch.dtype | None = None,
-                    ema: WeightEMA | None = None, max_loss: float | None = None) -> dict[str, float]:
-    """One pass over ``loader``; no host-device synchronisation inside the loop (logs stay on the device).
+def train_one_epoch(training: Training, loader: Iterable[dict[str, Any]], normalize: Normalizer, epoch: int,
+                    model: torch.nn.Module | None = None,
+                    on_step: Callable[[], object] | None = None) -> dict[str, float]:
+    """One pass over ``loader`` (:func:`train_step` per batch); no host-device synchronisation inside the
+    loop (logs stay on the device). ``model``: as in :func:`train_step`; ``on_step``: called after each step
+    (the progress bar).
 
     The method gets each batch without its hidden labels (:meth:`Normalizer.batch`); what it reports in its
     :class:`StepOutput` is scored against them here, in this epoch's :class:`FalseNegativeMeter`, and the
     returned row holds those columns (fn_*, gap_*, mask coverage...) after the loss and the method's logs.
 
     Divergence is recorded on the device (the first bad step and its loss) and raised once, at the end of
-    the epoch, as :class:`DivergedError`: a non-finite loss, or one above ``max_loss`` if that is set."""
+    the epoch, as :class:`DivergedError`: a non-finite loss, or one above ``training.max_loss`` if that is set."""
+    model = training.model if model is None else model
+    method, max_loss = training.method, training.max_loss
     model.train()
     method.on_epoch_start(epoch)
     total_loss = torch.zeros((), device=normalize.device)
@@ -347,8 +357,7 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
     steps = 0
     for item in loader:
         batch = normalize.batch(item, method.label_source)
-        out = train_step(model, method, batch, epoch, optimizer, scheduler, scaler, amp, ema, meter,
-                         normalize.hidden(item))
+        out = train_step(training, batch, epoch, model, meter, normalize.hidden(item))
         loss = out.loss.detach().float()
         newly_bad = _first_bad_step(loss, max_loss) & (first_bad == no_step)
         first_bad = torch.where(newly_bad, steps, first_bad)
@@ -357,8 +366,8 @@ def train_one_epoch(model, method: Method, loader, optimizer, normalize: Normali
         for key, value in out.logs.items():
             log_sums[key] = log_sums.get(key, 0) + value.detach().float()
         steps += 1
-        if bar is not None:
-            bar.advance(task)
+        if on_step is not None:
+            on_step()
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # one collective per epoch
         torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
     if (step := int(first_bad.item())) != no_step:
@@ -548,9 +557,8 @@ def fit(run: RunConfig, out_dir: Path, resume_dir: Path | None = None, dist: Dis
                 torch.manual_seed(derive_seed(run.run_seed, dist.rank, epoch))
             loaders.sampler.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch}
-            row.update(train_one_epoch(train_model, method, loaders.train, training.optimizer, normalize, epoch,
-                                       bar, task, training.scheduler, training.scaler, training.amp, training.ema,
-                                       rt.max_loss))
+            row.update(train_one_epoch(training, loaders.train, normalize, epoch, train_model,
+                                       functools.partial(bar.advance, task)))
             # the train loader as the method sees it: batches without the hidden labels
             method.on_epoch_end(epoch, model, MethodBatches(loaders.train, normalize, method.label_source))
             row.update(method.epoch_diagnostics())  # what needs no hidden labels (tau...); fn_* came above

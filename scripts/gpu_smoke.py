@@ -50,7 +50,7 @@ from pipeline.methods import build_method
 from pipeline.models import build_model
 from pipeline.runtime.distributed import EpochSampler
 from pipeline.runtime.optim import amp_dtype, build_scheduler
-from pipeline.train import predict, train_one_epoch
+from pipeline.train import Training, predict, train_one_epoch
 
 TINY = {"resnet50": {"layers": [1, 1, 1, 1], "width_per_group": 4},
         "q2l": {"layers": [1, 1, 1, 1], "width_per_group": 4, "hidden_dim": 32, "dim_feedforward": 64}}
@@ -100,13 +100,15 @@ def main() -> int:
             sched = build_scheduler("onecycle", opt, 2, len(loader), 0.2)
             scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
             norm = Normalizer(dev, channels_last=True)
+            training = Training(model=model, method=method, optimizer=opt, scheduler=sched, scaler=scaler, ema=None,
+                                amp=amp, max_loss=None)
             times = []
             for epoch in (1, 2):
                 sampler.set_epoch(epoch)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                row = train_one_epoch(model, method, loader, opt, norm, epoch, None, None, sched, scaler, amp)
+                row = train_one_epoch(training, loader, norm, epoch)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - t0) / len(loader) * 1000)

@@ -17,7 +17,7 @@ from pipeline.data import MethodBatches, Normalizer
 from pipeline.errors import SpmlError
 from pipeline.hidden_scoring import FalseNegativeMeter, score_step
 from pipeline.methods import Method, register_method
-from pipeline.train import train_one_epoch
+from pipeline.train import Training, train_one_epoch
 
 # 4 training rows, 3 classes, served as two batches of two rows
 OBSERVED = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
@@ -82,8 +82,9 @@ def items(instances: bool = True) -> list[dict]:
 
 def one_epoch(method: Method, loader: list[dict]) -> dict[str, float]:
     model = Bias(3)
-    return train_one_epoch(model, method, loader, torch.optim.SGD(model.parameters(), lr=0.1),
-                           Normalizer(torch.device("cpu")), 1)
+    training = Training(model=model, method=method, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        scheduler=None, scaler=None, ema=None, amp=None, max_loss=None)
+    return train_one_epoch(training, loader, Normalizer(torch.device("cpu")), 1)
 
 
 def test_a_method_is_handed_no_hidden_labels():

@@ -292,8 +292,7 @@ def test_compiled_model_trains_to_the_eager_losses():
         batches = bench._batches(data, 4, build_normalizer(cfg, device, False), True, 0, "observed")
         training.model.register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
         training.model.train()
-        losses[compiled] = [train_step(training.model, training.method, batches[i % 2][0], cfg.epochs,
-                                       training.optimizer).loss.item() for i in range(3)]
+        losses[compiled] = [train_step(training, batches[i % 2][0], cfg.epochs).loss.item() for i in range(3)]
         keys[compiled] = list(training.model.state_dict())
     assert any(traced), "the compiled model's forward never ran under torch.compile"
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
