@@ -6,12 +6,15 @@ and a spy method trained by ``fit`` checks every object a method is handed.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import pipeline.methods
 from pipeline.contracts import Batch, HiddenLabels, MethodContext, ModelOutput, StepOutput
 from pipeline.data import MethodBatches, Normalizer
 from pipeline.errors import SpmlError
@@ -178,6 +181,25 @@ def test_method_batches_are_lazy_and_hide_the_hidden_labels():
     assert torch.equal(full[0].observed, FULL[[0, 1]])
     hidden = normalize.hidden(loader[0])
     assert torch.equal(hidden.full, FULL[[0, 1]]) and torch.equal(hidden.instances, INSTANCES[[0, 1]])
+
+
+def test_no_method_module_names_the_hidden_labels_or_their_scorer():
+    """The import contracts (pyproject.toml) keep pipeline.data and pipeline.hidden_scoring out of every method
+    module; HiddenLabels itself is on the ground floor (pipeline.contracts), so its name is checked here."""
+    package = Path(pipeline.methods.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, ast.ImportFrom):
+                names |= {node.module or "", *(alias.name for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+        assert "HiddenLabels" not in names, path.name
+        assert not any("hidden_scoring" in name for name in names), path.name
 
 
 def test_register_method_refuses_an_unknown_label_source():
