@@ -60,7 +60,7 @@ WRONG_WAY = [
     ("pipeline/models/small_cnn.py", "pipeline.train",
      "Methods, models and data import neither the loop, the stages, the CLI nor the tools"),
     ("pipeline/data.py", "pipeline.methods",
-     "Layers: CLI > stages and tools > loop > hidden-label scorer > methods | models > data > contracts"),
+     "Layers: CLI > stages and tools > loop > its scorer | run config > methods | models > data > contracts"),
     ("pipeline/metrics.py", "tests.helpers",
      "The library never imports stages, tests or scripts (only the CLI dispatches to the stages)"),
 ]
