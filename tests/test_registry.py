@@ -210,8 +210,8 @@ def test_pretraining_imports_only_the_pretrain_stages_dependencies(tiny_workspac
     # the other model modules are imported by the registry's scan for `smallcnn` and build nothing here
     models = tuple(f"pipeline/models/{p.name}" for p in (REPO / "pipeline/models").glob("*.py")
                    if p.name not in ("__init__.py", "small_cnn.py"))
-    # pipeline/data.py imports the record types Normalizer.batch builds (pipeline/contracts.py, which imports nothing
-    # of the project); pretraining calls only Normalizer's image scaling (data.py, a dependency)
+    # pipeline/contracts.py holds record types only (the models' ModelOutput, the Batch Normalizer.batch builds)
+    # and imports nothing of the project: no number of pretraining comes from it
     types_only = ("pipeline/contracts.py",)
     missing = uncovered(imported, deps, ("pipeline/datasets/__init__.py", "pipeline/download.py", *models,
                                          *types_only))
