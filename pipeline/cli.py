@@ -1,22 +1,102 @@
-"""The ``spml`` command: one subcommand per DVC stage, plus tools (``bench``, ``compare-regimes``)."""
+"""The ``spml`` command: one subcommand per DVC stage, plus the tools (pipeline/tools/: ``bench``, ``grid``,
+``compare-regimes``, ``check-lock``, ``verify``).
+
+One convention for every command: a list is given by repeating its option, one value each (``--method an
+--method ignore``, ``--label a --label b``, ``--preset a --preset b``), and an option that replaces a params value
+is named after its key (``--num-workers``: ``num_workers``, ``--host-allocator``: ``host_allocator``). An option
+spelled the old way (``--methods an,ignore``, ``--host-malloc``, ``spml bench --loader``) is refused in one line
+that names the new spelling.
+"""
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from pipeline.errors import SpmlError
 from pipeline.io import terminate_cleanly
+from pipeline.runtime.host import ALLOCATORS
+from pipeline.tools.settings import params_key
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="spml-bench: single positive multi-label learning benchmark pipeline.")
 err = Console(stderr=True)
+
+# Spellings this command no longer reads, and what replaced each (lists are repeated options, names are params
+# keys): refused in one line rather than failing on an unknown option or reading the value as something else.
+RENAMED_OPTIONS = {
+    "--methods": "--method, once per method (--method an --method ignore)",
+    "--labels": "--label, once per folder (--label scratch --label pretrained)",
+    "--workers": "--num-workers (params num_workers)",
+    "--host-malloc": "--host-allocator auto|jemalloc|tcmalloc|glibc and --host-malloc-cache/--no-host-malloc-cache "
+                     "(params host_allocator and host_malloc_cache; the old cache is --host-allocator glibc "
+                     "--host-malloc-cache, system is --host-allocator glibc --no-host-malloc-cache)",
+    "--model-kwargs": "--model-param KEY=VALUE, once per key (params models.<model>.KEY)",
+    "--slurm-arg": "--sbatch, once per sbatch option as params grid's sbatch list writes it "
+                   "(--sbatch --exclusive --sbatch --exclude=node07)",
+}
+BENCH_MODES = {"--loader": "loader", "--parallel": "parallel", "--prepare": "prepare"}  # `spml bench --X` before
+
+
+def _given(words: list[str], option: str) -> bool:
+    return any(word == option or word.startswith(option + "=") for word in words)
+
+
+def old_spelling(args: list[str]) -> str | None:
+    """What is wrong with a command line written for an older ``spml`` (one line), or None."""
+    words = list(itertools.takewhile(lambda word: word != "--", map(str, args)))
+    renamed = [f"{old} is now {new}" for old, new in RENAMED_OPTIONS.items() if _given(words, old)]
+    if words[:1] == ["bench"] and len(words) > 1 and words[1].startswith("-") and words[1] not in ("--help", "-h"):
+        flag = next((flag for flag in BENCH_MODES if _given(words, flag)), None)
+        mode = BENCH_MODES.get(flag, "step")
+        was = f"spml bench {flag} ..." if flag else "spml bench ..."
+        return "; ".join([f"`spml bench` takes a subcommand: `spml bench {mode} ...` (was `{was}`); "
+                          "`spml bench --help` lists step, prepare, loader and parallel", *renamed])
+    return "; ".join(renamed) or None
+
+
+# Click's usage error and its "no arguments: show the help" kind, from the Click that Typer runs on (recent Typer
+# vendors its own copy, whose classes are not the click package's)
+USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+NO_ARGS_IS_HELP = getattr(sys.modules[USAGE_ERROR.__module__], "NoArgsIsHelpError", ())
+
+
+def _refuse(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+class SpmlGroup(TyperGroup):
+    """The root command: refuses an old spelling in one line before anything parses it, and says a usage error
+    (an unknown option, a value outside the choices, a missing argument) in one line too, as any other error."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        problem = old_spelling(args)
+        if problem:
+            raise _refuse(problem)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NO_ARGS_IS_HELP:
+            raise  # a bare group: its help, as asked
+        except USAGE_ERROR as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise _refuse(f"{exc.format_message().rstrip('.')}; `{where} --help` lists what it takes") from None
+
+
+app = typer.Typer(cls=SpmlGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="spml-bench: single positive multi-label learning benchmark pipeline. Lists: repeat the "
+                       "option (--method an --method ignore); options that replace a params value carry its key's "
+                       "name.")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file (default: params.yaml)")]
 DatasetArg = Annotated[str, typer.Argument(help="dataset name, e.g. synthetic")]
@@ -150,22 +230,6 @@ def aggregate(params: ParamsOption = Path("params.yaml"),
     err.print(f"wrote {out_dir}/results.md")
 
 
-@app.command("compare-regimes")
-def compare_regimes(dirs: Annotated[list[Path], typer.Argument(
-                        help="two or more folders with a runs.csv each (`spml aggregate --out DIR`), "
-                             "e.g. reports/all-methods-scratch reports/all-methods")],
-                    labels: Annotated[str | None, typer.Option(
-                        help="comma-separated regime names, one per folder (default: the folder names)")] = None,
-                    out: Annotated[Path, typer.Option(help="output folder")] = Path("reports/regimes")):
-    """Compare training regimes: regimes.md (test mAP, gap closed, AN/full, Kendall tau vs the paper per
-    regime) and regimes.png (gap closed per method, one bar per regime)."""
-    from pipeline import report
-
-    names = labels.split(",") if labels is not None else None
-    out_dir = _run(report.compare_regimes, dirs, names, out)
-    err.print(f"wrote {out_dir}/regimes.md and {out_dir}/regimes.png")
-
-
 @app.command()
 def stats(dataset: DatasetArg):
     """Print a prepared dataset's label statistics (training split): positives per image, the label-count
@@ -187,29 +251,12 @@ def stats(dataset: DatasetArg):
 
 
 @app.command()
-def verify(table: Annotated[Path, typer.Argument(help="a table folder with runs.csv, e.g. reports/all-methods")],
-           cells: Annotated[int | None, typer.Option(help="how many cells to re-train, drawn by --sample-seed")] = 3,
-           all_cells: Annotated[bool, typer.Option("--all", help="re-train every cell of the table")] = False,
-           preset: Annotated[str | None, typer.Option(
-               help="the preset the table was made with (presets/NAME.yaml), e.g. all-methods")] = None,
-           sample_seed: Annotated[int, typer.Option(help="seed of the draw of cells")] = 0):
-    """Re-train cells of a committed table in a temporary copy and check every metric, bit for bit (CPU runs,
-    at each run's recorded thread count and malloc). Exit 2 naming the cell, both values and the command when
-    one differs."""
-    from pipeline import verify as check
-
-    checked = _run(check.verify, table, None if all_cells else cells, preset, sample_seed,
-                   report=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
-    err.print(f"{len(checked)} cell(s) of {table} reproduce bit for bit: {', '.join(checked)}")
-
-
-@app.command()
 def config(dataset: DatasetArg,
            method: Annotated[str, typer.Argument(help="method name, e.g. ignore")],
            seed: Annotated[int, typer.Option(help="training seed")] = 0,
            preset: Annotated[list[str] | None, typer.Option(
-               help="presets/NAME.yaml composed over params.yaml, as `dvc exp run -S +presets=NAME` does "
-                    "(repeatable)")] = None,
+               help="presets/NAME.yaml composed over params.yaml, as `dvc exp run -S +presets=NAME` does; repeat "
+                    "the option for more, in order")] = None,
            all_unread: Annotated[bool, typer.Option(
                "--all-unread", help="warn about every params key no cell of the grid reads, the repository's own "
                                     "defaults included (default: only the keys the presets change)")] = False,
@@ -237,15 +284,62 @@ def config(dataset: DatasetArg,
     typer.echo(json.dumps(run.to_dict(), indent=2))
 
 
+# ------------------------------------------------------------------------------------------------- tools
+# Commands that are not pipeline stages (pipeline/tools/). Lists are given by repeating an option, one value each
+# (--method an --method ignore), never as a comma string; an option named after a params key replaces that value.
+
+
+def _one_per_option(values: list[str], option: str, example: str) -> list[str]:
+    """A list option's values, each one name: a comma means the old comma-list spelling, said in one line."""
+    for value in values:
+        if "," in value:
+            raise SpmlError(f"{option} {value!r}: give one value per {option}, repeating the option, e.g. {example}")
+    return values
+
+
+@app.command("compare-regimes")
+def compare_regimes(dirs: Annotated[list[Path], typer.Argument(
+                        help="two or more folders with a runs.csv each (`spml aggregate --out DIR`), "
+                             "e.g. reports/all-methods-scratch reports/all-methods")],
+                    label: Annotated[list[str] | None, typer.Option(
+                        help="a regime's name, once per folder in the folders' order (repeat the option: "
+                             "--label scratch --label pretrained; default: the folder names)")] = None,
+                    out: Annotated[Path, typer.Option(help="output folder")] = Path("reports/regimes")):
+    """Compare training regimes: regimes.md (test mAP, gap closed, AN/full, Kendall tau vs the paper per
+    regime) and regimes.png (gap closed per method, one bar per regime)."""
+    from pipeline.tools import compare_regimes as tool
+
+    out_dir = _run(tool.compare_regimes, dirs, label, out)
+    err.print(f"wrote {out_dir}/regimes.md and {out_dir}/regimes.png")
+
+
+@app.command()
+def verify(table: Annotated[Path, typer.Argument(help="a table folder with runs.csv, e.g. reports/all-methods")],
+           cells: Annotated[int | None, typer.Option(help="how many cells to re-train, drawn by --sample-seed")] = 3,
+           all_cells: Annotated[bool, typer.Option("--all", help="re-train every cell of the table")] = False,
+           preset: Annotated[list[str] | None, typer.Option(
+               help="a preset the table was made with (presets/NAME.yaml), composed over params.yaml as "
+                    "`dvc exp run -S +presets=NAME` does, e.g. all-methods (repeat the option for more, in order)")] = None,
+           sample_seed: Annotated[int, typer.Option(help="seed of the draw of cells")] = 0):
+    """Re-train cells of a committed table in a temporary copy and check every metric, bit for bit (CPU runs,
+    at each run's recorded thread count and malloc). Exit 2 naming the cell, both values and the command when
+    one differs."""
+    from pipeline.tools import verify as tool
+
+    checked = _run(tool.verify, table, None if all_cells else cells, preset, sample_seed,
+                   report=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+    err.print(f"{len(checked)} cell(s) of {table} reproduce bit for bit: {', '.join(checked)}")
+
+
 @app.command("check-lock")
 def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Path(".")):
     """Fail (exit 1) when dvc.lock does not match the committed code, params and commands.
 
     Missing data or outputs (a fresh clone without the DVC cache) are not staleness and pass.
     """
-    from pipeline import freshness
+    from pipeline.tools import check_lock as tool
 
-    problems = _run(freshness.check, root)
+    problems = _run(tool.check, root)
     if problems:
         err.print(f"[red]dvc.lock is stale[/red] ({len(problems)} change(s) not reproduced); "
                   "run `dvc repro` and commit dvc.lock and reports/:", highlight=False, soft_wrap=True)
@@ -255,88 +349,179 @@ def check_lock(root: Annotated[Path, typer.Option(help="repository root")] = Pat
     err.print("dvc.lock is fresh: every stage's command, params and source dependencies match.")
 
 
-@app.command()
-def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; the ratio column is relative to an")] = "an,ignore",
-          model: Annotated[str | None, typer.Option(help="model name (default: params train.model)")] = None,
-          image_size: Annotated[int | None, typer.Option(
-              help="square input size (default: params train.image_size)")] = None,
-          batch_size: Annotated[int | None, typer.Option(
-              help="training batch size (default: params train.batch_size)")] = None,
-          steps: Annotated[int, typer.Option(help="timed steps per method")] = 20,
-          warmup: Annotated[int, typer.Option(help="untimed steps per method first")] = 3,
-          device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (default: params runtime.device)")] = None,
-          num_classes: Annotated[int, typer.Option(help="classes of the random bench data")] = 20,
-          dataset: Annotated[str, typer.Option(help="dataset whose params blocks apply")] = "synthetic",
-          prepare: Annotated[str | None, typer.Option(
-              help="DATASET: bench on pipeline.bench_prepare.run(DATASET) data instead of random data")] = None,
-          threads: Annotated[int | None, typer.Option(
-              help="torch intra-op threads (default: params runtime.threads; $SPML_THREADS wins, as in spml train)")] = None,
-          amp: Annotated[bool | None, typer.Option(
-              "--amp/--no-amp", help="autocast in params train.amp_dtype (default: params train.amp)")] = None,
-          channels_last: Annotated[bool | None, typer.Option(
-              "--channels-last/--no-channels-last", help="NHWC model and batches (default: params runtime.channels_last)")] = None,
-          weights: Annotated[str | None, typer.Option(help="trunk weights: none, imagenet, PATH (default: random)")] = None,
-          model_kwargs: Annotated[str | None, typer.Option(help='extra model args as JSON, e.g. \'{"layers": [1,1,1,1]}\'')] = None,
-          host_malloc: Annotated[str | None, typer.Option(
-              help="jemalloc or tcmalloc: that library preloaded (the spml command re-executes itself); cache: "
-                   "glibc malloc keeping freed memory; system: glibc's default. Default: params "
-                   "runtime.host_allocator and runtime.host_malloc_cache ($SPML_ALLOCATOR wins, as in spml train)")] = None,
-          compile_model: Annotated[bool | None, typer.Option(
-              "--compile/--no-compile", help="torch.compile each model; compiling happens in the untimed warm-up "
-                                              "(default: params runtime.compile)")] = None,
-          loader: Annotated[bool, typer.Option(
-              "--loader", help="instead, time the training input pipeline (loader, views, normalisation on the "
-                               "device): images/s delivered")] = False,
-          workers: Annotated[int | None, typer.Option(
-              help="--loader: loader worker processes (default: params runtime.num_workers)")] = None,
-          augment_on: Annotated[str | None, typer.Option(
-              help="--loader: where the views are made, loader or device (default: params train.augment_on)")] = None,
-          parallel: Annotated[int | None, typer.Option(
-              help="N: instead, time N tiny whole trainings one after another and side by side (threads each: "
-                   "--threads, default usable CPUs / N)")] = None,
-          params: ParamsOption = Path("params.yaml")):
-    """Median training-step time, images/s, ratio to AN and memory of METHODS on one model and batch.
+# --- spml bench: one subcommand per thing timed, each with only the options it reads ----------------------------
 
-    Each method's config, model, optimizer and step are spml train's (pipeline/bench.py says how). On a GPU
-    machine with only torch: pip install typer rich pyyaml; python -m pipeline.cli bench ... (docs/bench-gpu.md)."""
-    from pipeline import bench as bench_mod
+bench_app = typer.Typer(no_args_is_help=True, help="Time the training step (step, prepare), the input pipeline "
+                        "(loader) or whole trainings side by side (parallel); docs/bench-cpu.md, docs/bench-gpu.md. "
+                        "On a GPU machine with only torch: pip install typer rich pyyaml; python -m pipeline.cli "
+                        "bench ...")
+app.add_typer(bench_app, name="bench")
 
-    if parallel is not None:
-        typer.echo(bench_mod.format_parallel(_run(bench_mod.run_parallel_bench, parallel, params, threads), parallel))
-        return
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+HostAllocator = Enum("HostAllocator", {name: name for name in ALLOCATORS}, type=str)  # params host_allocator
+
+
+class AugmentOn(str, Enum):  # params train.augment_on (pipeline.run_config.TrainConfig)
+    loader = "loader"
+    device = "device"
+
+
+def _default(key: str, more: str = "") -> str:
+    return f"(default: params {params_key(key)}{more})"
+
+
+DEFAULT_METHODS = ("an", "ignore")
+MethodsOption = Annotated[list[str] | None, typer.Option(
+    "--method", help="a method to bench; repeat the option for more (--method an --method ignore, the default); "
+                     "the ratio column is relative to an")]
+ModelOption = Annotated[str | None, typer.Option(help=f"model name {_default('model')}")]
+ImageSizeOption = Annotated[int | None, typer.Option(help=f"square input size {_default('image_size')}")]
+BatchSizeOption = Annotated[int | None, typer.Option(help=f"training batch size {_default('batch_size')}")]
+StepsOption = Annotated[int, typer.Option(help="timed steps per method")]
+WarmupOption = Annotated[int, typer.Option(help="untimed steps per method first")]
+DeviceOption = Annotated[str | None, typer.Option(help=f"auto, cpu or cuda {_default('device')}")]
+NumClassesOption = Annotated[int, typer.Option(help="classes of the random bench data")]
+BenchDatasetOption = Annotated[str, typer.Option(help="dataset whose params blocks apply")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    help=f"torch intra-op threads {_default('threads', '; $SPML_THREADS wins, as in spml train')}")]
+AmpOption = Annotated[bool | None, typer.Option(
+    "--amp/--no-amp", help=f"autocast in params {params_key('amp_dtype')} {_default('amp')}")]
+ChannelsLastOption = Annotated[bool | None, typer.Option(
+    "--channels-last/--no-channels-last", help=f"NHWC model and batches {_default('channels_last')}")]
+WeightsOption = Annotated[str | None, typer.Option(
+    help="trunk weights, params models.<model>.weights: none, imagenet or PATH (default: random, none)")]
+ModelParamOption = Annotated[list[str] | None, typer.Option(
+    help="KEY=VALUE set in the model's params block models.<model> (VALUE read as YAML); repeat the option for "
+         "more, e.g. --model-param output_stride=8 --model-param 'layers=[1,1,1,1]'")]
+HostAllocatorOption = Annotated[HostAllocator | None, typer.Option(
+    help="which malloc serves host memory: jemalloc or tcmalloc (preloaded: the spml command re-executes itself), "
+         "glibc, or auto (the first installed of jemalloc, tcmalloc, glibc) "
+         f"{_default('host_allocator', '; $SPML_ALLOCATOR wins, as in spml train')}")]
+HostMallocCacheOption = Annotated[bool | None, typer.Option(
+    "--host-malloc-cache/--no-host-malloc-cache",
+    help=f"where glibc's malloc serves: keep freed memory for reuse {_default('host_malloc_cache')}")]
+CompileOption = Annotated[bool | None, typer.Option(
+    "--compile/--no-compile",
+    help=f"torch.compile each model, in the untimed warm-up {_default('compile')}")]
+NumWorkersOption = Annotated[int | None, typer.Option(help=f"loader worker processes {_default('num_workers')}")]
+AugmentOnOption = Annotated[AugmentOn | None, typer.Option(
+    help=f"where the training views are made, loader or device {_default('augment_on')}")]
+
+
+def _model_params(items: list[str] | None) -> dict[str, Any] | None:
+    """--model-param KEY=VALUE options as a mapping, each VALUE read as YAML (as params.yaml would hold it)."""
+    if not items:
+        return None
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise SpmlError(f"--model-param {item!r}: use KEY=VALUE, e.g. --model-param output_stride=8")
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpmlError(f"--model-param {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
+    return out
+
+
+def _settings(**given: Any) -> dict[str, Any]:
+    """The options that replace a params value, by params key (their names), the ones not given left out."""
+    return {key: value.value if isinstance(value, Enum) else value for key, value in given.items() if value is not None}
+
+
+def _bench_step(methods: list[str] | None, params: Path, dataset: str, model: str | None, steps: int, warmup: int,
+                num_classes: int, prepare: str | None, weights: str | None, model_param: list[str] | None,
+                settings: dict[str, Any]) -> None:
+    from pipeline.tools import bench as tool
 
     def _bench():
-        import json
-
-        try:
-            extra = json.loads(model_kwargs) if model_kwargs else None
-        except ValueError as exc:
-            raise SpmlError(f"--model-kwargs is not valid JSON ({exc})") from None
-        if extra is not None and not isinstance(extra, dict):
-            raise SpmlError(f"--model-kwargs must be a JSON object such as '{{\"width\": 8}}', got {model_kwargs}")
-        if host_malloc not in (None, "jemalloc", "tcmalloc", "cache", "system"):
-            raise SpmlError(f"--host-malloc {host_malloc!r}: use jemalloc, tcmalloc, cache or system")
-        if augment_on not in (None, "loader", "device"):
-            raise SpmlError(f"--augment-on {augment_on!r}: use loader or device")
-        if not loader and (workers is not None or augment_on is not None):
-            # the step bench times ready batches: no loader, no views; saying nothing would hide that
-            raise SpmlError("--workers and --augment-on set the input-pipeline bench; add --loader (the step bench "
-                            "times ready batches)")
-        given = {"image_size": image_size, "batch_size": batch_size, "device": device, "threads": threads, "amp": amp,
-                 "channels_last": channels_last, "compile": compile_model, "num_workers": workers, "augment_on": augment_on}
-        if host_malloc is not None:
-            given["host_allocator"] = "glibc" if host_malloc in ("cache", "system") else host_malloc
-            given["host_malloc_cache"] = host_malloc != "system"
-        given = {key: value for key, value in given.items() if value is not None}
-        if loader:
-            return bench_mod.run_loader_bench(names, params, dataset, steps, warmup, num_classes, 0, **given)
-        return bench_mod.run_bench(names, params, dataset, model, steps, warmup, num_classes, 0, prepare,
-                                   weights=weights, model_kwargs=extra, **given)
+        names = _one_per_option(list(methods or DEFAULT_METHODS), "--method", "--method an --method ignore")
+        return tool.run_bench(names, params, dataset, model, steps, warmup, num_classes, 0, prepare,
+                              weights=weights, model_kwargs=_model_params(model_param), **settings)
 
     results, header = _run(_bench)
-    typer.echo(bench_mod.format_loader(results, header) if loader else bench_mod.format_results(results, header))
+    typer.echo(tool.format_results(results, header))
+
+
+@bench_app.command("step")
+def bench_step(method: MethodsOption = None, model: ModelOption = None, image_size: ImageSizeOption = None,
+               batch_size: BatchSizeOption = None, steps: StepsOption = 20, warmup: WarmupOption = 3,
+               device: DeviceOption = None, num_classes: NumClassesOption = 20,
+               dataset: BenchDatasetOption = "synthetic", threads: ThreadsOption = None, amp: AmpOption = None,
+               channels_last: ChannelsLastOption = None, weights: WeightsOption = None,
+               model_param: ModelParamOption = None, host_allocator: HostAllocatorOption = None,
+               host_malloc_cache: HostMallocCacheOption = None, compile_model: CompileOption = None,
+               params: ParamsOption = Path("params.yaml")):
+    """Median training-step time, images/s, ratio to AN and memory of each method on one model and batch of
+    random images.
+
+    Each method's config, model, optimizer and step are spml train's (pipeline/tools/bench.py says how)."""
+    _bench_step(method, params, dataset, model, steps, warmup, num_classes, None, weights, model_param,
+                _settings(image_size=image_size, batch_size=batch_size, device=device, threads=threads, amp=amp,
+                          channels_last=channels_last, host_allocator=host_allocator,
+                          host_malloc_cache=host_malloc_cache, compile=compile_model))
+
+
+@bench_app.command("prepare")
+def bench_prepare(dataset: Annotated[str, typer.Argument(help="coco2014 (the large instance files)")],
+                  method: MethodsOption = None, model: ModelOption = None, batch_size: BatchSizeOption = None,
+                  steps: StepsOption = 20, warmup: WarmupOption = 3, device: DeviceOption = None,
+                  threads: ThreadsOption = None, amp: AmpOption = None, channels_last: ChannelsLastOption = None,
+                  weights: WeightsOption = None, model_param: ModelParamOption = None,
+                  host_allocator: HostAllocatorOption = None, host_malloc_cache: HostMallocCacheOption = None,
+                  compile_model: CompileOption = None, params: ParamsOption = Path("params.yaml")):
+    """Time `spml prepare DATASET` against the community's formatting on generated files of the dataset's size,
+    then the training step (as `bench step`) on the first prepared training rows, with 64 px random images."""
+    _bench_step(method, params, dataset, model, steps, warmup, 0, dataset, weights, model_param,
+                _settings(batch_size=batch_size, device=device, threads=threads, amp=amp,
+                          channels_last=channels_last, host_allocator=host_allocator,
+                          host_malloc_cache=host_malloc_cache, compile=compile_model))
+
+
+@bench_app.command("loader")
+def bench_loader(method: Annotated[list[str] | None, typer.Option(
+                     "--method", help="a method whose views are made (a strong view if one needs it); repeat the "
+                                      "option for more (default: --method an --method ignore)")] = None,
+                 image_size: ImageSizeOption = None, batch_size: BatchSizeOption = None,
+                 steps: Annotated[int, typer.Option(help="timed batches")] = 20,
+                 warmup: Annotated[int, typer.Option(help="untimed batches first (at least one per worker)")] = 3,
+                 device: DeviceOption = None, num_classes: NumClassesOption = 20,
+                 dataset: BenchDatasetOption = "synthetic", threads: ThreadsOption = None,
+                 num_workers: NumWorkersOption = None, augment_on: AugmentOnOption = None,
+                 channels_last: ChannelsLastOption = None,
+                 image_format: Annotated[str, typer.Option(
+                     "--format", help="how the images are stored for the loader: cached (the uint8 memory map "
+                                      "spml train decodes a dataset into and reads)")] = "cached",
+                 params: ParamsOption = Path("params.yaml")):
+    """Images/s the training input pipeline delivers to the device: spml train's loader and workers, the views
+    where augment_on says, normalisation on the device. Set it against `bench step`'s images/s."""
+    from pipeline.tools import bench_loader as tool
+
+    def _bench():
+        names = _one_per_option(list(method or DEFAULT_METHODS), "--method", "--method an --method ignore")
+        return tool.run_loader_bench(names, params, dataset, steps, warmup, num_classes, 0, image_format,
+                                     **_settings(image_size=image_size, batch_size=batch_size, device=device,
+                                                 threads=threads, num_workers=num_workers, augment_on=augment_on,
+                                                 channels_last=channels_last))
+
+    result, header = _run(_bench)
+    typer.echo(tool.format_loader(result, header))
+
+
+@bench_app.command("parallel")
+def bench_parallel(count: Annotated[int, typer.Argument(help="how many trainings")],
+                   threads: Annotated[int | None, typer.Option(
+                       help="torch threads of each training side by side, as $SPML_THREADS (default: usable "
+                            "CPUs / COUNT)")] = None,
+                   method: Annotated[str, typer.Option(help="the method the trainings train")] = "an",
+                   params: ParamsOption = Path("params.yaml")):
+    """Wall time of COUNT tiny whole trainings (spml train) one after another, then side by side with automatic
+    threads, then side by side with --threads each."""
+    from pipeline.tools import bench_parallel as tool
+
+    typer.echo(tool.format_parallel(_run(tool.run_parallel_bench, count, params, threads, method), count))
 
 
 grid_app = typer.Typer(no_args_is_help=True, help="Scale out the grid: one job per (dataset, method, seed) cell on "
@@ -361,9 +546,9 @@ def grid_submit(
         account: Annotated[str | None, typer.Option(help="Slurm --account")] = None,
         qos: Annotated[str | None, typer.Option(help="Slurm --qos")] = None,
         constraint: Annotated[str | None, typer.Option(help="Slurm --constraint")] = None,
-        slurm_arg: Annotated[list[str] | None, typer.Option(
-            help="any other sbatch option as KEY=VALUE, or KEY= for a flag without a value, e.g. "
-                 "--slurm-arg exclude=node07 --slurm-arg exclusive= (repeatable; added to params grid's sbatch)")] = None,
+        sbatch: Annotated[list[str] | None, typer.Option(
+            help="another sbatch option, written as in params grid's sbatch list (--NAME or --NAME=VALUE), added "
+                 "to it; repeat the option for more, e.g. --sbatch --exclusive --sbatch --exclude=node07")] = None,
         upstream: Annotated[str, typer.Option(
             help="pull: jobs pull the prepared tables and trunk this command pushed; rebuild: jobs rebuild them")] = "pull",
         workdir: Annotated[Path | None, typer.Option(
@@ -380,16 +565,10 @@ def grid_submit(
     Each job clones this commit, trains its cell (`dvc repro --single-item`), pushes its outputs, then its
     run-cache entry. Slurm resources per cell come from params `grid:` (defaults, per-dataset and
     per-method overrides); the options here override them for every cell."""
-    from pipeline import grid
+    from pipeline.tools import grid
 
     def _submit():
-        extra = []
-        for item in slurm_arg or []:
-            name, sep, value = item.partition("=")
-            if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
-                raise SpmlError(f"--slurm-arg {item!r}: use KEY=VALUE, e.g. --slurm-arg exclude=node07, or KEY= "
-                                "for a flag without a value, e.g. --slurm-arg exclusive=")
-            extra.append((name, value if value else True))
+        extra = [grid.sbatch_option(item, "--sbatch") for item in sbatch or []]
         cli = {"partition": partition, "gpus_per_job": gpus_per_job, "cpus_per_job": cpus_per_job,
                "mem_gb": mem_gb, "time": grid.parse_time(time) if time else None, "account": account, "qos": qos,
                "constraint": constraint, "sbatch": tuple(extra)}
@@ -425,7 +604,7 @@ def grid_status(root: RootOption = Path(".")):
     line), stale (only jobs or results of an older version of the cell), not submitted.
 
     Computes each cell's run-cache key as `submit` and `collect` do (restoring the upstream stages first)."""
-    from pipeline import grid
+    from pipeline.tools import grid
 
     states = _run(grid.status, root)
     width = max(len(s.cell) for s in states)
@@ -441,7 +620,7 @@ def grid_collect(root: RootOption = Path(".")):
     """Restore every cell from the remote's run-cache and aggregate (`dvc repro --pull`).
 
     Refuses (exit 2) while any cell has no result on the remote."""
-    from pipeline import grid
+    from pipeline.tools import grid
 
     _run(grid.collect, root, say=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
 

@@ -202,7 +202,7 @@ def resolve_run_config(params: dict[str, Any], dataset: str, method: str, seed: 
     """The run's full configuration: ``train`` blocks, then the active protocol's block for the method
     (``protocol: original``: its authors' published protocol), then the method's params.
 
-    ``model`` replaces params ``train.model`` before anything is scoped by it (``spml bench --model``)."""
+    ``model`` replaces params ``train.model`` before anything is scoped by it (``spml bench step --model``)."""
     get_method_class(method)  # unknown method names fail first, listing the valid ones
     train_section = params.get("train") or {}
     chosen = model or scoped(train_section, dataset).get("model")

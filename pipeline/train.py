@@ -4,8 +4,8 @@ Model selection follows the SPML protocol: after every epoch the clean-label val
 reported number is the test mAP of the checkpoint from the best-val epoch (strictly better wins).
 
 ``fit`` is the recipe, one line per step; the steps are the functions above it, in the order it calls them.
-``spml bench`` (:mod:`pipeline.bench`) resolves its config, builds its model, method and optimizer and runs
-its timed step through the same functions (:func:`resolve_run_config`, :func:`build_training`,
+``spml bench step`` (:mod:`pipeline.tools.bench`) resolves its config, builds its model, method and optimizer
+and runs its timed step through the same functions (:func:`resolve_run_config`, :func:`build_training`,
 :func:`train_step`).
 """
 
@@ -163,7 +163,7 @@ class Loaders:
 
 
 def loader_settings(rt: RuntimeConfig, device: torch.device) -> dict[str, Any]:
-    """The DataLoader settings of every loader (``spml bench --loader`` builds its loader with them too)."""
+    """The DataLoader settings of every loader (``spml bench loader`` builds its loader with them too)."""
     return {"num_workers": rt.num_workers, "pin_memory": device.type == "cuda", "worker_init_fn": _seed_worker,
             "persistent_workers": rt.num_workers > 0}
 

@@ -1,9 +1,10 @@
 """Wall time of a tiny grid, serial `dvc repro` vs `spml grid` with N local workers (docs/cluster.md).
 
     PYTHONPATH=. python scripts/grid_timing.py --jobs 2            # the measurement in docs/cluster.md
-    PYTHONPATH=. python scripts/grid_timing.py --jobs 2 --epochs 6 --seeds 0,1,2
+    PYTHONPATH=. python scripts/grid_timing.py --jobs 2 --epochs 6 --seed 0 --seed 1 --seed 2
 
-Each flow runs in a fresh temporary copy of this repository with the tests' tiny params (tests/conftest.py),
+Each flow runs in a fresh temporary copy of this repository with the tests' tiny params
+(pipeline/tools/tiny_repo.py),
 the grid `methods x seeds` on synthetic, and SPML_THREADS=1 for every training (the serial run also once with
 the default threads). The grid flow is `spml grid submit --executor local --jobs N --wait` then
 `spml grid collect`, against a local-directory DVC remote; it checks that reports/ equal the serial run's
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.helpers import git_commit_all, sh, tiny_repo
+from pipeline.tools.tiny_repo import git_commit_all, sh, tiny_repo
 
 
 def _timed(repo: Path, *args: str, env: dict) -> float:
@@ -34,14 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--methods", default="an,full")
-    parser.add_argument("--seeds", default="0,1")
+    # lists as spml takes them: the option repeated, one value each
+    parser.add_argument("--method", action="append", help="a method of the grid (repeat it; default: an, full)")
+    parser.add_argument("--seed", action="append", type=int, help="a seed of the grid (repeat it; default: 0, 1)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
-    methods, seeds = tuple(args.methods.split(",")), tuple(int(s) for s in args.seeds.split(","))
+    methods, seeds = tuple(args.method or ("an", "full")), tuple(args.seed or (0, 1))
     root = args.out or Path(tempfile.mkdtemp(prefix="spml-grid-timing-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"{len(methods) * len(seeds)} cells ({','.join(methods)} x seeds {args.seeds}, {args.epochs} epoch(s)); "
+    print(f"{len(methods) * len(seeds)} cells ({', '.join(methods)} x seeds {', '.join(map(str, seeds))}, "
+          f"{args.epochs} epoch(s)); "
           f"{os.cpu_count()} CPUs; load average before {os.getloadavg()[0]:.2f}; work in {root}", flush=True)
     rows = []
 

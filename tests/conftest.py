@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,29 +19,10 @@ import yaml
 if not os.environ.get("SPML_NO_PROGRESS"):
     os.environ["SPML_NO_PROGRESS"] = "1"
 
-REPO = Path(__file__).resolve().parents[1]
+# the tiny sizes, params writer and repository copy are the tools' (scripts/grid_timing.py builds on them too)
+from pipeline.tools.tiny_repo import REPO, TINY_OVERRIDES, copy_repo, tiny_params, write_params  # noqa: E402
 
-TINY_OVERRIDES = {
-    "data": {"synthetic": {"num_train": 120, "num_test": 40, "image_size": 32, "seed": 3}},
-    "train": {"default": {"epochs": 2, "batch_size": 16, "eval_batch_size": 64, "image_size": 32}},
-    "models": {"smallcnn": {"width": 8, "weights": "none"}},  # tests/helpers.tiny_repo switches pretraining on
-    "pretrain": {"smallcnn": {"num_images": 40, "image_size": 32, "epochs": 1, "batch_size": 16}},
-}
-
-
-def tiny_params() -> dict:
-    """The repository's params.yaml with tiny data and training sizes."""
-    from pipeline.config import deep_merge
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    return deep_merge(params, TINY_OVERRIDES)
-
-
-def write_params(directory: Path, params: dict) -> Path:
-    path = directory / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
-
+__all__ = ["REPO", "TINY_OVERRIDES", "copy_repo", "make_method", "method_defaults", "tiny_params", "write_params"]
 
 
 def method_defaults(name: str) -> dict:
@@ -59,6 +39,7 @@ def make_method(name: str, overrides: dict, ctx):
     from pipeline.methods import build_method
 
     return build_method(name, {**method_defaults(name), **overrides}, ctx)
+
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
@@ -94,15 +75,3 @@ def workspace(tmp_path, monkeypatch) -> Path:
     write_params(work, tiny_params())
     monkeypatch.chdir(work)
     return work
-
-
-def copy_repo(dest: Path) -> Path:
-    """Copy the repository's tracked and untracked-but-not-ignored files (a clean-clone stand-in)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.freshness import Stale, classify
+from pipeline.tools.check_lock import Stale, classify
 from tests.conftest import copy_repo
 from tests.helpers import run, sh
 

@@ -1,4 +1,4 @@
-"""`spml grid submit | status | collect` (pipeline/grid.py, docs/cluster.md).
+"""`spml grid submit | status | collect` (pipeline/tools/grid.py, docs/cluster.md).
 
 The end-to-end tests run a tiny grid (2 methods x 2 seeds, 1 epoch) on a temporary copy of the pipeline with a
 local-directory DVC remote: once on a real single-node Slurm the test starts itself (tests/slurm_cluster.py;
@@ -26,9 +26,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import grid
+from pipeline.tools import grid
 from pipeline.cli import app
-from pipeline.grid_job import CellJob, _gpu_env, read_state
+from pipeline.tools.grid_job import CellJob, _gpu_env, read_state
 from tests import slurm_cluster
 from tests.real_fixtures import make_voc
 from tests.helpers import git_commit_all, run, sh, tiny_repo, tool_env
@@ -85,7 +85,8 @@ def _cli(*args: str):
     (["--executor", "local", "--jobs", "0"], "--jobs 0: it caps how many cells run at once"),
     (["--executor", "local", "--upstream", "copy"], "unknown --upstream 'copy'; use pull or rebuild"),
     (["--executor", "local", "--time", "soon"], "--time 'soon': use minutes"),
-    (["--executor", "local", "--slurm-arg", "exclude"], "--slurm-arg 'exclude': use KEY=VALUE"),
+    (["--executor", "local", "--sbatch", "exclude"], "--sbatch: sbatch option 'exclude': use the long form --NAME"),
+    (["--executor", "local", "--slurm-arg", "exclude=x"], "--slurm-arg is now --sbatch"),
 ])
 def test_submit_refuses_bad_options_in_one_line(args, expected, tmp_path):
     result, text = _cli("grid", "submit", "--root", str(tmp_path), *args)
@@ -207,7 +208,7 @@ def test_grid_block_resolves_per_dataset_then_method_then_command_line(tmp_path)
         "--open-mode=append", "--partition=gpu", "--requeue", "--signal=USR2@90", "--time=480", "--wckey=submitit",
         "setup: module load cuda"])
     assert "--partition=preempt" in grid.sbatch_lines(voc, 5, 1, "S") and "--exclusive" in grid.sbatch_lines(voc, 5, 1, "S")
-    # the command line wins over every block; --slurm-arg adds options (a flag: True)
+    # the command line wins over every block; --sbatch adds options (a flag: True)
     cli = {**no_cli, "time": 30, "sbatch": (("exclusive", "user"), ("comment", "x"))}
     mixed = grid.resolve_resources(block, "voc2012", "vlpl", cli)
     assert mixed.time_min == 30 and mixed.where("time") == "--time"
@@ -265,7 +266,7 @@ def test_status_compares_each_cells_key_with_its_submissions(tmp_path):
 def test_a_jobs_resume_folder_is_its_keys_alone(tmp_path):
     """Jobs of one run-cache key share runs/.resume (a requeued or resubmitted job continues); another key
     (other code, params or inputs) never sees that checkpoint."""
-    from pipeline.grid_job import _link_resume, resume_root
+    from pipeline.tools.grid_job import _link_resume, resume_root
 
     saved = resume_root(tmp_path / "grid", "key-a") / "synthetic/an/0"
     saved.mkdir(parents=True)
@@ -278,9 +279,11 @@ def test_a_jobs_resume_folder_is_its_keys_alone(tmp_path):
         lock.close()
 
 
-def test_slurm_arg_takes_flags_without_values(tmp_path):
-    result, text = _cli("grid", "submit", "--executor", "local", "--root", str(tmp_path), "--slurm-arg", "=x")
-    assert result.exit_code == 2 and "KEY= for a flag without a value" in text, text
+def test_sbatch_option_is_written_as_params_grid_writes_it(tmp_path):
+    result, text = _cli("grid", "submit", "--executor", "local", "--root", str(tmp_path), "--sbatch", "-x node07")
+    assert result.exit_code == 2 and "use the long form --NAME, --NAME=VALUE or --NAME VALUE" in text, text
+    assert grid.sbatch_option("--exclusive", "--sbatch") == ("exclusive", True)
+    assert grid.sbatch_option("--exclude=node07", "--sbatch") == ("exclude", "node07")
 
 
 # --- end to end ---------------------------------------------------------------------------------------------

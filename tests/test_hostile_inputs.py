@@ -405,23 +405,25 @@ def test_p11_fit_applies_the_thread_count(tiny_workspace):
 
 
 def test_p11_bench_parallel_prints_both_wall_times(tmp_path, monkeypatch):
-    from pipeline import bench
+    from pipeline.config import deep_merge
+    from pipeline.tools import bench_parallel
+    from pipeline.tools.settings import params_overlay
 
     repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
-    tiny = {"data": {"synthetic": {"num_train": 24, "num_test": 8, "image_size": 16, "seed": 0}},
-            "train": {"default": {"model": "smallcnn", "epochs": 1, "batch_size": 8, "eval_batch_size": 16,
-                                  "image_size": 16}},
-            "runtime": {"num_workers": 0, "threads": None},
-            "models": {"smallcnn": {"width": 4, "weights": "none"}}}
-    monkeypatch.setattr(bench, "PARALLEL_WORKLOAD", tiny)
+    tiny = deep_merge({"data": {"synthetic": {"num_train": 24, "num_test": 8, "image_size": 16, "seed": 0}},
+                       "train": {"default": {"model": "smallcnn", "epochs": 1, "batch_size": 8, "eval_batch_size": 16,
+                                             "image_size": 16}},
+                       "models": {"smallcnn": {"width": 4, "weights": "none"}}},
+                      params_overlay({"num_workers": 0, "threads": None}))
+    monkeypatch.setattr(bench_parallel, "PARALLEL_WORKLOAD", tiny)
     monkeypatch.chdir(tmp_path)
-    result = invoke("bench", "--parallel", "2", "--threads", "1", "--params", repo_params)
+    result = invoke("bench", "parallel", "2", "--threads", "1", "--params", repo_params)
     assert result.exit_code == 0, result.output
     rows = [ln for ln in result.output.splitlines() if not ln.startswith("#")]
     assert rows[0].startswith("one after another") and "wall" in rows[0] and "threads per training" in rows[0]
     assert rows[2].startswith("side by side, SPML_THREADS=1") and rows[2].endswith("[1, 1]")
     assert "side by side, auto" in rows[1]
-    assert_refused(invoke("bench", "--parallel", "0", "--params", repo_params), "--parallel 0")
+    assert_refused(invoke("bench", "parallel", "0", "--params", repo_params), "bench parallel 0")
 
 
 def test_p11_params_yaml_documents_the_threads_knob():

@@ -63,6 +63,8 @@ WRONG_WAY = [
      "Layers: CLI > stages and tools > loop > its scorer | run config > methods | models > data > contracts"),
     ("pipeline/metrics.py", "tests.helpers",
      "The library never imports stages, tests or scripts (only the CLI dispatches to the stages)"),
+    ("pipeline/tools/bench_parallel.py", "stages.prepare",  # a tool runs a stage through the command only
+     "The library never imports stages, tests or scripts (only the CLI dispatches to the stages)"),
 ]
 
 

@@ -163,7 +163,7 @@ def test_compare_regimes_writes_table_and_figure(tmp_path):
                                     ("synthetic", "em", 0, 55.0), ("synthetic", "ignore", 0, 65.0),
                                     ("synthetic", "plc", 0, 40.0)])
     out = tmp_path / "regimes"
-    result = _invoke(a, b, "--labels", "scratch,pretrained", "--out", out)
+    result = _invoke(a, b, "--label", "scratch", "--label", "pretrained", "--out", out)
     assert result.exit_code == 0, result.output
     md = (out / "regimes.md").read_text()
     assert (out / "regimes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -200,8 +200,12 @@ def test_compare_regimes_bad_runs_csv_is_one_line_error(tmp_path, content, fragm
 def test_compare_regimes_checks_the_labels(tmp_path):
     a = _regime_dir(tmp_path, "a", [("synthetic", "an", 0, 30.0)])
     b = _regime_dir(tmp_path, "b", [("synthetic", "an", 0, 31.0)])
-    _one_line_error(_invoke(a, b, "--labels", "x", "--out", tmp_path / "o"), "one non-empty name per folder (2)")
-    _one_line_error(_invoke(a, b, "--labels", "x,x", "--out", tmp_path / "o"), "--labels must be distinct")
+    _one_line_error(_invoke(a, b, "--label", "x", "--out", tmp_path / "o"), "one non-empty name per folder (2;")
+    _one_line_error(_invoke(a, b, "--label", "x", "--label", "x", "--out", tmp_path / "o"), "--label must be distinct")
+    _one_line_error(_invoke(a, b, "--labels", "x,y", "--out", tmp_path / "o"), "--labels is now --label")
+    # a label may hold a comma: one value per --label
+    assert _invoke(a, b, "--label", "scratch, v1", "--label", "x", "--out", tmp_path / "c").exit_code == 0
+    assert "**scratch, v1** (" in (tmp_path / "c" / "regimes.md").read_text()
     _one_line_error(_invoke(a, "--out", tmp_path / "o"), "needs at least two runs folders")
     # default labels are the folder names; no an/full pair still writes both files
     assert _invoke(a, b, "--out", tmp_path / "o").exit_code == 0
@@ -248,9 +252,9 @@ def test_compare_regimes_carries_a_not_made_by_the_pipeline_line(tmp_path):
     old, new = _regime_dir(tmp_path, "old", rows), _regime_dir(tmp_path, "new", rows)
     (old / "results.md").write_text("> **Not made by the pipeline.** By hand.\n\n# Results\n")
     (new / "results.md").write_text("# Results\n")
-    result = _invoke(old, new, "--labels", "v1,v2", "--out", tmp_path / "out")
+    result = _invoke(old, new, "--label", "v1", "--label", "v2", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     first = (tmp_path / "out" / "regimes.md").read_text().splitlines()[0]
     assert first.startswith("> **Not made by the pipeline (partly):** the regime(s) v1 come from tables made outside")
-    result = _invoke(new, new.parent / "new", "--labels", "a,b", "--out", tmp_path / "out2")
+    result = _invoke(new, new.parent / "new", "--label", "a", "--label", "b", "--out", tmp_path / "out2")
     assert (tmp_path / "out2" / "regimes.md").read_text().startswith("# Regime comparison")

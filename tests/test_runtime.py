@@ -231,10 +231,10 @@ def test_the_command_line_says_which_allocator_before_torch_is_imported(tmp_path
     (tmp_path / "other.yaml").write_text("runtime:\n  host_allocator: glibc\n")
     assert host.requested_allocator(["train", "synthetic", "an"]) == "tcmalloc"
     assert host.requested_allocator(["train", "synthetic", "an", "--params", "other.yaml"]) == "glibc"
-    assert host.requested_allocator(["bench", "--params=other.yaml"]) == "glibc"
-    assert host.requested_allocator(["bench", "--host-malloc", "jemalloc"]) == "jemalloc"
-    assert host.requested_allocator(["bench", "--host-malloc=cache"]) == "glibc"
-    assert host.requested_allocator(["bench", "--host-malloc", "nope"]) is None  # the bench reports it
+    assert host.requested_allocator(["bench", "step", "--params=other.yaml"]) == "glibc"
+    assert host.requested_allocator(["bench", "step", "--host-allocator", "jemalloc"]) == "jemalloc"
+    assert host.requested_allocator(["bench", "step", "--host-allocator=glibc"]) == "glibc"
+    assert host.requested_allocator(["bench", "step", "--host-allocator", "nope"]) is None  # the bench reports it
     for args in (["config", "synthetic", "an"], ["aggregate"], ["--help"], []):
         assert host.requested_allocator(args) is None  # nothing to gain outside train and bench
 
@@ -273,9 +273,9 @@ def test_compiled_model_trains_to_the_eager_losses():
     same losses, step by step, as eager to float tolerance, and state_dict keys unchanged (checkpoints load)."""
     import dataclasses
 
-    from pipeline import bench
     from pipeline.contracts import MethodContext
     from pipeline.run_config import resolve_run_config
+    from pipeline.tools import bench
     from pipeline.train import build_normalizer, build_training, train_step
     from tests.conftest import tiny_params
 

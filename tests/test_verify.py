@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import SpmlError
-from pipeline.verify import Cell, choose, verify
+from pipeline.tools.verify import Cell, choose, verify
 
 
 @pytest.fixture

@@ -40,7 +40,8 @@ def cache_host_memory() -> bool:
     By default glibc serves large blocks from fresh ``mmap`` pages and trims the heap after a big
     ``free``, so every training step page-faults its activations in again once the working set is large
     enough: for the synthetic model on this project's 2-core CPU, IGNORE's step took 6,600-10,000 faults
-    and about an eighth of its time (AN's none; ``spml bench --host-malloc system|cache`` prints both;
+    and about an eighth of its time (AN's none; ``spml bench step --host-allocator glibc
+    --no-host-malloc-cache`` and ``--host-malloc-cache`` print both;
     ``docs/bench-cpu.md``). The process keeps its peak working set instead, which the next step
     reuses. Results do not change (torch's CPU tensors are 64-byte aligned either way). A no-op
     returning False off glibc or where ``mallopt`` refuses a value; idempotent.
@@ -142,15 +143,15 @@ def _option(args: Sequence[str], name: str) -> str | None:
 
 def requested_allocator(args: Sequence[str]) -> str | None:
     """The allocator an ``spml`` command line asks for, before anything heavy is imported: None for a command
-    that does not train (:data:`PRELOAD_COMMANDS`); for ``bench --host-malloc`` its choice (cache and system
-    are glibc's); else params ``runtime.host_allocator`` of the ``--params`` file (default
-    ./params.yaml), or auto when that cannot be read (the command itself then reports the problem)."""
+    that does not train (:data:`PRELOAD_COMMANDS`); for ``bench --host-allocator`` its choice; else params
+    ``runtime.host_allocator`` of the ``--params`` file (default ./params.yaml), or auto when that cannot be
+    read (the command itself then reports the problem)."""
     command = next((a for a in args if not a.startswith("-")), None)
     if command not in PRELOAD_COMMANDS:
         return None
-    host_malloc = _option(args, "--host-malloc") if command == "bench" else None
-    if host_malloc is not None:  # an unknown value: the bench reports it
-        return {"cache": "glibc", "system": "glibc", "jemalloc": "jemalloc", "tcmalloc": "tcmalloc"}.get(host_malloc)
+    chosen = _option(args, "--host-allocator") if command == "bench" else None
+    if chosen is not None:  # an unknown value: the command reports it
+        return chosen if chosen in ALLOCATORS else None
     try:
         import yaml
 
@@ -270,7 +271,7 @@ def torch_threads(configured: int | None, environ: Mapping[str, str] | None = No
     cells side by side (``SPML_THREADS=1 dvc exp run -j 2``) is a property of one invocation, which only
     the launcher knows; each process cannot tell how many siblings it has. Auto takes every usable CPU,
     the fastest choice for one run at a time; side by side, the launcher should give each a share
-    (usable CPUs / N), or OpenMP's spinning threads oversubscribe the cores (``spml bench --parallel N``).
+    (usable CPUs / N), or OpenMP's spinning threads oversubscribe the cores (``spml bench parallel N``).
     """
     environ = os.environ if environ is None else environ
     text = environ.get(THREADS_ENV, "").strip()

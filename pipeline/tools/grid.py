@@ -3,7 +3,7 @@ remote and run-cache (``spml grid submit | status | collect``; docs/cluster.md).
 
 `dvc repro` runs one stage at a time per workspace, and `dvc queue` is unreliable with several workers, so a
 cluster runs each cell of dvc.yaml's ``train``/``ablate``/``train-vl`` matrices as its own job in its own clone
-(pipeline/grid_job.py), which pushes the cell's outputs and run-cache entry to the DVC remote. ``collect``
+(pipeline/tools/grid_job.py), which pushes the cell's outputs and run-cache entry to the DVC remote. ``collect``
 then runs one ``dvc repro --pull`` in the submitting workspace, which restores every cell from the run-cache
 instead of training it, and aggregates.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import SpmlError
-from pipeline.grid_job import CellJob, read_state, run_cell, stage_name
+from pipeline.tools.grid_job import CellJob, read_state, run_cell, stage_name
 
 GRID_DIR = Path(".spml") / "grid"   # per-submission state (git- and dvc-ignored)
 CELL_GROUPS = ("train", "ablate", "train-vl")  # dvc.yaml's matrix stages: one job per cell
@@ -88,7 +88,7 @@ GRID_KEYS = {"time": "a time limit (minutes, H:MM:SS or D-HH:MM:SS; submitit req
              "setup": "a list of shell lines", "job_name": "a job name (may hold {stamp})"}
 CLI_FLAGS = {"time": "--time", "mem_gb": "--mem-gb", "cpus_per_job": "--cpus-per-job",
              "gpus_per_job": "--gpus-per-job", "partition": "--partition", "account": "--account", "qos": "--qos",
-             "constraint": "--constraint", "sbatch": "--slurm-arg"}
+             "constraint": "--constraint", "sbatch": "--sbatch"}
 
 
 def _check_grid_value(name: str, value, where: str):
@@ -174,7 +174,7 @@ def grid_params(root: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
 
 def resolve_resources(grid: tuple[dict, dict, dict], dataset: str, method: str, cli: dict) -> Resources:
     """One cell's Slurm resources: grid.default, then grid.datasets.<dataset>, then grid.methods.<method>
-    (a later value replaces an earlier one, lists too), then the command line's options; ``--slurm-arg``
+    (a later value replaces an earlier one, lists too), then the command line's options; ``--sbatch``
     options are added to the sbatch lines (replacing one of the same name)."""
     default, datasets, methods = grid
     values, origin = {}, {}
@@ -187,7 +187,7 @@ def resolve_resources(grid: tuple[dict, dict, dict], dataset: str, method: str, 
             if value:
                 given = dict(value)
                 values["sbatch"] = tuple((k, v) for k, v in values["sbatch"] if k not in given) + tuple(value)
-                origin["sbatch"] = f"{origin['sbatch']} and --slurm-arg"
+                origin["sbatch"] = f"{origin['sbatch']} and --sbatch"
         elif value is not None:
             values[name], origin[name] = value, CLI_FLAGS[name]
     return Resources(partition=values["partition"], gpus_per_job=values["gpus_per_job"],
@@ -819,7 +819,7 @@ def _launch(root: Path, folder: Path, stamp: str, groups: dict[Resources, list[C
     records by cell. If sbatch refuses an array, the arrays submitted before it are cancelled."""
     from submitit.core.utils import UncompletedJobError
 
-    from pipeline.grid_job import SlurmCell
+    from pipeline.tools.grid_job import SlurmCell
 
     shutil.copy2(root / "dvc.lock", folder / "dvc.lock")
     count = sum(len(group) for group in groups.values())

@@ -4,7 +4,7 @@ A table under ``reports/`` is only as good as the claim that its numbers come fr
 README gives. ``spml verify DIR`` takes DIR/runs.csv (written by ``spml aggregate``: one row per run, the metrics
 at full precision, and the thread count, malloc and torch version each run used), samples N of its cells (all
 with ``--all``), and re-trains each one with ``spml train`` in a temporary copy of this repository: the same
-params (with ``--preset``, the preset the table was made with, composed as ``dvc exp run -S +presets=NAME``
+params (with ``--preset``, the preset(s) the table was made with, composed as ``dvc exp run -S +presets=NAME``
 does), the same prepared data and pretrained trunk (this workspace's ``data/`` where it has them, else built in
 the copy by the stages themselves), ``SPML_THREADS`` and ``SPML_ALLOCATOR`` as recorded. CPU training is
 deterministic for a given thread count, so every metric must come out equal, bit for bit; a mismatch is an error
@@ -50,10 +50,11 @@ class Cell:
     def name(self) -> str:
         return f"{self.dataset}/{self.method}/{self.seed}"
 
-    def command(self, preset: str | None) -> str:
+    def command(self, presets: list[str]) -> str:
         env = " ".join(filter(None, [f"SPML_THREADS={self.threads}" if self.threads else "",
                                      f"SPML_ALLOCATOR={self.allocator}" if self.allocator else ""]))
-        params = f" --params <params.yaml composed with +presets={preset}>" if preset else ""
+        composed = " ".join(f"+presets={name}" for name in presets)
+        params = f" --params <params.yaml composed with {composed}>" if presets else ""
         return f"{env + ' ' if env else ''}spml train {self.dataset} {self.method} --seed {self.seed}{params}"
 
 
@@ -115,9 +116,11 @@ def make_copy(root: Path, work: Path, datasets: set[str]) -> None:
 
 
 def spml(work: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    # this interpreter's spml, with the copy's own code first on the path
+    # this interpreter's spml, with the copy's own code first on the path (then this process's path, so a copy
+    # without code runs the caller's, not whatever checkout is installed)
+    path = os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(work), "SPML_NO_PROGRESS": "1", **(env or {})})
+                          env={**os.environ, "PYTHONPATH": path, "SPML_NO_PROGRESS": "1", **(env or {})})
 
 
 def ensure_upstream(work: Path, datasets: set[str], params: Path) -> None:
@@ -139,7 +142,7 @@ def ensure_upstream(work: Path, datasets: set[str], params: Path) -> None:
                             f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
-def check_cell(work: Path, params: Path, cell: Cell, row: pd.Series, preset: str | None) -> list[str]:
+def check_cell(work: Path, params: Path, cell: Cell, row: pd.Series, presets: list[str]) -> list[str]:
     """Re-train one cell; the mismatches as 'cell: metric recorded X, re-trained Y' lines."""
     import json
 
@@ -150,16 +153,16 @@ def check_cell(work: Path, params: Path, cell: Cell, row: pd.Series, preset: str
                 "--out", str(out), "--no-resume", env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return [f"{cell.name}: re-training failed ({last}); command: {cell.command(preset)}"]
+        return [f"{cell.name}: re-training failed ({last}); command: {cell.command(presets)}"]
     metrics = json.loads((out / "metrics.json").read_text())
-    return [f"{cell.name}: {key} recorded {row[key]}, re-trained {metrics.get(key)}; command: {cell.command(preset)}"
+    return [f"{cell.name}: {key} recorded {row[key]}, re-trained {metrics.get(key)}; command: {cell.command(presets)}"
             for key in COMPARED if not same(row[key], metrics.get(key))]
 
 
-def verify(table: Path, count: int | None, preset: str | None = None, sample_seed: int = 0,
+def verify(table: Path, count: int | None, presets: list[str] | None = None, sample_seed: int = 0,
            root: Path = Path("."), report: Callable[[str], None] = print) -> list[str]:
     """Re-train ``count`` cells of ``table`` (a folder with runs.csv, or the file; all when None) and return the
-    cells checked. Raises SpmlError naming every mismatch."""
+    cells checked; ``presets`` are composed over params.yaml in order. Raises SpmlError naming every mismatch."""
     import torch
 
     from pipeline.config import compose_params, load_params
@@ -174,7 +177,9 @@ def verify(table: Path, count: int | None, preset: str | None = None, sample_see
                         f"{torch.__version__}: CPU results are bit-identical only on the same torch; "
                         "verify with that version")
     root = Path(root).resolve()
-    params = compose_params(root / "params.yaml", [f"+presets={preset}"]) if preset else load_params(root / "params.yaml")
+    presets = list(presets or [])
+    params = (compose_params(root / "params.yaml", [f"+presets={name}" for name in presets]) if presets
+              else load_params(root / "params.yaml"))
     with tempfile.TemporaryDirectory(prefix="spml-verify-") as tmp:
         work = Path(tmp)
         make_copy(root, work, {c.dataset for c in cells})
@@ -187,7 +192,7 @@ def verify(table: Path, count: int | None, preset: str | None = None, sample_see
         for cell in cells:
             row = runs[(runs.dataset == cell.dataset) & (runs.method == cell.method)
                        & (runs.seed.astype(int) == cell.seed)].iloc[0]
-            found = check_cell(work, params_file, cell, row, preset)
+            found = check_cell(work, params_file, cell, row, presets)
             report(f"{cell.name}: " + ("MISMATCH" if found else f"identical (test mAP {row.test_map})"))
             problems += found
     if problems:

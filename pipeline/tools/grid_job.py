@@ -1,4 +1,4 @@
-"""One grid cell as a cluster job (`spml grid submit`, pipeline/grid.py): what runs on the node.
+"""One grid cell as a cluster job (`spml grid submit`, pipeline/tools/grid.py): what runs on the node.
 
 A job works in its own clone of the submitting repository at the submitting commit, so jobs never share a
 DVC workspace, lock or cache:

@@ -4,8 +4,9 @@
 folder (82,783 + 40,504 images of which 82,081 + 40,137 are annotated, 604,907 + 291,875 annotations with
 short polygons, ~1% crowd RLEs: about 180 MB of JSON) and runs, each in a fresh child process:
 
-* **ours**: the ``prepare`` stage's code path (``stages.prepare.build_label_table`` with the default
-  ``arrow`` loader, then ``write_label_table``: Parquet written);
+* **ours**: the ``prepare`` stage, run by the ``spml`` command in the child (``spml prepare coco2014`` in a
+  temporary workspace whose params are the given params.yaml with the ``arrow`` loader: label table built,
+  Parquet written);
 * **community**: a straightforward re-implementation of the community's formatting, written for this
   benchmark: pycocotools ``COCO()`` per split, Python loops over the annotations, ids sorted as strings,
   float64 label matrices saved with ``np.save``.
@@ -16,11 +17,11 @@ included) and of the formatting call alone, and the peak resident memory of the 
 libraries included; not ``ru_maxrss``, which Linux carries over from the parent across fork + exec, so a
 child of ``spml bench`` (torch imported) would report the parent's RSS). The rows, paths and labels of both outputs are asserted identical.
 
-``spml bench --prepare coco2014`` calls :func:`run`, which prints the table and returns the prepared label
-table; the bench then trains on its first training rows (``pipeline.bench.prepared_data``: true labels,
+``spml bench prepare coco2014`` calls :func:`run`, which prints the table and returns the prepared label
+table; the bench then trains on its first training rows (``pipeline.tools.bench.prepared_data``: true labels,
 community-sampled observed labels, random images), so the training-step benchmark that follows runs at
-COCO's label statistics. This module does not import the bench (the bench imports it, for ``--prepare``
-only). Standalone: ``python -m pipeline.bench_prepare``.
+COCO's label statistics. This module does not import the bench (the bench imports it, for ``bench prepare``
+only). Standalone: ``python -m pipeline.tools.bench_prepare``.
 """
 
 from __future__ import annotations
@@ -62,23 +63,25 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 """
 
+# argv: the params file; cwd: a workspace holding data/raw/coco2014. The libraries the stage reads with
+# (pyarrow through pipeline.tables, the dataset's module) are imported before the clock starts, as the
+# community's child imports pycocotools before its own.
 OURS = PEAK_MB + r"""
 import json, sys, time
 t0 = time.perf_counter()
-from pathlib import Path
-from stages.prepare import build_label_table
-from pipeline.datasets.coco2014 import Coco2014
-from pipeline.tables import write_label_table
-raw, out = Path(sys.argv[1]), Path(sys.argv[2])
-# the generated files have no images; the rest is what data.coco2014 can say, typed as prepare reads it
-params = Coco2014.Params(source=None, images=False, loader="arrow", check_images=False)
+import pipeline.tables
+from pipeline.datasets import get_dataset
+from pipeline.cli import app
+get_dataset("coco2014")
 t1 = time.perf_counter()
-table = build_label_table("coco2014", raw, params, 0.2, 1200)
-write_label_table(out / "coco2014.parquet", table)
+code = app(["prepare", "coco2014", "--params", sys.argv[1]], standalone_mode=False)
+if code:
+    sys.exit(code)
 t2 = time.perf_counter()
 print(json.dumps({"call_s": t2 - t1, "import_s": t1 - t0, "peak_mb": peak_mb()}))
 """
 
+# argv: the raw folder, the output folder
 COMMUNITY = PEAK_MB + r"""
 import json, sys, time, io, contextlib
 t0 = time.perf_counter()
@@ -164,12 +167,13 @@ def generate_coco(directory: Path, seed: int = 0, scale: float = 1.0) -> dict[st
     return sizes
 
 
-def _child(code: str, raw: Path, out: Path) -> dict[str, float]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SPML_NO_PROGRESS": "1"}
+def _child(code: str, args: list[Path], cwd: Path) -> dict[str, float]:
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "SPML_NO_PROGRESS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, str(raw), str(out)], capture_output=True, text=True,
-                          check=False, env=env, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          check=False, env=env, cwd=cwd)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{done.stderr[-3000:]}")
@@ -178,10 +182,10 @@ def _child(code: str, raw: Path, out: Path) -> dict[str, float]:
     return result
 
 
-def _check_identical(ours_dir: Path, community_dir: Path) -> LabelTable:
+def _check_identical(ours_table: Path, community_dir: Path) -> LabelTable:
     from pipeline.tables import read_label_table
 
-    table = read_label_table(ours_dir / "coco2014.parquet")
+    table = read_label_table(ours_table)
     for phase, split in (("train", "train"), ("val", "test")):
         rows = table.official_rows(split)
         labels = np.load(community_dir / f"formatted_{phase}_labels.npy")
@@ -194,18 +198,30 @@ def _check_identical(ours_dir: Path, community_dir: Path) -> LabelTable:
 
 
 def run(dataset: str = "coco2014", seed: int = 0, scale: float = 1.0, workdir: str | None = None,
-        quiet: bool = False) -> LabelTable:
-    """Benchmark ``prepare`` on generated files; print the table; return our prepared label table."""
+        quiet: bool = False, params_path: Path = Path("params.yaml")) -> LabelTable:
+    """Benchmark ``prepare`` on generated files; print the table; return our prepared label table.
+    ``params_path``: the params ``spml prepare`` runs with (its ``split`` and ``data.coco2014``; loader arrow)."""
+    import yaml
+
+    from pipeline.config import deep_merge, load_params
+
     if dataset != "coco2014":
-        raise SpmlError(f"--prepare supports coco2014 only (the large instance files), got {dataset!r}")
+        raise SpmlError(f"bench prepare supports coco2014 only (the large instance files), got {dataset!r}")
+    # the generated files have no images: nothing to check
+    coco = {"images": False, "loader": "arrow", "check_images": False}
+    params = deep_merge(load_params(params_path), {"data": {"coco2014": coco}})
     with tempfile.TemporaryDirectory(prefix="spml-bench-prepare-", dir=workdir) as tmp:
         tmp = Path(tmp)
+        work, community_out = tmp / "ours", tmp / "community"  # work: the stage's workspace (data/ and params)
+        raw = work / "data" / "raw" / "coco2014"
+        community_out.mkdir(parents=True)
         start = time.perf_counter()
-        sizes = generate_coco(tmp / "raw", seed, scale)
+        sizes = generate_coco(raw, seed, scale)
         generated_s = time.perf_counter() - start
-        community = _child(COMMUNITY, tmp / "raw", tmp / "community")
-        ours = _child(OURS, tmp / "raw", tmp / "ours")
-        table = _check_identical(tmp / "ours", tmp / "community")
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        community = _child(COMMUNITY, [raw, community_out], tmp)
+        ours = _child(OURS, [work / "params.yaml"], work)
+        table = _check_identical(work / "data" / "prepared" / "coco2014.parquet", community_out)
         lines = [
             (f"prepare benchmark: coco2014-sized instance files ({sum(sizes.values()) / 1e6:.0f} MB JSON, "
             f"{len(table):,} annotated images; generated in {generated_s:.0f} s, seed {seed}, scale {scale})"),
