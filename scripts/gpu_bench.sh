@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# `spml bench` on a GPU machine that has only torch/torchvision/numpy plus `pip install typer rich pyyaml`
-# (python -m pipeline.cli bench needs no dvc, pycocotools, pyarrow, pandas or scikit-learn): AN and IGNORE (and
-# Q2L's methods) at the paper's setting (448 px, batch 16), AMP off and on. Results go to $OUT (default ./bench-out).
+# `spml bench step` and `spml bench loader` on a GPU machine that has only torch/torchvision/numpy plus
+# `pip install typer rich pyyaml` (python -m pipeline.cli bench needs no dvc, pycocotools, pyarrow, pandas or
+# scikit-learn): AN and IGNORE (and Q2L's methods) at the paper's setting (448 px, batch 16), AMP off and on.
+# Results go to $OUT (default ./bench-out).
 #   OUT=/tmp/b bash scripts/gpu_bench.sh
-# Tiny CPU dry run: SIZE=64 BATCH=2 STEPS=2 WARMUP=1 DEVICE=cpu RESNET_KW='{"layers":[1,1,1,1],"width_per_group":4}' \
-#   Q2L_KW='{"layers":[1,1,1,1],"width_per_group":4,"hidden_dim":32,"dim_feedforward":64}' bash scripts/gpu_bench.sh
+# Tiny CPU dry run (RESNET_PARAMS, Q2L_PARAMS: KEY=VALUE words, each a --model-param):
+#   SIZE=64 BATCH=2 STEPS=2 WARMUP=1 DEVICE=cpu RESNET_PARAMS='layers=[1,1,1,1] width_per_group=4' \
+#   Q2L_PARAMS='layers=[1,1,1,1] width_per_group=4 hidden_dim=32 dim_feedforward=64' bash scripts/gpu_bench.sh
 set -u
 OUT=${OUT:-bench-out}
 SIZE=${SIZE:-448}
@@ -12,8 +14,8 @@ BATCH=${BATCH:-16}
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
 DEVICE=${DEVICE:-auto}
-RESNET_KW=${RESNET_KW:-}
-Q2L_KW=${Q2L_KW:-}
+RESNET_PARAMS=${RESNET_PARAMS:-}
+Q2L_PARAMS=${Q2L_PARAMS:-}
 PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-150}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
@@ -24,30 +26,30 @@ PY=${PYTHON:-python}
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
 } 2>&1 | tee "$OUT/env.txt"
 
-bench() {  # name, then spml bench arguments
-  local name=$1; shift
-  local cmd=($PY -m pipeline.cli bench --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
-             --device "$DEVICE" --weights none "$@")
+bench() {  # name, the subcommand (step or loader), then its arguments
+  local name=$1 mode=$2; shift 2
+  local cmd=($PY -m pipeline.cli bench "$mode" --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS"
+             --warmup "$WARMUP" --device "$DEVICE" "$@")
   echo "\$ ${cmd[*]}" | tee "$OUT/$name.txt"
   timeout "$PER_RUN_TIMEOUT" "${cmd[@]}" 2>&1 | tee -a "$OUT/$name.txt"
   echo "rc=${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
 }
 
-R=(--model resnet50 --methods an,ignore)
-[ -n "$RESNET_KW" ] && R+=(--model-kwargs "$RESNET_KW")
-Q=(--model q2l --methods an,ignore,plc-lac)
-[ -n "$Q2L_KW" ] && Q+=(--model-kwargs "$Q2L_KW")
+R=(--model resnet50 --method an --method ignore --weights none)
+for kv in $RESNET_PARAMS; do R+=(--model-param "$kv"); done
+Q=(--model q2l --method an --method ignore --method plc-lac --weights none)
+for kv in $Q2L_PARAMS; do Q+=(--model-param "$kv"); done
 
-bench resnet50-amp-off "${R[@]}" --no-amp
-bench resnet50-amp-on "${R[@]}" --amp
-bench resnet50-amp-on-cl "${R[@]}" --amp --channels-last
-bench q2l-amp-on "${Q[@]}" --amp
-bench q2l-amp-off "${Q[@]}" --no-amp
-bench resnet50-amp-on-cl-compile "${R[@]}" --amp --channels-last --compile --warmup "$((WARMUP > 3 ? WARMUP : 3))"
+bench resnet50-amp-off step "${R[@]}" --no-amp
+bench resnet50-amp-on step "${R[@]}" --amp
+bench resnet50-amp-on-cl step "${R[@]}" --amp --channels-last
+bench q2l-amp-on step "${Q[@]}" --amp
+bench q2l-amp-off step "${Q[@]}" --no-amp
+bench resnet50-amp-on-cl-compile step "${R[@]}" --amp --channels-last --compile --warmup "$((WARMUP > 3 ? WARMUP : 3))"
 # the input pipeline alone (images/s delivered to the device), the loader's views against the device's
 for workers in 4 8; do
   for place in loader device; do
-    bench "loader-$place-w$workers" --methods ignore --loader --workers "$workers" --augment-on "$place"
+    bench "loader-$place-w$workers" loader --method ignore --num-workers "$workers" --augment-on "$place"
   done
 done
 echo done | tee "$OUT/done.txt"
