@@ -313,21 +313,32 @@ def compare_regimes(dirs: Annotated[list[Path], typer.Argument(
     err.print(f"wrote {out_dir}/regimes.md and {out_dir}/regimes.png")
 
 
+VERIFY_CELLS = 3  # spml verify: cells drawn when neither --cells nor --all is given
+
+
 @app.command()
 def verify(table: Annotated[Path, typer.Argument(help="a table folder with runs.csv, e.g. reports/all-methods")],
-           cells: Annotated[int | None, typer.Option(help="how many cells to re-train, drawn by --sample-seed")] = 3,
+           cells: Annotated[int | None, typer.Option(
+               help=f"how many cells to re-train, drawn by --sample-seed (default {VERIFY_CELLS})")] = None,
            all_cells: Annotated[bool, typer.Option("--all", help="re-train every cell of the table")] = False,
            preset: Annotated[list[str] | None, typer.Option(
                help="a preset the table was made with (presets/NAME.yaml), composed over params.yaml as "
-                    "`dvc exp run -S +presets=NAME` does, e.g. all-methods (repeat the option for more, in order)")] = None,
+                    "`dvc exp run -S +presets=NAME` does, e.g. all-methods; repeat the option for more, "
+                    "in order")] = None,
            sample_seed: Annotated[int, typer.Option(help="seed of the draw of cells")] = 0):
     """Re-train cells of a committed table in a temporary copy and check every metric, bit for bit (CPU runs,
     at each run's recorded thread count and malloc). Exit 2 naming the cell, both values and the command when
     one differs."""
     from pipeline.tools import verify as tool
 
-    checked = _run(tool.verify, table, None if all_cells else cells, preset, sample_seed,
-                   report=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+    def _verify():
+        if all_cells and cells is not None:  # one of them would be ignored
+            raise SpmlError(f"--cells {cells} and --all: pass one of them")
+        count = None if all_cells else VERIFY_CELLS if cells is None else cells
+        return tool.verify(table, count, preset, sample_seed,
+                           report=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+
+    checked = _run(_verify)
     err.print(f"{len(checked)} cell(s) of {table} reproduce bit for bit: {', '.join(checked)}")
 
 

@@ -62,3 +62,9 @@ def test_cells_are_drawn_by_a_seed():
     assert choose(cells, None, 0) == cells and choose(cells, 50, 0) == cells
     with pytest.raises(SpmlError, match="--cells must be at least 1"):
         choose(cells, 0, 0)
+
+
+def test_cells_and_all_together_are_refused_in_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["verify", str(tmp_path), "--cells", "2", "--all"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "--cells 2 and --all: pass one of them" in lines[0]
