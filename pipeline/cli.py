@@ -369,7 +369,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Time the training step (step
 app.add_typer(bench_app, name="bench")
 
 
-HostAllocator = Enum("HostAllocator", {name: name for name in ALLOCATORS}, type=str)  # params host_allocator
+HostAllocator = Enum("HostAllocator", {name: name for name in ALLOCATORS}, type=str)  # params runtime.host_allocator
 
 
 class AugmentOn(str, Enum):  # params train.augment_on (pipeline.run_config.TrainConfig)
@@ -400,7 +400,7 @@ AmpOption = Annotated[bool | None, typer.Option(
 ChannelsLastOption = Annotated[bool | None, typer.Option(
     "--channels-last/--no-channels-last", help=f"NHWC model and batches {_default('channels_last')}")]
 WeightsOption = Annotated[str | None, typer.Option(
-    help="trunk weights, params models.<model>.weights: none, imagenet or PATH (default: random, none)")]
+    help="trunk weights, params models.<model>.weights: none, imagenet or PATH (default: none, random weights)")]
 ModelParamOption = Annotated[list[str] | None, typer.Option(
     help="KEY=VALUE set in the model's params block models.<model> (VALUE read as YAML); repeat the option for "
          "more, e.g. --model-param output_stride=8 --model-param 'layers=[1,1,1,1]'")]
