@@ -80,7 +80,7 @@ PREPARED_ROWS = 512  # --prepare: how many prepared training rows the bench trai
 SHARED_SETTINGS = {"image_size": "--image-size", "batch_size": "--batch-size", "channels_last": "--channels-last",
                    "device": "--device", "threads": "--threads", "host_allocator": "--host-malloc",
                    "host_malloc_cache": "--host-malloc", "compile": "--compile", "num_workers": "--workers",
-                   "augment_on": "--augment-on"}
+                   "augment_on": "--augment-on", "decode": "--decode"}
 COMPILE_WARMUP = 2  # --compile: at least this many untimed steps (the first compiles, the second may recompile)
 
 
@@ -410,6 +410,9 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
         raise SpmlError("--steps must be >= 1, --warmup >= 0, --batch-size >= 1 and --workers >= 0")
     runs = bench_configs(load_params(params_path), dataset, methods, seed, None, overrides)
     cfg, rt = runs[0].train, runs[0].runtime
+    if cfg.decode == "device":
+        raise SpmlError("params train.decode is device, but this bench times random arrays, no files; time the "
+                        "device decode on JPEGs with --loader --dataset coco2014 --decode device")
     warmup = max(warmup, rt.num_workers)  # every worker's first batch (its start) is left out
     device = setup_process(cfg, rt, DistContext())
     strong = any(get_method_class(run.method).needs_strong_view for run in runs)

@@ -1,0 +1,1 @@
+"""Tools beside the pipeline's stages: benchmarks and the data they generate."""
