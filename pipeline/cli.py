@@ -291,6 +291,19 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
               help="--loader: loader worker processes (default: params runtime.num_workers)")] = None,
           augment_on: Annotated[str | None, typer.Option(
               help="--loader: where the views are made, loader or device (default: params train.augment_on)")] = None,
+          decode: Annotated[str | None, typer.Option(
+              help="--loader --dataset coco2014: where the JPEGs are decoded, cpu or device (default: params "
+                   "train.decode)")] = None,
+          images: Annotated[int, typer.Option(
+              help="--loader --dataset coco2014: JPEGs to generate in COCO 2014's layout (or to read from "
+                   "--coco-root) and time the loaders on")] = 64,
+          worker_counts: Annotated[str, typer.Option(
+              help="--loader --dataset coco2014: comma-separated loader worker counts, interleaved")] = "1,2",
+          rounds: Annotated[int, typer.Option(
+              help="--loader --dataset coco2014: interleaved rounds; the medians are reported")] = 3,
+          coco_root: Annotated[Path | None, typer.Option(
+              help="--loader --dataset coco2014: a COCO 2014 folder to read the first --images training "
+                   "images of, instead of generating them")] = None,
           parallel: Annotated[int | None, typer.Option(
               help="N: instead, time N tiny whole trainings one after another and side by side (threads each: "
                    "--threads, default usable CPUs / N)")] = None,
@@ -320,6 +333,8 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
             raise SpmlError(f"--host-malloc {host_malloc!r}: use jemalloc, tcmalloc, cache or system")
         if augment_on not in (None, "loader", "device"):
             raise SpmlError(f"--augment-on {augment_on!r}: use loader or device")
+        if decode is not None or coco_root is not None:
+            raise SpmlError("--decode and --coco-root set the real-format input bench; add --loader --dataset coco2014")
         if not loader and (workers is not None or augment_on is not None):
             # the step bench times ready batches: no loader, no views; saying nothing would hide that
             raise SpmlError("--workers and --augment-on set the input-pipeline bench; add --loader (the step bench "
@@ -335,6 +350,25 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
         return bench_mod.run_bench(names, params, dataset, model, steps, warmup, num_classes, 0, prepare,
                                    weights=weights, model_kwargs=extra, **given)
 
+    if loader and dataset == "coco2014":  # the real-format input bench (pipeline/tools/input_bench.py)
+        from pipeline.tools import input_bench
+
+        def _input_bench():
+            if workers is not None:
+                raise SpmlError("--loader --dataset coco2014 takes --worker-counts (e.g. 1,2), not --workers")
+            if decode not in (None, "cpu", "device") or augment_on not in (None, "loader", "device"):
+                raise SpmlError(f"--decode {decode!r} / --augment-on {augment_on!r}: use cpu or device / loader or device")
+            try:
+                counts = tuple(int(c) for c in worker_counts.split(",") if c.strip())
+            except ValueError:
+                raise SpmlError(f"--worker-counts {worker_counts!r}: give comma-separated integers, e.g. 1,2") from None
+            given = {"image_size": image_size, "batch_size": batch_size, "device": device, "threads": threads,
+                     "augment_on": augment_on, "decode": decode}
+            return input_bench.run_input_bench(names, params, dataset, images, counts, rounds, 0, coco_root,
+                                               **{key: value for key, value in given.items() if value is not None})
+
+        typer.echo(input_bench.format_input_bench(_run(_input_bench)))
+        return
     results, header = _run(_bench)
     typer.echo(bench_mod.format_loader(results, header) if loader else bench_mod.format_results(results, header))
 
