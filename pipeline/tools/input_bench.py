@@ -50,7 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import load_params
-from pipeline.data import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, seed_sample
 from pipeline.bench_prepare import SHAPES
 from pipeline.errors import SpmlError
 
@@ -82,7 +82,7 @@ class OfficialStyleSet(Dataset):
         if isinstance(key, (tuple, list)):  # (row, seed), as TrainSet: the same draws for the same sample
             i, seed = key
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                seed_sample(seed)  # in a worker ~0.02 ms: the official code's own draws cost nothing extra either
                 return self._item(int(i))
         return self._item(key)
 
@@ -96,14 +96,37 @@ class OfficialStyleSet(Dataset):
 
 
 @dataclass
+class EpochCpu:
+    """CPU seconds a timed epoch took: its loader workers' (None where /proc cannot be read) and the main
+    process's (receiving the batches), over ``images`` images."""
+
+    workers: float | None
+    main: float
+    images: int
+
+
+@dataclass
 class InputRate:
-    """One loader at one worker count: images/s of each round's timed epoch, and of its device side."""
+    """One loader at one worker count: images/s of each round's timed epoch, its CPU time, and the images/s
+    of its device side."""
 
     loader: str
     workers: int
     reads: str  # what its workers read per sample
     rates: list[float] = field(default_factory=list)
+    cpu: list[EpochCpu] = field(default_factory=list)
     device_rates: list[float] = field(default_factory=list)
+
+    @property
+    def worker_cpu_ms(self) -> float | None:
+        """Median CPU milliseconds the workers spent per image: the share of a core each image costs, which
+        other load on the machine does not change as it changes the wall time."""
+        values = [1000 * c.workers / c.images for c in self.cpu if c.workers is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def main_cpu_ms(self) -> float:
+        return statistics.median(1000 * c.main / c.images for c in self.cpu)
 
     @property
     def images_per_s(self) -> float:
@@ -245,8 +268,9 @@ def run_input_bench(methods: list[str], params_path: Path = Path("params.yaml"),
             for workers in worker_counts:
                 for name in (LOADERS if index % 2 == 0 else LOADERS[::-1]):
                     data, collate, device_side = sets[name]
-                    rate, device_rate = _time_epoch(data, collate, device_side, workers, cfg, device, seed)
+                    rate, cpu, device_rate = _time_epoch(data, collate, device_side, workers, cfg, device, seed)
                     results[(name, workers)].rates.append(rate)
+                    results[(name, workers)].cpu.append(cpu)
                     if device_rate is not None:
                         results[(name, workers)].device_rates.append(device_rate)
     train_rows, test_rows = SHAPES["train"][1], SHAPES["val"][1]  # COCO 2014's annotated images: the table's rows
@@ -261,9 +285,9 @@ def run_input_bench(methods: list[str], params_path: Path = Path("params.yaml"),
 
 
 def _time_epoch(data: Dataset, collate, device_side, workers: int, cfg, device: torch.device,
-                seed: int) -> tuple[float, float | None]:
-    """Images/s of one epoch after an untimed one, and of ``device_side`` (None: there is none) on its first
-    batches."""
+                seed: int) -> tuple[float, EpochCpu, float | None]:
+    """Images/s of one epoch after an untimed one, the CPU time it took, and the images/s of ``device_side``
+    (None: there is none) on its first batches."""
     from pipeline.runtime.distributed import EpochSampler
     from pipeline.train import loader_settings
 
@@ -276,26 +300,47 @@ def _time_epoch(data: Dataset, collate, device_side, workers: int, cfg, device: 
         pass
     sampler.set_epoch(2)
     kept = []
-    started = time.perf_counter()
-    for item in loader:
+    started, main_started = time.perf_counter(), time.process_time()
+    batches = iter(loader)  # the persistent workers start on the epoch's first batches here
+    pids = [worker.pid for worker in getattr(batches, "_workers", [])]  # torch's (private) worker handles
+    workers_started = _cpu_seconds(pids)
+    for item in batches:
         if device_side is not None and len(kept) < DEVICE_SIDE_BATCHES:
             kept.append(item)
     rate = len(data) / (time.perf_counter() - started)
-    del loader  # its workers exit
+    workers_cpu = _cpu_seconds(pids)
+    cpu = EpochCpu(None if workers_cpu is None or workers_started is None else workers_cpu - workers_started,
+                   time.process_time() - main_started, len(data))
+    del batches, loader  # its workers exit
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     if device_side is None:
-        return rate, None
+        return rate, cpu, None
     device_side(kept[0])  # the first call pays one-time costs (kernels, allocator)
     sync()
     started = time.perf_counter()
     for item in kept:
         device_side(item)
     sync()
-    return rate, sum(len(item["index"]) for item in kept) / (time.perf_counter() - started)
+    return rate, cpu, sum(len(item["index"]) for item in kept) / (time.perf_counter() - started)
+
+
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds the processes ``pids`` have used (Linux's /proc); None where it cannot be read."""
+    import os
+
+    try:
+        ticks = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime: the stat file's fields 14 and 15
+        return ticks / os.sysconf("SC_CLK_TCK") if pids else None
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def format_input_bench(bench: InputBench) -> str:
@@ -318,11 +363,17 @@ def format_input_bench(bench: InputBench) -> str:
         rounds = " ".join(f"{x:.1f}" for x in r.rates)
         device = f"{statistics.median(r.device_rates):8.1f} img/s" if r.device_rates else "none (batches are ready)"
         cores = " / ".join(str(r.cores_for(t)) for t in FEED_TARGETS)
+        cpu = f"{r.worker_cpu_ms:.1f}" if r.worker_cpu_ms is not None else "n/a"
         lines.append(f"{r.loader:<{width}}  workers={r.workers}  {r.images_per_s:8.1f} img/s  {r.per_worker:8.1f} "
-                     f"img/s per worker  (rounds: {rounds})  reads {r.reads}  cores for "
-                     f"{' / '.join(map(str, FEED_TARGETS))} img/s: {cores}  device side {device}")
+                     f"img/s per worker  (rounds: {rounds})  CPU ms per image: workers {cpu}, main "
+                     f"{r.main_cpu_ms:.1f}  reads {r.reads}  cores for {' / '.join(map(str, FEED_TARGETS))} img/s: "
+                     f"{cores}  device side {device}")
     by_key = {(r.loader, r.workers): r for r in bench.rates}
+    counts = sorted({r.workers for r in bench.rates})
     ratios = [f"{by_key[('ours', w)].per_worker / by_key[('official', w)].per_worker:.2f}x ({w} "
-              f"worker{'s' if w > 1 else ''})" for w in sorted({r.workers for r in bench.rates})]
+              f"worker{'s' if w > 1 else ''})" for w in counts]
     lines.append(f"# ours / official, images/s per worker: {', '.join(ratios)}")
+    if all(by_key[(name, w)].worker_cpu_ms for name in LOADERS for w in counts):
+        cpu_ratios = [f"{by_key[('official', w)].worker_cpu_ms / by_key[('ours', w)].worker_cpu_ms:.2f}x" for w in counts]
+        lines.append(f"# official / ours, workers' CPU time per image: {', '.join(cpu_ratios)} (same order)")
     return "\n".join(lines)
