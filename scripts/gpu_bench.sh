@@ -4,7 +4,8 @@
 # Q2L's methods) at the paper's setting (448 px, batch 16), AMP off and on. Results go to $OUT (default ./bench-out).
 #   OUT=/tmp/b bash scripts/gpu_bench.sh
 # Tiny CPU dry run: SIZE=64 BATCH=2 STEPS=2 WARMUP=1 DEVICE=cpu RESNET_KW='{"layers":[1,1,1,1],"width_per_group":4}' \
-#   Q2L_KW='{"layers":[1,1,1,1],"width_per_group":4,"hidden_dim":32,"dim_feedforward":64}' bash scripts/gpu_bench.sh
+#   Q2L_KW='{"layers":[1,1,1,1],"width_per_group":4,"hidden_dim":32,"dim_feedforward":64}' IMAGES=4 \
+#   INPUT_WORKERS=1 bash scripts/gpu_bench.sh
 set -u
 OUT=${OUT:-bench-out}
 SIZE=${SIZE:-448}
@@ -15,6 +16,8 @@ DEVICE=${DEVICE:-auto}
 RESNET_KW=${RESNET_KW:-}
 Q2L_KW=${Q2L_KW:-}
 PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-150}
+IMAGES=${IMAGES:-256}             # COCO-like JPEGs of the real-format input bench
+INPUT_WORKERS=${INPUT_WORKERS:-4,8}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 
@@ -49,5 +52,12 @@ for workers in 4 8; do
   for place in loader device; do
     bench "loader-$place-w$workers" --methods ignore --loader --workers "$workers" --augment-on "$place"
   done
+done
+# the input pipeline on real-format JPEGs (COCO-like, in COCO's layout): ours against an official-style loader,
+# interleaved; views in the loader, views on the device, and decode on the device too (nvJPEG)
+for mode in "loader cpu" "device cpu" "device device"; do
+  read -r place decoder <<< "$mode"
+  bench "input-$place-$decoder" --methods ignore --loader --dataset coco2014 --images "$IMAGES" \
+    --worker-counts "$INPUT_WORKERS" --rounds 3 --augment-on "$place" --decode "$decoder"
 done
 echo done | tee "$OUT/done.txt"
