@@ -31,7 +31,8 @@ def test_coco_like_files_are_in_cocos_layout_at_its_sizes_and_file_sizes(tmp_pat
     from pipeline.datasets.coco2014 import Coco2014
 
     files = write_coco_like(tmp_path / "a", 6, num_val=2, seed=0)
-    splits = Coco2014().load_official(files.root, {"loader": "arrow", "check_images": True})
+    params = Coco2014.Params(source=None, images=True, loader="arrow", check_images=True)
+    splits = Coco2014().load_official(files.root, params)
     assert len(splits.train.paths) == 6 and len(splits.test.paths) == 2 and len(splits.class_names) == 80
     assert sorted(splits.train.paths) == sorted(files.train_paths)
     paths, labels = coco_train_rows(files.root, 6)

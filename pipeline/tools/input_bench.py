@@ -42,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from pipeline.config import load_params
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, seed_sample
 from pipeline.bench_prepare import SHAPES
 from pipeline.errors import SpmlError
+
+if TYPE_CHECKING:
+    from pipeline.run_config import RuntimeConfig, TrainConfig
 
 # images/s to feed: ResNet-50 IGNORE's step on an H200 in bf16 + channels_last (docs/bench-gpu.md), and a
 # round figure past AN's (801) for a compiled or faster step
@@ -221,13 +224,13 @@ def run_input_bench(methods: list[str], params_path: Path = Path("params.yaml"),
         raise SpmlError("--worker-counts must list counts >= 1 (e.g. 1,2), --rounds must be >= 1 and --images >= 1")
     params = load_params(params_path)
     runs = bench_configs(params, dataset, methods, seed, None, overrides)
-    cfg = runs[0].train
+    cfg, rt = runs[0].train, runs[0].runtime
     if cfg.augment != "standard":
         raise SpmlError(f"the official-style loader makes IGNORE's standard views; {runs[0].method} trains with "
                         f"train.augment {cfg.augment}; bench a method with the standard views (e.g. --methods ignore)")
     if num_images < cfg.batch_size:
         raise SpmlError(f"--images {num_images} is less than one batch of {cfg.batch_size}; raise --images")
-    device = setup_process(cfg, DistContext())
+    device = setup_process(cfg, rt, DistContext())
     strong = any(get_method_class(run.method).needs_strong_view for run in runs)
     size = cfg.image_size
     with tempfile.TemporaryDirectory(prefix="spml-bench-input-") as tmp:
@@ -260,7 +263,8 @@ def run_input_bench(methods: list[str], params_path: Path = Path("params.yaml"),
                 if key in item:
                     item[key].to(device, non_blocking=True)
 
-        sets = {"ours": (ours, collate_jpeg if cfg.decode == "device" else None, build_normalizer(cfg, device).batch),
+        normalize = build_normalizer(cfg, device, rt.channels_last)
+        sets = {"ours": (ours, collate_jpeg if cfg.decode == "device" else None, normalize.batch),
                 "official": (official, None, to_device if device.type != "cpu" else None)}
         results = {(name, w): InputRate(name, w, ours_reads if name == "ours" else "files")
                    for w in worker_counts for name in LOADERS}
@@ -268,7 +272,8 @@ def run_input_bench(methods: list[str], params_path: Path = Path("params.yaml"),
             for workers in worker_counts:
                 for name in (LOADERS if index % 2 == 0 else LOADERS[::-1]):
                     data, collate, device_side = sets[name]
-                    rate, cpu, device_rate = _time_epoch(data, collate, device_side, workers, cfg, device, seed)
+                    rate, cpu, device_rate = _time_epoch(data, collate, device_side, workers, cfg, rt, device,
+                                                         seed)
                     results[(name, workers)].rates.append(rate)
                     results[(name, workers)].cpu.append(cpu)
                     if device_rate is not None:
@@ -284,8 +289,8 @@ def run_input_bench(methods: list[str], params_path: Path = Path("params.yaml"),
                       {what: (rows, cache_bytes(rows, size)) for what, rows in coco.items()})
 
 
-def _time_epoch(data: Dataset, collate, device_side, workers: int, cfg, device: torch.device,
-                seed: int) -> tuple[float, EpochCpu, float | None]:
+def _time_epoch(data: Dataset, collate, device_side, workers: int, cfg: TrainConfig, rt: RuntimeConfig,
+                device: torch.device, seed: int) -> tuple[float, EpochCpu, float | None]:
     """Images/s of one epoch after an untimed one, the CPU time it took, and the images/s of ``device_side``
     (None: there is none) on its first batches."""
     from pipeline.runtime.distributed import EpochSampler
@@ -294,7 +299,7 @@ def _time_epoch(data: Dataset, collate, device_side, workers: int, cfg, device: 
     sampler = EpochSampler(len(data), seed)
     loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                         generator=torch.Generator().manual_seed(seed),
-                        **loader_settings(dataclasses.replace(cfg, num_workers=workers), device))
+                        **loader_settings(dataclasses.replace(rt, num_workers=workers), device))
     sampler.set_epoch(1)
     for _ in loader:  # starts the workers, fills the page cache and the loaders' per-row header probes
         pass
