@@ -33,7 +33,9 @@ header line says which one ran (``host_malloc=``).
 ``--loader`` times the input pipeline instead of the step (:func:`run_loader_bench`): the training loader
 over a cached-image memory map of random images, with the params' workers (``--workers``), then the loop's
 :class:`pipeline.data.Normalizer` on the device, views made where ``train.augment_on`` says
-(``--augment-on loader|device``); images/s delivered, to set against the step's.
+(``--augment-on loader|device``); images/s delivered, to set against the step's. With ``--dataset coco2014`` it
+times the real-format input pipeline instead: JPEG files, ours against an official-style loader
+(:mod:`pipeline.tools.input_bench`).
 
 Output, one line per method: median ms/step, images/s, ratio of the median to AN's as ``N.NNx``, the median
 (and mean) minor page faults of the process per step (Unix), and memory:

@@ -28,7 +28,9 @@ process. Separately, the device side of each loader (``device side``): the loop'
 timed on a few of them: ours :meth:`Normalizer.batch` (normalisation, and with ``augment_on: device`` the views,
 with ``decode: device`` the decode); official the copy to the device. On a GPU the two sides overlap and the slower
 one bounds training; on a CPU they share the cores. Reported per loader and worker count: the median images/s of
-the rounds, per worker, and the cores (one worker each) needed to feed :data:`FEED_TARGETS`.
+the rounds, per worker, the CPU milliseconds per image of its workers (Linux's /proc; other load on the machine
+moves it far less than the wall time) and of the main process, and the cores (one worker each) needed to feed
+:data:`FEED_TARGETS`. docs/bench-cpu.md has the command the documented figures come from.
 """
 
 from __future__ import annotations
