@@ -356,8 +356,10 @@ def bench(methods: Annotated[str, typer.Option(help="comma-separated methods; th
         def _input_bench():
             if workers is not None:
                 raise SpmlError("--loader --dataset coco2014 takes --worker-counts (e.g. 1,2), not --workers")
-            if decode not in (None, "cpu", "device") or augment_on not in (None, "loader", "device"):
-                raise SpmlError(f"--decode {decode!r} / --augment-on {augment_on!r}: use cpu or device / loader or device")
+            if decode not in (None, "cpu", "device"):
+                raise SpmlError(f"--decode {decode!r}: use cpu or device")
+            if augment_on not in (None, "loader", "device"):
+                raise SpmlError(f"--augment-on {augment_on!r}: use loader or device")
             try:
                 counts = tuple(int(c) for c in worker_counts.split(",") if c.strip())
             except ValueError:

@@ -168,7 +168,8 @@ def test_cli_input_bench_errors_are_one_line(tmp_path, monkeypatch):
         (["--workers", "2"], "takes --worker-counts (e.g. 1,2), not --workers"),
         (["--worker-counts", "1,x"], "--worker-counts '1,x': give comma-separated integers"),
         (["--worker-counts", "0"], "--worker-counts must list counts >= 1"),
-        (["--decode", "gpu"], "--decode 'gpu' / --augment-on None: use cpu or device / loader or device"),
+        (["--decode", "gpu"], "--decode 'gpu': use cpu or device"),
+        (["--augment-on", "gpu"], "--augment-on 'gpu': use loader or device"),
         (["--decode", "device"], "train.decode device needs train.augment_on device"),
         (["--images", "1"], "--images 1 is less than one batch of 2"),
     ]

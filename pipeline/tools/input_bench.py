@@ -51,9 +51,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.bench_prepare import SHAPES
 from pipeline.config import load_params
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, seed_sample
-from pipeline.bench_prepare import SHAPES
 from pipeline.errors import SpmlError
 
 if TYPE_CHECKING:
