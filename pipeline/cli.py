@@ -521,6 +521,47 @@ def bench_loader(method: Annotated[list[str] | None, typer.Option(
     typer.echo(tool.format_loader(result, header))
 
 
+class Decode(str, Enum):  # params train.decode (pipeline.run_config.TrainConfig)
+    cpu = "cpu"
+    device = "device"
+
+
+@bench_app.command("input")
+def bench_input(method: Annotated[list[str] | None, typer.Option(
+                    "--method", help="a method whose views are made (a strong view if one needs it; the official "
+                                     "loader makes IGNORE's standard views); repeat the option for more "
+                                     "(default: --method ignore)")] = None,
+                images: Annotated[int, typer.Option(
+                    help="JPEGs to generate in COCO 2014's layout (or to read from --coco-root)")] = 64,
+                worker_count: Annotated[list[int] | None, typer.Option(
+                    "--worker-count", help="loader worker processes, timed interleaved; repeat the option for more "
+                                           "(default: --worker-count 1 --worker-count 2)")] = None,
+                rounds: Annotated[int, typer.Option(help="interleaved rounds; the medians are reported")] = 3,
+                coco_root: Annotated[Path | None, typer.Option(
+                    help="a COCO 2014 folder whose first --images training images are read instead of generated "
+                         "ones")] = None,
+                image_size: ImageSizeOption = None, batch_size: BatchSizeOption = None, device: DeviceOption = None,
+                threads: ThreadsOption = None, augment_on: AugmentOnOption = None,
+                decode: Annotated[Decode | None, typer.Option(
+                    help=f"where the JPEGs are decoded, cpu or device (nvJPEG on CUDA) {_default('decode')}")] = None,
+                channels_last: ChannelsLastOption = None,
+                params: ParamsOption = Path("params.yaml")):
+    """The paper-scale input path: real JPEG files (COCO-like) through our training loader and through one built
+    like the official IGNORE code's, interleaved: images/s and CPU per image per worker, and the cores needed to
+    feed 361 and 1000 img/s (docs/bench-cpu.md)."""
+    from pipeline.tools import input_bench as tool
+
+    def _bench():
+        names = _one_per_option(list(method or ("ignore",)), "--method", "--method ignore")
+        counts = tuple(worker_count or (1, 2))
+        return tool.run_input_bench(names, params, "coco2014", images, counts, rounds, 0, coco_root,
+                                    **_settings(image_size=image_size, batch_size=batch_size, device=device,
+                                                threads=threads, augment_on=augment_on, decode=decode,
+                                                channels_last=channels_last))
+
+    typer.echo(tool.format_input_bench(_run(_bench)))
+
+
 @bench_app.command("parallel")
 def bench_parallel(count: Annotated[int, typer.Argument(help="how many trainings")],
                    threads: Annotated[int | None, typer.Option(

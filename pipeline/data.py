@@ -8,12 +8,15 @@ The strong view follows the official IGNORE code: RandAugment runs on the full-r
 the resize (its translations are a fraction of the full image, its nearest-neighbour rotations and shears
 act on full-resolution pixels), then the resize and an independent flip. An image stored at the training
 size already (the synthetic data) is the cached array itself, so there the cache is used; any other is
-decoded from its file for the strong view (the weak view still comes from the cache).
+decoded from its file for the strong view (the weak view still comes from the cache), and its resize after
+RandAugment is torch's (:func:`pipeline.decode.resize_uint8`: PIL's bilinear filter to within 1 level of 255,
+3x faster; the official code resizes with PIL).
 
 For the paper's datasets at 448 px the images do not fit in RAM (COCO: ~74 GB of uint8), so
 :func:`cached_images` decodes and resizes them once into ``data/cache/<dataset>/<size>-<key>.npy``, a
 uint8 memory map keyed by the images' names and content (:func:`cache_key`), built with a progress bar
 and moved into place atomically; training reads rows from it (:class:`ImageArray`), with decoding off the critical path.
+Before building, it refuses (one line, needed and free bytes) a disk that cannot hold it.
 
 Augmentation is seeded per sample: a loader key ``(row, seed)`` (see :class:`pipeline.runtime.distributed.EpochSampler`)
 makes the flips and RandAugment of a sample a function of that seed alone.
@@ -21,12 +24,15 @@ makes the flips and RandAugment of a sample a function of that seed alone.
 With ``augment_on="device"`` (params ``train.augment_on``) the loader does none of that work: it hands out the
 cached image and the sample's draws (:func:`pipeline.augment.draw_views`, the same draws from the same seed),
 and :class:`Normalizer` makes the views on the device, batched (:class:`pipeline.augment.DeviceAugment`).
+With ``decode="device"`` as well (params ``train.decode``) it hands out the file's JPEG bytes instead of the
+cached image, and the device decodes them (:mod:`pipeline.decode`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +41,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from torchvision.transforms import RandAugment
 
 from pipeline.contracts import Batch, HiddenLabels
-from pipeline.errors import SpmlError, bomb_error
+from pipeline.decode import decode_resize, read_jpeg, resize_uint8
+from pipeline.errors import SpmlError, bomb_error, missing_image_error
 from pipeline.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -48,20 +55,31 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_INSTANCES = 8
+NPY_HEADER_BYTES = 128  # numpy's .npy format pads its header to a multiple of 64 bytes; this shape's takes 128
 
 
 def _open(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return img if img.mode == mode else img.convert(mode)  # convert to the same mode would copy it
     except Image.DecompressionBombError as exc:
         raise bomb_error(path, exc) from None
     except FileNotFoundError:
-        raise SpmlError(f"image {path} is listed in the label table but missing; restore it or rerun "
-                        "`spml download` and `spml prepare`") from None
+        raise missing_image_error(path) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise SpmlError(f"image {path} is corrupt or not an image ({exc}); replace the file") from None
+
+
+def seed_sample(seed: int) -> None:
+    """Seed the draws of one sample: torch.manual_seed, but in a loader worker the CPU generator's alone (the same
+    draws): there torch.manual_seed's queuing of the device generators' seeding, which captures a Python stack
+    each call (0.3-0.6 ms, 5 % of a real-data sample's loader work), serves no one, since workers run no device
+    code. In the main process (num_workers 0) it stays torch.manual_seed, device generators included, as before."""
+    if get_worker_info() is not None:
+        torch.random.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 def load_images(root: Path, rel_paths: list[str], size: int, what: str = "images") -> torch.Tensor:
@@ -112,11 +130,15 @@ def cache_key(root: Path, rel_paths: list[str], size: int, source_hash: str) -> 
         try:
             st = os.stat(root / rel)
         except FileNotFoundError:
-            raise SpmlError(f"image {root / rel} is listed in the label table but missing; restore it or rerun "
-                            "`spml download` and `spml prepare`") from None
+            raise missing_image_error(root / rel) from None
         names.update(rel.encode() + b"\n")
         content.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
     return names.hexdigest()[:16], content.hexdigest()[:16]
+
+
+def cache_bytes(num_images: int, size: int) -> int:
+    """Bytes of the image cache of ``num_images`` images at ``size`` px: uint8 pixels and the .npy header."""
+    return num_images * 3 * size * size + NPY_HEADER_BYTES
 
 
 def cached_images(root: Path, rel_paths: list[str], size: int, cache_dir: Path, source_hash: str,
@@ -133,10 +155,16 @@ def cached_images(root: Path, rel_paths: list[str], size: int, cache_dir: Path, 
     if path.exists():
         return path
     ensure_dir(path.parent)
+    needed = cache_bytes(len(rel_paths), size)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:  # before any decoding: a full disk would otherwise stop the build hours in
+        raise SpmlError(f"the image cache of {what} at {size} px needs {needed:,} bytes ({needed / 1e9:.1f} GB) in "
+                        f"{path.parent}, which has {free:,} bytes free; free space there or make {Path(cache_dir)} a "
+                        "link to a disk with room (with train.decode: device the training images are not cached)")
     # its own generator: building the cache must not move the global RNG (model init follows)
     loader = DataLoader(_DecodeSet(Path(root), rel_paths, size), batch_size=64, num_workers=num_workers,
                         generator=torch.Generator())
-    with atomic_file(path, needed=len(rel_paths) * 3 * size * size) as tmp, progress_bar(transient=True) as bar:
+    with atomic_file(path, needed=needed) as tmp, progress_bar(transient=True) as bar:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rel_paths), 3, size, size))
         reserve(tmp)  # a memory map on a full disk dies of SIGBUS at the first page it cannot write
         task = bar.add_task(f"caching {what} at {size} px", total=len(rel_paths))
@@ -207,20 +235,27 @@ class TrainSet(Dataset):
     :func:`pipeline.augment.lac_strong_view`.
     ``augment_on="device"`` (``augment="standard"`` only; the lac views are always made here): the item holds
     the unflipped cached image (and instance map) and the sample's view draws instead of the views
-    (:func:`pipeline.augment.draw_views`).
+    (:func:`pipeline.augment.draw_views`). With ``decode="device"`` as well, it holds the file's JPEG bytes
+    instead of the cached image (``images`` may then be None; batch with :func:`collate_jpeg`).
     """
 
     def __init__(self, images: torch.Tensor, observed: torch.Tensor, full: torch.Tensor,
                  strong: bool = False, strong_num_ops: int = 3, strong_magnitude: int = 5,
                  instances: torch.Tensor | None = None, instance_classes: torch.Tensor | None = None,
                  source: tuple[Path, list[str]] | None = None, augment: str = "standard",
-                 augment_on: str = "loader"):
+                 augment_on: str = "loader", decode: str = "cpu"):
         self.images, self.observed, self.full = images, observed, full
         self.instances, self.instance_classes = instances, instance_classes
         self.source, self.augment = source, augment
         if augment_on not in ("loader", "device"):
             raise ValueError(f"augment_on must be loader or device, got {augment_on!r}")
         self.augment_on = augment_on if augment == "standard" else "loader"  # Xie et al.'s views: PIL, in the loader
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be cpu or device, got {decode!r}")
+        if decode == "device" and (self.augment_on != "device" or source is None):
+            raise ValueError("decode on the device needs augment_on device, the standard views and the image files "
+                             "(source)")
+        self.decode = decode
         self.strong_num_ops = strong_num_ops if strong else None
         if self.augment_on == "device":
             # imported before the loader workers fork (not by each worker's first item), and not at the top:
@@ -234,13 +269,13 @@ class TrainSet(Dataset):
         self.randaugment = RandAugment(num_ops=strong_num_ops, magnitude=strong_magnitude) if strong else None
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.observed)  # images is None where the device decodes the files
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(key, (tuple, list)):  # (row, seed): this sample's augmentation depends on its seed only
             i, seed = key
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                seed_sample(seed)
                 return self._item(int(i))
         return self._item(key)
 
@@ -259,7 +294,12 @@ class TrainSet(Dataset):
         return item
 
     def _draws_item(self, i: int) -> dict[str, Any]:
-        item = {"index": i, "image": self.images[i], "observed": self.observed[i], "full": self.full[i],
+        if self.decode == "device":  # the file's bytes; the device decodes and resizes them (pipeline.decode)
+            root, rel_paths = self.source
+            pixels = {"jpeg": read_jpeg(root / rel_paths[i])}
+        else:
+            pixels = {"image": self.images[i]}
+        item = {"index": i, **pixels, "observed": self.observed[i], "full": self.full[i],
                 **self._draw_views(self.strong_num_ops)}
         if self.instances is not None:
             item["instances"], item["instance_classes"] = self.instances[i], self.instance_classes[i]
@@ -275,9 +315,8 @@ class TrainSet(Dataset):
         full = self._full_resolution(i, size)
         if full is None:  # stored at the training size: RandAugment, then the flip, on the cached pixels
             strong = self.randaugment(image)
-        else:
-            strong = self.randaugment(full).resize(size[::-1], Image.BILINEAR)
-            strong = torch.from_numpy(np.asarray(strong).copy()).permute(2, 0, 1)
+        else:  # torch's resize: PIL's filter to within 1 level, 3x faster (pipeline.decode)
+            strong = resize_uint8(torch.from_numpy(np.array(self.randaugment(full))).permute(2, 0, 1), size)
         return strong.flip(-1) if bool(torch.rand(()) < 0.5) else strong
 
     def _full_resolution(self, i: int, size: tuple[int, int]) -> Image.Image | None:
@@ -289,6 +328,14 @@ class TrainSet(Dataset):
             with Image.open(root / rel_paths[i]) as probe:  # reads the header only
                 self._native[i] = probe.size == size[::-1]
         return None if self._native[i] else _open(root / rel_paths[i], "RGB")
+
+
+def collate_jpeg(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` of training items that carry JPEG bytes (``TrainSet(decode="device")``): the bytes, of
+    different lengths, stay a list of tensors."""
+    batch = default_collate([{key: value for key, value in item.items() if key != "jpeg"} for item in items])
+    batch["jpeg"] = [item["jpeg"] for item in items]
+    return batch
 
 
 class EvalSet(Dataset):
@@ -307,12 +354,15 @@ class EvalSet(Dataset):
 class Normalizer:
     """uint8 images to ImageNet-normalised floats (or to [0, 1] with ``imagenet=False``, Xie et al.'s
     pipeline), on the device, for a whole batch at once; with ``augment``, training items that carry view
-    draws (``TrainSet(augment_on="device")``) get their views made here first."""
+    draws (``TrainSet(augment_on="device")``) get their views made here first, and with ``decode_size``
+    (height, width) items that carry JPEG bytes (``TrainSet(decode="device")``) are decoded and resized here
+    before that (:func:`pipeline.decode.decode_resize`)."""
 
     device: torch.device
     channels_last: bool = False
     imagenet: bool = True
     augment: DeviceAugment | None = None
+    decode_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.imagenet else ((0.0,) * 3, (1.0,) * 3)
@@ -328,7 +378,12 @@ class Normalizer:
         """A loader item as a method sees it: no hidden labels; ``item[label_source]`` (the method's
         ``Method.label_source``: "observed", or "full" for the full-label upper bound) as ``observed``."""
         dev = self.device
-        weak, strong = item["image"], item.get("strong")
+        weak, strong = item.get("image"), item.get("strong")
+        if "jpeg" in item:  # the loader sent the files' bytes: decode them here, batched
+            if self.decode_size is None:
+                raise SpmlError("the training loader hands out JPEG bytes (train.decode device) but the normaliser "
+                                "decodes none; build it with pipeline.train.build_normalizer")
+            weak = decode_resize(item["jpeg"], self.decode_size, dev)
         if "flip" in item:  # the loader sent draws, not views: make them here, batched
             if self.augment is None:
                 raise SpmlError("the training loader hands out view draws (train.augment_on device) but the "

@@ -24,3 +24,9 @@ def bomb_error(path: Path, exc: Exception) -> SpmlError:
     size = f"{numbers[0]:,} pixels, over the limit of {numbers[1]:,}" if len(numbers) == 2 else str(exc)
     return SpmlError(f"image {path} is too large to decode ({size}; a decompression bomb or a wrong file); "
                      "replace it with the real image")
+
+
+def missing_image_error(path: Path) -> SpmlError:
+    """One line for a file the label table lists that is not on disk."""
+    return SpmlError(f"image {path} is listed in the label table but missing; restore it or rerun "
+                     "`spml download` and `spml prepare`")

@@ -51,6 +51,9 @@ class TrainConfig:
     # where the flips and the strong view's RandAugment run: loader (per sample, in the loader's processes) |
     # device (batched on the training device, pipeline.augment.DeviceAugment); augment: lac's views stay in the loader
     augment_on: Literal["loader", "device"]
+    # where the training JPEGs are decoded: cpu (PIL, in the loader; the image cache) | device (batched on the
+    # training device, torchvision.io.decode_jpeg: nvJPEG on CUDA; needs augment_on device; pipeline/decode.py)
+    decode: Literal["cpu", "device"]
     # mixed precision changes the numbers (see pipeline/runtime/optim.py); no-op on CPU unless bf16 is asked for
     amp: bool  # mixed precision, opt-in (see runtime.optim.amp_dtype)
     amp_dtype: Literal["auto", "bf16", "fp16"]  # auto: bf16 where supported, else fp16 + GradScaler

@@ -37,6 +37,7 @@ from pipeline.data import (
     Normalizer,
     TrainSet,
     cached_images,
+    collate_jpeg,
     load_instance_maps,
     pad_instance_classes,
 )
@@ -129,26 +130,32 @@ def load_run_data(dataset: str, cfg: TrainConfig, strong: bool, instances: bool,
     for split, idx in rows.items():
         if len(idx) == 0:
             raise SpmlError(f"label table {paths.label_table(dataset)} has no {split} rows; check params split/data")
-    # all rows decoded and resized once into data/cache/<dataset>/ (one builder per node under DDP)
+    check_decode(cfg, root / table.path[rows["train"][0]])
+    # the rows decoded and resized once into data/cache/<dataset>/ (one builder per node under DDP): all of them,
+    # or with decode: device only val and test (the device decodes the training files every epoch)
+    cached = np.arange(len(table.path)) if cfg.decode == "cpu" else np.sort(np.concatenate([rows["val"], rows["test"]]))
     dist = dist or DistContext()
-    cache_args = (root, list(table.path), cfg.image_size, paths.DATA / "cache" / dataset,
+    cache_args = (root, [table.path[i] for i in cached], cfg.image_size, paths.DATA / "cache" / dataset,
                   table.meta["provenance"]["labels_sha256"], f"{dataset} images", num_workers)
     if dist.local_rank == 0:
         cache = cached_images(*cache_args)
     dist.barrier()
     if dist.local_rank != 0:
         cache = cached_images(*cache_args)
-    images = {split: ImageArray(cache, idx) for split, idx in rows.items()}
+    position = np.full(len(table.path), -1, dtype=np.int64)  # table row -> cache row
+    position[cached] = np.arange(len(cached))
+    images = {split: ImageArray(cache, position[idx]) for split, idx in rows.items()
+              if split != "train" or cfg.decode == "cpu"}
     full = torch.from_numpy(table.labels.astype(np.float32))
     inst = inst_classes = None
     if instances and "mask_path" in table.extras:
         tr = rows["train"]
         inst = load_instance_maps(root, [table.extras["mask_path"][i] for i in tr], cfg.image_size)
         inst_classes = pad_instance_classes([table.extras["instance_classes"][i] for i in tr])
-    train = TrainSet(images["train"], torch.from_numpy(observed.labels[rows["train"]].astype(np.float32)),
+    train = TrainSet(images.get("train"), torch.from_numpy(observed.labels[rows["train"]].astype(np.float32)),
                      full[rows["train"]], strong, cfg.strong_num_ops, cfg.strong_magnitude, inst, inst_classes,
                      source=(root, [table.path[i] for i in rows["train"]]), augment=cfg.augment,
-                     augment_on=cfg.augment_on)
+                     augment_on=cfg.augment_on, decode=cfg.decode)
     return RunData(train, EvalSet(images["val"], full[rows["val"]]), EvalSet(images["test"], full[rows["test"]]),
                    table, rows["train"])
 
@@ -175,7 +182,8 @@ def build_loaders(data: RunData, cfg: TrainConfig, rt: RuntimeConfig, seed: int,
     loader_kwargs = loader_settings(rt, device)
     sampler = EpochSampler(len(data.train), seed, True, dist.rank, dist.world_size)
     train = DataLoader(data.train, batch_size=cfg.batch_size // dist.world_size, sampler=sampler,
-                       generator=generator, drop_last=cfg.drop_last, **loader_kwargs)
+                       generator=generator, drop_last=cfg.drop_last,
+                       collate_fn=collate_jpeg if cfg.decode == "device" else None, **loader_kwargs)
     val, test = (
         DataLoader(split, batch_size=cfg.eval_batch_size, **loader_kwargs, generator=torch.Generator(),
                    sampler=EpochSampler(len(split), 0, False, dist.rank, dist.world_size),
@@ -197,7 +205,21 @@ def build_normalizer(cfg: TrainConfig, device: torch.device, channels_last: bool
 
         augment = DeviceAugment(cfg.strong_num_ops, cfg.strong_magnitude)
     # augment: lac feeds Xie et al.'s views, which are not ImageNet-normalised
-    return Normalizer(device, channels_last=channels_last, imagenet=cfg.augment != "lac", augment=augment)
+    return Normalizer(device, channels_last=channels_last, imagenet=cfg.augment != "lac", augment=augment,
+                      decode_size=(cfg.image_size, cfg.image_size) if cfg.decode == "device" else None)
+
+
+def check_decode(cfg: TrainConfig, first_image: Path) -> None:
+    """``train.decode: device`` needs the device views and JPEG files (``first_image``, a training file, is probed)."""
+    if cfg.decode == "cpu":
+        return
+    if cfg.augment_on != "device" or cfg.augment != "standard":
+        raise SpmlError(f"params train.decode device needs train.augment_on device and train.augment standard (the "
+                        f"device makes the views of the images it decodes), got augment_on {cfg.augment_on}, augment "
+                        f"{cfg.augment}; set them or train.decode cpu")
+    from pipeline.decode import read_jpeg
+
+    read_jpeg(first_image)  # a PNG dataset (the synthetic one) fails here, before any caching, with what to do
 
 
 def method_context(run: RunConfig, data: RunData, steps_per_epoch: int, device: torch.device) -> MethodContext:

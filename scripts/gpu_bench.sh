@@ -4,9 +4,10 @@
 # scikit-learn): AN and IGNORE (and Q2L's methods) at the paper's setting (448 px, batch 16), AMP off and on.
 # Results go to $OUT (default ./bench-out).
 #   OUT=/tmp/b bash scripts/gpu_bench.sh
-# Tiny CPU dry run (RESNET_PARAMS, Q2L_PARAMS: KEY=VALUE words, each a --model-param):
+# Tiny CPU dry run (RESNET_PARAMS, Q2L_PARAMS: KEY=VALUE words, each a --model-param; INPUT_WORKERS: worker counts):
 #   SIZE=64 BATCH=2 STEPS=2 WARMUP=1 DEVICE=cpu RESNET_PARAMS='layers=[1,1,1,1] width_per_group=4' \
-#   Q2L_PARAMS='layers=[1,1,1,1] width_per_group=4 hidden_dim=32 dim_feedforward=64' bash scripts/gpu_bench.sh
+#   Q2L_PARAMS='layers=[1,1,1,1] width_per_group=4 hidden_dim=32 dim_feedforward=64' IMAGES=4 INPUT_WORKERS=1 \
+#   bash scripts/gpu_bench.sh
 set -u
 OUT=${OUT:-bench-out}
 SIZE=${SIZE:-448}
@@ -17,6 +18,8 @@ DEVICE=${DEVICE:-auto}
 RESNET_PARAMS=${RESNET_PARAMS:-}
 Q2L_PARAMS=${Q2L_PARAMS:-}
 PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-150}
+IMAGES=${IMAGES:-256}             # COCO-like JPEGs of the real-format input bench
+INPUT_WORKERS=${INPUT_WORKERS:-4 8}    # loader worker counts of the input bench, interleaved
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 
@@ -26,13 +29,16 @@ PY=${PYTHON:-python}
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
 } 2>&1 | tee "$OUT/env.txt"
 
+run() {  # name, then the command
+  local name=$1; shift
+  echo "\$ $*" | tee "$OUT/$name.txt"
+  timeout "$PER_RUN_TIMEOUT" "$@" 2>&1 | tee -a "$OUT/$name.txt"
+  echo "rc=${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
+}
 bench() {  # name, the subcommand (step or loader), then its arguments
   local name=$1 mode=$2; shift 2
-  local cmd=($PY -m pipeline.cli bench "$mode" --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS"
-             --warmup "$WARMUP" --device "$DEVICE" "$@")
-  echo "\$ ${cmd[*]}" | tee "$OUT/$name.txt"
-  timeout "$PER_RUN_TIMEOUT" "${cmd[@]}" 2>&1 | tee -a "$OUT/$name.txt"
-  echo "rc=${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
+  run "$name" $PY -m pipeline.cli bench "$mode" --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" \
+    --warmup "$WARMUP" --device "$DEVICE" "$@"
 }
 
 R=(--model resnet50 --method an --method ignore --weights none)
@@ -51,5 +57,14 @@ for workers in 4 8; do
   for place in loader device; do
     bench "loader-$place-w$workers" loader --method ignore --num-workers "$workers" --augment-on "$place"
   done
+done
+# the input pipeline on real-format JPEGs (COCO-like, in COCO's layout): ours against an official-style loader,
+# interleaved; views in the loader, views on the device, and decode on the device too (nvJPEG)
+for mode in "loader cpu" "device cpu" "device device"; do
+  read -r place decoder <<< "$mode"
+  counts=(); for w in $INPUT_WORKERS; do counts+=(--worker-count "$w"); done
+  run "input-$place-$decoder" $PY -m pipeline.cli bench input --image-size "$SIZE" --batch-size "$BATCH" \
+    --device "$DEVICE" --method ignore --images "$IMAGES" "${counts[@]}" --rounds 3 --augment-on "$place" \
+    --decode "$decoder"
 done
 echo done | tee "$OUT/done.txt"

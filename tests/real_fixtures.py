@@ -77,15 +77,23 @@ def coco_json(images: list[int], anns: list[tuple[int, int, int]], phase: str, c
     }
 
 
-def make_coco(root: Path, images: bool = True, pretty: bool = False) -> Path:
+def make_coco(root: Path, images: bool = True, pretty: bool = False, jpeg: tuple[int, int] | None = None) -> Path:
+    """``jpeg=(width, height)``: real photo-like JPEGs of that size (pipeline.tools.coco_like), else 3-byte stand-ins."""
     (root / "annotations").mkdir(parents=True)
+    rng = np.random.default_rng(0)
     for phase, ids, anns in (("train", COCO_TRAIN_IMAGES, COCO_TRAIN_ANNS), ("val", COCO_VAL_IMAGES, COCO_VAL_ANNS)):
         text = json.dumps(coco_json(ids, anns, phase), indent=2 if pretty else None)
         (root / "annotations" / f"instances_{phase}2014.json").write_text(text)
         if images:
             (root / f"{phase}2014").mkdir()
             for i in ids:
-                (root / f"{phase}2014" / f"COCO_{phase}2014_{i:012d}.jpg").write_bytes(b"jpg")
+                path = root / f"{phase}2014" / f"COCO_{phase}2014_{i:012d}.jpg"
+                if jpeg is None:
+                    path.write_bytes(b"jpg")
+                else:
+                    from pipeline.tools.coco_like import photo_like
+
+                    photo_like(rng, *jpeg).save(path, "JPEG", quality=90)
     return root
 
 

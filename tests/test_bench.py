@@ -101,7 +101,8 @@ def _another_value(command, option) -> list[str]:
     name = option.opts[0]
     if option.secondary_opts:  # --x/--no-x: the side that differs from the default (None: both differ)
         return [option.secondary_opts[0] if option.default is True else name]
-    special = {"--method": "full", "--model-param": "width=4", "--format": "jpeg", "--params": "other.yaml"}
+    special = {"--method": "full", "--model-param": "width=4", "--format": "jpeg", "--params": "other.yaml",
+               "--worker-count": "3"}
     if name in special:
         return [name, special[name]]
     kind = typing.get_type_hints(command.callback)[option.name]
@@ -115,7 +116,7 @@ def _another_value(command, option) -> list[str]:
 
 
 def test_every_bench_subcommand_reads_every_option_it_has(monkeypatch):
-    """No option of `spml bench step | prepare | loader | parallel` is silently ignored: each one, given a value
+    """No option of `spml bench step | prepare | loader | input | parallel` is silently ignored: each one, given a value
     other than its default, changes what the subcommand asks its bench to run (the bench itself recorded here)."""
     calls = []
 
@@ -123,12 +124,14 @@ def test_every_bench_subcommand_reads_every_option_it_has(monkeypatch):
         calls.append((args, kwargs))
         raise SpmlError("recorded")
 
+    from pipeline.tools import input_bench
+
     for module, name in ((bench, "run_bench"), (bench_loader, "run_loader_bench"),
-                         (bench_parallel, "run_parallel_bench")):
+                         (bench_parallel, "run_parallel_bench"), (input_bench, "run_input_bench")):
         monkeypatch.setattr(module, name, record)
     required = {"prepare": ["coco2014"], "parallel": ["2"]}
     commands = _bench_commands()
-    assert set(commands) == {"step", "prepare", "loader", "parallel"}
+    assert set(commands) == {"step", "prepare", "loader", "input", "parallel"}
     for sub, command in commands.items():
         def called(extra: list[str], sub=sub) -> tuple:
             calls.clear()

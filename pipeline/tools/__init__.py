@@ -3,6 +3,8 @@
 * :mod:`.bench`, :mod:`.bench_loader`, :mod:`.bench_parallel`, :mod:`.bench_prepare`: ``spml bench step | loader
   | parallel | prepare``, timings of the training step, the input pipeline, whole trainings side by side and
   the ``prepare`` stage;
+* :mod:`.input_bench`, :mod:`.coco_like`: ``spml bench input``, the paper-scale input path on real-format JPEG
+  files (COCO-like, generated), ours against an official-style loader;
 * :mod:`.grid`, :mod:`.grid_job`: ``spml grid submit | status | collect``, one cluster job per grid cell;
 * :mod:`.compare_regimes`: ``spml compare-regimes``, two or more runs tables side by side;
 * :mod:`.check_lock`: ``spml check-lock``, is the committed dvc.lock fresh;

@@ -75,7 +75,7 @@ PREPARED_IMAGE_SIZE = 64  # bench prepare: the size of the random images that go
 PREPARED_ROWS = 512  # bench prepare: how many prepared training rows the bench trains on
 # settings all methods of one bench share (one process, one set of batches); the option named after each sets it
 SHARED_SETTINGS = ("image_size", "batch_size", "channels_last", "device", "threads", "host_allocator",
-                   "host_malloc_cache", "compile", "num_workers", "augment_on")
+                   "host_malloc_cache", "compile", "num_workers", "augment_on", "decode")
 COMPILE_WARMUP = 2  # --compile: at least this many untimed steps (the first compiles, the second may recompile)
 
 

@@ -74,6 +74,9 @@ def run_loader_bench(methods: list[str], params_path: Path = Path("params.yaml")
         raise SpmlError("--steps must be >= 1, --warmup >= 0, --batch-size >= 1 and --num-workers >= 0")
     runs = bench_configs(load_params(params_path), dataset, methods, seed, None, overrides)
     cfg, rt = runs[0].train, runs[0].runtime
+    if cfg.decode == "device":
+        raise SpmlError("params train.decode is device, but this bench times cached arrays, no files; time the "
+                        "device decode on JPEGs with `spml bench input --decode device`")
     workers = setting(runs[0], "num_workers")
     warmup = max(warmup, workers)  # every worker's first batch (its start) is left out
     device = setup_process(cfg, rt, DistContext())
