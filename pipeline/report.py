@@ -162,7 +162,7 @@ def on_substitutes(runs: pd.DataFrame, dataset: str) -> set[str]:
     return _flagged(runs, dataset, SUBSTITUTE_CLIP)
 
 
-def _fmt(values: pd.Series) -> str:
+def mean_std(values: pd.Series) -> str:
     values = values.dropna().astype(float)
     if len(values) == 0:
         return "–"
@@ -198,7 +198,7 @@ def results_markdown(runs: pd.DataFrame, methods: list[str], datasets: list[str]
         + ([SUBSTITUTE_NOTE, ""] if any(substituted.values()) else [])
 
     def cell(sub: pd.DataFrame, method: str, dataset: str, column: str) -> str:
-        text = _fmt(sub[sub.dataset == dataset][column])
+        text = mean_std(sub[sub.dataset == dataset][column])
         marks = [UNMEASURED_MARK] * (method in marked[dataset]) + [SUBSTITUTE_MARK] * (method in substituted[dataset])
         return f"{text} {''.join(marks)}" if marks else text
 
@@ -363,18 +363,18 @@ def dataset_scores(runs: pd.DataFrame, dataset: str) -> dict[str, Any]:
             "substitutes": sorted(on_substitutes(runs, dataset))}
 
 
-def _num(value: float | None, fmt: str, missing: str = "–") -> str:
+def number_or_dash(value: float | None, fmt: str, missing: str = "–") -> str:
     return missing if value is None else fmt.format(value)
 
 
 def agreement_line(scores: dict[str, Any]) -> str:
     """'AN/full = 0.58; Kendall tau vs Table 2 (VOC) = 0.33 over n = 4 methods (an, em, ll-r, ignore)'."""
-    ratio = _num(scores["an_full_ratio"], "{:.2f}")
+    ratio = number_or_dash(scores["an_full_ratio"], "{:.2f}")
     ratio += "" if scores["an_full_ratio"] is not None else " (needs both an and full)"
     column, common = scores["paper_column"], scores["kendall_methods"]
     if column is None:
         return f"AN/full = {ratio}; Kendall tau vs Table 2 = – (Table 2 has no column for this dataset)"
-    tau = _num(scores["kendall_tau"], "{:.2f}")
+    tau = number_or_dash(scores["kendall_tau"], "{:.2f}")
     interval = scores.get("kendall_interval")
     if interval and scores["kendall_tau"] is not None:
         tau += f" (95 % bootstrap interval over seeds: {interval[0]:+.2f} to {interval[1]:+.2f})"
@@ -424,9 +424,9 @@ def field_scores_markdown(runs: pd.DataFrame, methods: list[str], datasets: list
             mark = f" {UNMEASURED_MARK}" if method in scores["unmeasured"] else ""
             sub = SUBSTITUTE_MARK if method in scores["substitutes"] else ""
             lines.append(f"| {method}{mark}{sub} | {scores['means'][method]:.2f}{mark}{sub} | "
-                         f"{_num(scores['mean_error'].get(method), '{:.2f}')} | "
-                         f"{_num(scores['gap_closed'][method], '{:+.1f}', mark.strip())} | "
-                         f"{_num(scores['paper'].get(method), '{:.2f}')} |")
+                         f"{number_or_dash(scores['mean_error'].get(method), '{:.2f}')} | "
+                         f"{number_or_dash(scores['gap_closed'][method], '{:+.1f}', mark.strip())} | "
+                         f"{number_or_dash(scores['paper'].get(method), '{:.2f}')} |")
         lines += ["", UNMEASURED_NOTE, ""] if scores["unmeasured"] else [""]
         lines += [SUBSTITUTE_NOTE, ""] if scores["substitutes"] else []
     return lines

@@ -18,8 +18,8 @@ from pipeline.io import atomic_file, ensure_dir, write_text
 from pipeline.report import (
     UNMEASURED_MARK,
     UNMEASURED_NOTE,
-    _fmt,
-    _num,
+    mean_std,
+    number_or_dash,
     agreement_line,
     dataset_scores,
     read_runs_csv,
@@ -82,9 +82,9 @@ def regimes_markdown(regimes: dict[str, pd.DataFrame], sources: dict[str, str] |
                 runs = regimes[label]
                 sub = runs[(runs.dataset == dataset) & (runs.method == method)]
                 mark = f" {UNMEASURED_MARK}" if method in by_regime.get(label, {}).get("unmeasured", ()) else ""
-                maps.append(f"{_fmt(sub.test_map)} (n={len(sub)}){mark}" if len(sub) else "–")
+                maps.append(f"{mean_std(sub.test_map)} (n={len(sub)}){mark}" if len(sub) else "–")
                 gap = by_regime[label]["gap_closed"].get(method) if label in by_regime else None
-                gaps.append(_num(gap, "{:+.1f}", mark.strip()))
+                gaps.append(number_or_dash(gap, "{:+.1f}", mark.strip()))
             lines.append(f"| {method} | " + " | ".join(maps) + " | " + " | ".join(gaps) + " |")
         lines.append("")
         if any(scores["unmeasured"] for scores in by_regime.values()):
