@@ -437,3 +437,31 @@ def test_unread_params_are_named_with_what_overrides_them():
     params["train"]["coco2014"] = {"lr": 0.5}
     params["method_params"]["ignore"]["q2l"]["cam_threshold"] = 0.1
     assert unread_params(params, base) == []
+
+
+def test_spml_config_names_the_preset_keys_no_cell_reads(tmp_path):
+    """A preset that sets train.default.lr under protocol: original (every method's own protocol sets lr) is named
+    on stderr, with what overrides it; the shipped paper presets set no such key."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "presets", tmp_path / "presets")
+    shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    (tmp_path / "presets" / "dead-keys.yaml").write_text(
+        "# @package _global_\nprotocol: original\ntrain:\n  default: {lr: 1.0e-5, optimizer: adam, image_size: 64}\n")
+
+    def config(preset: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "synthetic", "an", "--preset", preset,
+                               "--params", str(tmp_path / "params.yaml")], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+    out = config("dead-keys")
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if line.startswith("warning: params")]
+    assert {line.split()[2] for line in warned} == {"train.default.lr", "train.default.optimizer"}, out.stderr
+    assert all("method_params.an.original" in line for line in warned)  # what overrides it, named
+    for preset in ("paper-resnet50", "paper-q2l"):
+        out = config(preset)
+        assert out.returncode == 0 and "warning: params" not in out.stderr, (preset, out.stderr)
