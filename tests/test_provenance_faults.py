@@ -7,7 +7,6 @@ thing, with the previous outputs intact and nothing left that a later run would 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -35,6 +34,7 @@ from pipeline.runtime.checkpoint import Checkpoint
 from pipeline.tables import read_label_table
 from stages import train as train_stage
 from tests.conftest import tiny_params, write_params
+from tests.helpers import assert_one_line_error, set_params
 
 runner = CliRunner(env={"NO_COLOR": "1", "TERM": "dumb"})
 VOLATILE = {"train_seconds", "epoch_seconds"}
@@ -48,27 +48,6 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments: str) -> str:
-    """Exit 2, no traceback, exactly one ``error:`` line holding every fragment; returns the output as one line."""
-    text = " ".join(result.output.split())  # rich may wrap a long line; the message is one line
-    assert result.exit_code == 2, (result.output, result.exception)
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.exception
-    assert result.output.count("error:") == 1, result.output
-    for fragment in fragments:
-        assert fragment in text, (fragment, result.output)
-    return text
-
-
-def set_params(workspace: Path, **values) -> dict:
-    """tiny params with ``values`` set in the block each belongs to: ``runtime`` (threads, max_loss...) or train."""
-    from pipeline.run_config import RuntimeConfig
-
-    params = tiny_params()
-    runtime = {f.name for f in dataclasses.fields(RuntimeConfig)}
-    params["runtime"].update({k: v for k, v in values.items() if k in runtime})
-    params["train"]["default"].update({k: v for k, v in values.items() if k not in runtime})
-    write_params(workspace, params)
-    return params
 
 
 def read_run(folder: Path):
