@@ -50,6 +50,20 @@ class DatasetParams:
         ``data.<name>``, since one Params class may serve two names (synthetic, synthetic-dense)."""
 
 
+@dataclass
+class ArchiveParams(DatasetParams):
+    """``params.yaml: data.<name>`` of a dataset that is one archive at a URL (VOC 2012, CUB); no defaults here,
+    params.yaml holds every value."""
+
+    source: str | None  # the archive or its extracted folder instead of downloading (= --from); download
+    url: str | None  # a mirror of the archive (its MD5 is still checked); download
+    check_images: bool  # prepare refuses a listed image that is absent
+
+    def check(self, where: str) -> None:
+        check_path(self.source, f"{where}.source")
+        check_url(self.url, f"{where}.url")
+
+
 class DatasetSource(Protocol):
     name: str
     Params: type[DatasetParams]  # a dataclass: params.yaml's data.<name>, parsed by dataset_params

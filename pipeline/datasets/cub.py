@@ -13,12 +13,11 @@ LL, IGNORE, AckTheUnknown) and Cole's ``tar -xf -C CUB_200_2011`` (one more ``CU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import DatasetParams, OfficialSplits, SplitRows, check_path, check_url, register_dataset
+from pipeline.datasets import ArchiveParams, OfficialSplits, SplitRows, register_dataset
 from pipeline.datasets.formats import find_first, read_lines, require_images
 from pipeline.download import Archive, obtain
 from pipeline.errors import SpmlError
@@ -100,24 +99,14 @@ def read_attribute_labels(path: Path, image_ids: list[str]) -> np.ndarray:
 class Cub:
     """Download: ``CUB_200_2011.tgz`` (resumable, MD5-checked), or ``--from`` the tgz or an extracted folder."""
 
-    @dataclass
-    class Params(DatasetParams):
-        """``params.yaml: data.cub``; no defaults here, params.yaml holds every value."""
+    Params = ArchiveParams  # source, url, check_images
 
-        source: str | None  # the tgz or its extracted folder instead of downloading (= --from); download
-        url: str | None  # a mirror of the tgz (its MD5 is still checked); download
-        check_images: bool  # prepare refuses a listed image that is absent
-
-        def check(self, where: str) -> None:
-            check_path(self.source, f"{where}.source")
-            check_url(self.url, f"{where}.url")
-
-    def download(self, raw_dir: Path, params: Params, source: Path | None) -> None:
+    def download(self, raw_dir: Path, params: ArchiveParams, source: Path | None) -> None:
         url = params.url
         obtain(ARCHIVES, "cub", raw_dir, source, {ARCHIVES[0].filename: url} if url is not None else None)
         find_dirs(raw_dir)
 
-    def load_official(self, raw_dir: Path, params: Params) -> OfficialSplits:
+    def load_official(self, raw_dir: Path, params: ArchiveParams) -> OfficialSplits:
         cub, attributes_file = find_dirs(raw_dir)
         images = _pairs(cub / "images.txt", "<image_id> <path>")
         split_of = dict(_pairs(cub / "train_test_split.txt", "<image_id> <is_training_image>"))

@@ -9,12 +9,11 @@ whitespace field is the label because positives are right-aligned with two space
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import DatasetParams, OfficialSplits, SplitRows, check_path, check_url, register_dataset
+from pipeline.datasets import ArchiveParams, OfficialSplits, SplitRows, register_dataset
 from pipeline.datasets.formats import find_first, read_lines, require_images
 from pipeline.download import Archive, obtain
 from pipeline.errors import SpmlError
@@ -65,24 +64,14 @@ def read_phase(root: Path, phase: str) -> SplitRows:
 class Voc2012:
     """Download: the trainval tar (resumable, MD5-checked), or ``--from`` the tar or an extracted folder."""
 
-    @dataclass
-    class Params(DatasetParams):
-        """``params.yaml: data.voc2012``; no defaults here, params.yaml holds every value."""
+    Params = ArchiveParams  # source, url, check_images
 
-        source: str | None  # the trainval tar or its extracted folder instead of downloading (= --from); download
-        url: str | None  # a mirror of the trainval tar (its MD5 is still checked); download
-        check_images: bool  # prepare refuses a listed image that is absent
-
-        def check(self, where: str) -> None:
-            check_path(self.source, f"{where}.source")
-            check_url(self.url, f"{where}.url")
-
-    def download(self, raw_dir: Path, params: Params, source: Path | None) -> None:
+    def download(self, raw_dir: Path, params: ArchiveParams, source: Path | None) -> None:
         url = params.url
         obtain(ARCHIVES, "voc2012", raw_dir, source, {ARCHIVES[0].filename: url} if url is not None else None)
         find_root(raw_dir)  # fail now, not at prepare, if the folder is not VOC
 
-    def load_official(self, raw_dir: Path, params: Params) -> OfficialSplits:
+    def load_official(self, raw_dir: Path, params: ArchiveParams) -> OfficialSplits:
         root = find_root(raw_dir)
         train, test = read_phase(root, "train"), read_phase(root, "val")
         image_dir = root / "JPEGImages"
