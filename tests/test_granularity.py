@@ -45,50 +45,46 @@ def edit(repo, rel, change):
     return lambda: path.write_text(original)
 
 
-def test_changing_a_methods_params_block_reruns_only_its_cells(reproduced):
-    def change(text):
+def stale_after_params(repo, change) -> set[str]:
+    """`dvc status`'s stale stages after ``change(params)`` edits params.yaml in place (undone afterwards)."""
+    def edited(text):
         params = yaml.safe_load(text)
-        params["method_params"]["em"]["default"]["alpha"] = 0.3
-        params["method_params"]["ll-r"]["default"]["delta_percent"] = 0.7  # a method outside the grid
+        change(params)
         return yaml.safe_dump(params, sort_keys=False)
 
-    undo = edit(reproduced, "params.yaml", change)
+    undo = edit(repo, "params.yaml", edited)
     try:
-        assert train_cells(stale(reproduced)) == {"train@synthetic-em-0"}
+        return stale(repo)
     finally:
         undo()
+
+
+def test_changing_a_methods_params_block_reruns_only_its_cells(reproduced):
+    def change(params):
+        params["method_params"]["em"]["default"]["alpha"] = 0.3
+        params["method_params"]["ll-r"]["default"]["delta_percent"] = 0.7  # a method outside the grid
+
+    assert train_cells(stale_after_params(reproduced, change)) == {"train@synthetic-em-0"}
 
 
 def test_runtime_settings_leave_every_cell_up_to_date(reproduced):
     """params `runtime` (threads, workers, compile, device...) can change no metric beyond float noise: no cell
     tracks it, so a user who sets it for their machine keeps every committed result."""
-    def change(text):
-        params = yaml.safe_load(text)
+    def change(params):
         params["runtime"].update(threads=1, num_workers=2, compile=True, device="cpu", channels_last=True,
                                  host_allocator="glibc", max_loss=1.0e7)
-        return yaml.safe_dump(params, sort_keys=False)
 
-    undo = edit(reproduced, "params.yaml", change)
-    try:
-        assert stale(reproduced) == set()
-    finally:
-        undo()
+    assert stale_after_params(reproduced, change) == set()
 
 
 def test_changing_one_methods_protocol_reruns_only_its_cells(reproduced):
     """A method's authors' protocol lives in its own block (method_params.<m>.original), which also sets the
     reference of its schedules under `unified`: changing it reruns that method's cells and no other."""
-    def change(text):
-        params = yaml.safe_load(text)
+    def change(params):
         params["method_params"]["em"]["original"]["default"]["epochs"] = 12
         params["method_params"]["ll-r"]["original"]["default"]["lr"] = 1.0e-4  # a method outside the grid
-        return yaml.safe_dump(params, sort_keys=False)
 
-    undo = edit(reproduced, "params.yaml", change)
-    try:
-        assert train_cells(stale(reproduced)) == {"train@synthetic-em-0"}
-    finally:
-        undo()
+    assert train_cells(stale_after_params(reproduced, change)) == {"train@synthetic-em-0"}
 
 
 def test_editing_a_methods_module_reruns_only_its_cells(reproduced):

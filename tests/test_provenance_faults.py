@@ -77,6 +77,16 @@ def kill_after_epoch(monkeypatch, epoch: int = 1):
     return original
 
 
+def interrupted_run(workspace: Path, monkeypatch, out: Path, epochs: int):
+    """Train synthetic/an into ``out`` for ``epochs`` epochs and "die" after epoch 1's checkpoint; the kill stays
+    patched in. Returns the real Checkpoint.save."""
+    set_params(workspace, epochs=epochs)
+    original = kill_after_epoch(monkeypatch)
+    with pytest.raises(Killed):
+        train_stage.run("synthetic", "an", 0, out_dir=out)
+    return original
+
+
 def tree(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
@@ -91,10 +101,7 @@ def test_p13_case1_replayed_gives_the_uninterrupted_run(tiny_workspace, monkeypa
     One epoch: epoch 1 stays the best epoch, as in the issue, where the old code then reported X's weights."""
     out = tiny_workspace / "run"
     resume_dir = train_stage.resume_dir_for("synthetic", "an", 0, out)
-    set_params(tiny_workspace, epochs=1)
-    original = kill_after_epoch(monkeypatch)
-    with pytest.raises(Killed):
-        train_stage.run("synthetic", "an", 0, out_dir=out)
+    original = interrupted_run(tiny_workspace, monkeypatch, out, epochs=1)
     x_best = torch.load(resume_dir / "best-e1.pt", weights_only=True)["model"]
 
     set_params(tiny_workspace, epochs=1, lr=0.5)
@@ -117,10 +124,7 @@ def test_p13_case1_full_disk_path(tiny_workspace, monkeypatch):
     The failing run is one line; the next one ends like an uninterrupted run with the new params."""
     out = tiny_workspace / "run"
     resume_dir = train_stage.resume_dir_for("synthetic", "an", 0, out)
-    set_params(tiny_workspace, epochs=2)
-    original = kill_after_epoch(monkeypatch)
-    with pytest.raises(Killed):
-        train_stage.run("synthetic", "an", 0, out_dir=out)
+    original = interrupted_run(tiny_workspace, monkeypatch, out, epochs=2)
     monkeypatch.setattr(Checkpoint, "save", original)
     set_params(tiny_workspace, epochs=2, lr=0.5)
 
@@ -149,10 +153,7 @@ def test_p13_truncated_checkpoint_is_discarded_with_a_notice(tiny_workspace, mon
     was deleted by hand: now the set is discarded with one notice and the run restarts cleanly."""
     out = tiny_workspace / "run"
     resume_dir = train_stage.resume_dir_for("synthetic", "an", 0, out)
-    set_params(tiny_workspace, epochs=2)
-    original = kill_after_epoch(monkeypatch)
-    with pytest.raises(Killed):
-        train_stage.run("synthetic", "an", 0, out_dir=out)
+    original = interrupted_run(tiny_workspace, monkeypatch, out, epochs=2)
     monkeypatch.setattr(Checkpoint, "save", original)
     data = (resume_dir / damaged).read_bytes()
     (resume_dir / damaged).write_bytes(data[: len(data) // 2])
