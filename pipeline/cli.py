@@ -124,9 +124,9 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def download(dataset: DatasetArg,
-             source: Annotated[Path | None, typer.Option("--from", help="local archive or extracted folder")] = None,
+             source: Annotated[Path | None, typer.Option("--source", help="local archive or extracted folder")] = None,
              params: ParamsOption = Path("params.yaml")):
-    """Download (or generate, or import from --from) a dataset into data/raw/DATASET."""
+    """Download (or generate, or import from --source) a dataset into data/raw/DATASET."""
     from stages import download as stage
 
     out = _run(stage.run, dataset, source, params)

@@ -4,7 +4,7 @@
   first; an interrupted transfer leaves the ``.part`` file and the next call continues it with an HTTP
   ``Range`` request. Only a file of the expected size and MD5 is renamed to ``<name>``, so a partial
   file is never mistaken for a complete one.
-* :func:`verify_file` checks size and MD5 before anything is extracted (``--from`` archives too).
+* :func:`verify_file` checks size and MD5 before anything is extracted (``--source`` archives too).
 * :func:`safe_extract` unpacks tar (any compression) and zip archives, refusing members that would land
   outside the target folder: absolute paths, ``..`` components, symlinks or hard links pointing outside,
   device files. A truncated or corrupt archive is reported as one :class:`SpmlError` naming the file.
@@ -158,13 +158,13 @@ def fetch(archive: Archive, directory: Path, urls: tuple[str, ...] | None = None
     if have != archive.size:
         kept = f"{have:,} of {archive.size:,} bytes are kept in {part}; rerun to resume" if have else "nothing kept"
         detail = "; ".join(errors) or "the server closed the connection early"
-        raise SpmlError(f"download of {archive.filename} incomplete ({detail}); {kept}, or pass --from a local copy")
+        raise SpmlError(f"download of {archive.filename} incomplete ({detail}); {kept}, or pass --source a local copy")
     actual = md5_file(part, archive.filename)
     if actual != archive.md5:
         bad = dest.with_name(dest.name + ".bad")
         os.replace(part, bad)
         raise SpmlError(f"checksum mismatch for {archive.filename}: md5 {actual}, expected {archive.md5}; moved "
-                        f"to {bad} (delete it), rerun to download again or pass --from a verified copy")
+                        f"to {bad} (delete it), rerun to download again or pass --source a verified copy")
     os.replace(part, dest)
     _mark_verified(dest, archive)
     return dest
@@ -258,7 +258,7 @@ def _real(path: Path, source: Path) -> Path:
         return Path(os.path.realpath(path, strict=True))
     except OSError as exc:  # ELOOP (a cycle) or ENOENT (dangling)
         what = "is part of a link cycle" if exc.errno == errno.ELOOP else "points to nothing"
-        raise SpmlError(f"--from {source}: the link {path} -> {os.readlink(path)} {what}; remove or fix "
+        raise SpmlError(f"--source {source}: the link {path} -> {os.readlink(path)} {what}; remove or fix "
                         "it") from None
 
 
@@ -277,10 +277,10 @@ def _tree_files(source: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
             if entry.is_symlink():
                 real = _real(real, source)
                 if real != root and root not in real.parents:
-                    raise SpmlError(f"--from {source}: the link {shown} -> {os.readlink(entry.path)} points "
+                    raise SpmlError(f"--source {source}: the link {shown} -> {os.readlink(entry.path)} points "
                                     "outside the folder; refusing to import it (copy the target in instead)")
                 if real in open_folders:
-                    raise SpmlError(f"--from {source}: the link {shown} -> {os.readlink(entry.path)} is a "
+                    raise SpmlError(f"--source {source}: the link {shown} -> {os.readlink(entry.path)} is a "
                                     "link cycle (it points to a folder that holds it); remove it")
             if real.is_dir():
                 folders.append(rel / entry.name)
@@ -288,7 +288,7 @@ def _tree_files(source: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
             elif real.is_file():
                 files.append((rel / entry.name, real))
             else:
-                raise SpmlError(f"--from {source}: {shown} is a special file (device, fifo or socket); "
+                raise SpmlError(f"--source {source}: {shown} is a special file (device, fifo or socket); "
                                 "refusing to import it")
 
     visit(root, Path(), (root,))
@@ -340,7 +340,7 @@ def obtain(archives: list[Archive], dataset: str, raw_dir: Path, source: Path | 
     if source.is_file():
         archive = by_name.get(source.name)
         if archive is None:
-            raise SpmlError(f"--from {source}: expected one of the official archives {sorted(by_name)} "
+            raise SpmlError(f"--source {source}: expected one of the official archives {sorted(by_name)} "
                             "(or an extracted folder)")
         verify_file(source, archive.size, archive.md5)
         safe_extract(source, raw_dir)
@@ -353,6 +353,6 @@ def obtain(archives: list[Archive], dataset: str, raw_dir: Path, source: Path | 
             safe_extract(path, raw_dir)
         return
     if not any(path.is_file() for path in source.rglob("*")):
-        raise SpmlError(f"--from {source} is an empty folder (no files); pass the folder the dataset was extracted "
+        raise SpmlError(f"--source {source} is an empty folder (no files); pass the folder the dataset was extracted "
                         f"to, or one of the official archives {sorted(by_name)}")
     link_tree(source, raw_dir, f"{dataset} files")

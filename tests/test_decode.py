@@ -179,7 +179,7 @@ def test_training_on_coco_with_device_decode(workspace, tmp_path):
     write_params(workspace, params)
     make_coco(tmp_path / "src", jpeg=(40, 30))
     runner = CliRunner()
-    for args in (["download", "coco2014", "--from", str(tmp_path / "src")], ["prepare", "coco2014"],
+    for args in (["download", "coco2014", "--source", str(tmp_path / "src")], ["prepare", "coco2014"],
                  ["sample", "coco2014"]):
         assert runner.invoke(app, args).exit_code == 0, args
     cfg = resolve_run_config(params, "coco2014", "ignore", 0).train

@@ -227,18 +227,33 @@ def test_spml_download_resumes_then_prepares(voc_archive, server):
 
 
 def test_spml_download_from_archive_is_verified(voc_archive, tmp_path):
-    assert runner.invoke(app, ["download", "voc2012", "--from", str(voc_archive)]).exit_code == 0
+    assert runner.invoke(app, ["download", "voc2012", "--source", str(voc_archive)]).exit_code == 0
     assert Path("data/raw/voc2012/VOCdevkit/VOC2012/ImageSets/Main/cat_train.txt").exists()
     forged = tmp_path / "forged" / voc_archive.name
     forged.parent.mkdir()
     data = bytearray(voc_archive.read_bytes())
     data[-1] ^= 1
     forged.write_bytes(bytes(data))
-    result = runner.invoke(app, ["download", "voc2012", "--from", str(forged)])
+    result = runner.invoke(app, ["download", "voc2012", "--source", str(forged)])
     assert result.exit_code == 2 and "checksum mismatch" in result.output
     assert Path("data/raw/voc2012/VOCdevkit").exists()  # the previous good copy is untouched
     short = tmp_path / "short" / voc_archive.name
     short.parent.mkdir()
     short.write_bytes(bytes(data[:-10]))
-    result = runner.invoke(app, ["download", "voc2012", "--from", str(short)])
+    result = runner.invoke(app, ["download", "voc2012", "--source", str(short)])
     assert result.exit_code == 2 and "truncated" in result.output
+
+
+def test_missing_source_is_named_by_where_it_came_from(voc_archive, tmp_path):
+    from conftest import tiny_params, write_params
+    from helpers import assert_one_line_error
+
+    missing = tmp_path / "nowhere.tar"
+    assert_one_line_error(runner.invoke(app, ["download", "voc2012", "--source", str(missing)]),
+                          f"--source {missing} does not exist")
+    params = tiny_params()
+    params["data"]["voc2012"]["source"] = str(missing)
+    write_params(Path.cwd(), params)
+    assert_one_line_error(runner.invoke(app, ["download", "voc2012"]),
+                          f"data.voc2012.source {missing} does not exist")
+    assert not Path("data/raw/voc2012").exists()

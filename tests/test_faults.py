@@ -325,7 +325,7 @@ def test_p04_max_loss_is_validated_and_in_params_yaml(tiny_workspace):
 
 @pytest.fixture
 def voc_folder(tmp_path, monkeypatch):
-    """An extracted VOC folder (to pass to --from) and a workspace as cwd; returns (folder, outside file)."""
+    """An extracted VOC folder (to pass to --source) and a workspace as cwd; returns (folder, outside file)."""
     folder = tmp_path / "voc"
     make_voc(folder)
     secret = tmp_path / "secret.txt"
@@ -351,7 +351,7 @@ def test_p08_download_from_folder_refuses_links_leaving_it(voc_folder, name, tar
     link.symlink_to(secret if target == "SECRET" else target)
     if name == "a":
         (folder / "b").symlink_to("a")
-    result = invoke("download", "voc2012", "--from", folder)
+    result = invoke("download", "voc2012", "--source", folder)
     assert_one_line_error(result, f"the link {link}", fragment)
     assert not Path("data/raw/voc2012").exists() and not list(Path("data/raw").glob(".*tmp-*"))
     assert secret.stat().st_nlink == 1  # never hard-linked into data/raw
@@ -362,7 +362,7 @@ def test_p08_links_inside_the_folder_are_followed(voc_folder):
     main = folder / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main"
     (folder / "VOCdevkit" / "alias-main").symlink_to(main, target_is_directory=True)
     (folder / "VOCdevkit" / "cat.txt").symlink_to(main / "cat_train.txt")
-    assert invoke("download", "voc2012", "--from", folder).exit_code == 0
+    assert invoke("download", "voc2012", "--source", folder).exit_code == 0
     raw = Path("data/raw/voc2012/VOCdevkit")
     assert (raw / "cat.txt").read_bytes() == (main / "cat_train.txt").read_bytes()
     assert (raw / "alias-main" / "dog_val.txt").is_file() and not (raw / "cat.txt").is_symlink()

@@ -330,10 +330,10 @@ def test_p10_bad_literal_lists_the_choices(tiny_workspace):
 def test_p10_empty_from_folder_names_the_users_folder(workspace, tmp_path):
     empty = tmp_path / "empty-voc"
     empty.mkdir()
-    line = assert_refused(invoke("download", "voc2012", "--from", empty), f"--from {empty} is an empty folder")
+    line = assert_refused(invoke("download", "voc2012", "--source", empty), f"--source {empty} is an empty folder")
     assert ".tmp-" not in line and not Path("data/raw/voc2012").exists()
     (empty / "readme.txt").write_text("not VOC")  # not empty, but not VOC either: still the user's folder
-    line = assert_refused(invoke("download", "voc2012", "--from", empty), str(empty))
+    line = assert_refused(invoke("download", "voc2012", "--source", empty), str(empty))
     assert ".tmp-" not in line and not Path("data/raw/voc2012").exists()
 
 

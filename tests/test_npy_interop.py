@@ -92,7 +92,7 @@ def test_export_of_real_formats_matches_community_sampling(workspace, tmp_path):
     make_voc(tmp_path / "voc")
     make_coco(tmp_path / "coco")
     for name, src in (("voc2012", tmp_path / "voc"), ("coco2014", tmp_path / "coco")):
-        for args in (("download", name, "--from", src), ("prepare", name), ("sample", name),
+        for args in (("download", name, "--source", src), ("prepare", name), ("sample", name),
                      ("export-npy", name, tmp_path / f"out-{name}")):
             result = invoke(*args)
             assert result.exit_code == 0, (args, result.output)

@@ -61,7 +61,7 @@ def assert_one_line_error(result, *fragments):
 
 def test_voc_rows_labels_and_split(workspace, tmp_path):
     make_voc(tmp_path / "src")
-    assert invoke("download", "voc2012", "--from", tmp_path / "src").exit_code == 0
+    assert invoke("download", "voc2012", "--source", tmp_path / "src").exit_code == 0
     assert invoke("prepare", "voc2012").exit_code == 0
     table = prepared("voc2012")
     assert table.class_names[0] == "aeroplane" and table.class_names[19] == "tvmonitor"
@@ -80,7 +80,7 @@ def test_voc_rows_labels_and_split(workspace, tmp_path):
 
 def test_voc_bad_input(workspace, tmp_path):
     voc = make_voc(tmp_path / "src")
-    assert invoke("download", "voc2012", "--from", tmp_path / "src").exit_code == 0
+    assert invoke("download", "voc2012", "--source", tmp_path / "src").exit_code == 0
     raw = Path("data/raw/voc2012/VOCdevkit/VOC2012")
     (raw / "ImageSets/Main/cow_val.txt").unlink()
     assert_one_line_error(invoke("prepare", "voc2012"), "cow_val.txt does not exist")
@@ -98,7 +98,7 @@ def test_voc_bad_input(workspace, tmp_path):
 
 def test_voc_from_folder_that_is_not_voc(workspace, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(invoke("download", "voc2012", "--from", tmp_path / "empty"), "is an empty folder")
+    assert_one_line_error(invoke("download", "voc2012", "--source", tmp_path / "empty"), "is an empty folder")
     assert not Path("data/raw/voc2012").exists()
 
 
@@ -113,7 +113,7 @@ def test_coco_rows_sorted_as_strings_crowd_counted(workspace, tmp_path, loader):
     params["data"]["coco2014"]["loader"] = loader
     write_params(workspace, params)
     make_coco(tmp_path / "src")
-    assert invoke("download", "coco2014", "--from", tmp_path / "src").exit_code == 0
+    assert invoke("download", "coco2014", "--source", tmp_path / "src").exit_code == 0
     assert invoke("prepare", "coco2014").exit_code == 0
     table = prepared("coco2014")
     assert table.class_names == ["person", "bicycle", "car", "cat"]
@@ -144,7 +144,7 @@ def test_coco_arrow_loader_matches_pycocotools(tmp_path):
 
 def test_coco_bad_input(workspace, tmp_path):
     src = make_coco(tmp_path / "src")
-    assert invoke("download", "coco2014", "--from", src).exit_code == 0
+    assert invoke("download", "coco2014", "--source", src).exit_code == 0
     ann = Path("data/raw/coco2014/annotations/instances_val2014.json")
     ann.unlink()
     ann.write_text(json.dumps(coco_json([1], [(1, 1, 0)], "val", categories=COCO_CATEGORIES[:3])))
@@ -163,7 +163,7 @@ def test_coco_bad_input(workspace, tmp_path):
 def test_coco_missing_images(workspace, tmp_path):
     src = make_coco(tmp_path / "src")
     (src / f"train2014/COCO_train2014_{COCO_TRAIN_IMAGES[0]:012d}.jpg").unlink()
-    assert invoke("download", "coco2014", "--from", src).exit_code == 0
+    assert invoke("download", "coco2014", "--source", src).exit_code == 0
     assert_one_line_error(invoke("prepare", "coco2014"), "1 of 4 images", "COCO_train2014_000000000009.jpg")
     assert len(COCO_TRAIN_ANNS) == 7
 
@@ -174,7 +174,7 @@ def test_coco_missing_images(workspace, tmp_path):
 @pytest.mark.parametrize("layout", ["plain", "nested"])
 def test_cub_both_layouts(workspace, tmp_path, layout):
     make_cub(tmp_path / "src", layout)
-    assert invoke("download", "cub", "--from", tmp_path / "src").exit_code == 0
+    assert invoke("download", "cub", "--source", tmp_path / "src").exit_code == 0
     assert invoke("prepare", "cub").exit_code == 0
     table = prepared("cub")
     assert len(table.class_names) == 312
@@ -192,7 +192,7 @@ def test_cub_both_layouts(workspace, tmp_path, layout):
 
 def test_cub_bad_input(workspace, tmp_path):
     make_cub(tmp_path / "src")
-    assert invoke("download", "cub", "--from", tmp_path / "src").exit_code == 0
+    assert invoke("download", "cub", "--source", tmp_path / "src").exit_code == 0
     labels_file = Path("data/raw/cub/CUB_200_2011/attributes/image_attribute_labels.txt")
     good = labels_file.read_text().splitlines(keepends=True)
     labels_file.unlink()
@@ -214,8 +214,8 @@ def test_cub_bad_input(workspace, tmp_path):
 
 def test_nuswide_from_formatted_files_reports_missing_images(workspace, tmp_path):
     arrays = make_nus(tmp_path / "nus", missing=3)
-    assert_one_line_error(invoke("download", "nuswide"), "nuswide", "--from")
-    result = invoke("download", "nuswide", "--from", tmp_path / "nus")
+    assert_one_line_error(invoke("download", "nuswide"), "nuswide", "--source")
+    result = invoke("download", "nuswide", "--source", tmp_path / "nus")
     assert result.exit_code == 0, result.output
     result = invoke("prepare", "nuswide")
     assert result.exit_code == 0, result.output
@@ -234,7 +234,7 @@ def test_nuswide_from_formatted_files_reports_missing_images(workspace, tmp_path
 
 def test_nuswide_wrong_class_count(workspace, tmp_path):
     make_nus(tmp_path / "nus", num_classes=80)
-    assert invoke("download", "nuswide", "--from", tmp_path / "nus").exit_code == 0
+    assert invoke("download", "nuswide", "--source", tmp_path / "nus").exit_code == 0
     assert_one_line_error(invoke("prepare", "nuswide"), "has 80 classes, expected the 81")
 
 

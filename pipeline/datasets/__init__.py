@@ -55,7 +55,7 @@ class ArchiveParams(DatasetParams):
     """``params.yaml: data.<name>`` of a dataset that is one archive at a URL (VOC 2012, CUB); no defaults here,
     params.yaml holds every value."""
 
-    source: str | None  # the archive or its extracted folder instead of downloading (= --from); download
+    source: str | None  # the archive or its extracted folder instead of downloading (= --source); download
     url: str | None  # a mirror of the archive (its MD5 is still checked); download
     check_images: bool  # prepare refuses a listed image that is absent
 

@@ -41,7 +41,7 @@ ARCHIVES = [
             6_645_013_297, "a3d79f5ed8d289b7a7554ce06a5782b3"),
 ]
 HINT = ("pass the COCO 2014 zips or the extracted folder (annotations/, train2014/, val2014/): "
-        "`spml download coco2014 --from PATH`")
+        "`spml download coco2014 --source PATH`")
 MAX_ARROW_BYTES = (1 << 31) - 2  # pyarrow's JSON block size is an int32
 
 
@@ -137,7 +137,7 @@ def _same_categories(a: list[dict], b: list[dict]) -> bool:
 @register_dataset("coco2014")
 class Coco2014:
     """Download: the annotations zip and, unless ``images: false``, the train/val image zips (resumable,
-    MD5-checked); or ``--from`` one zip, a folder holding the zips, or the extracted folder."""
+    MD5-checked); or ``--source`` one zip, a folder holding the zips, or the extracted folder."""
 
     @dataclass
     class Params(DatasetParams):

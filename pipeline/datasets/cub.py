@@ -27,7 +27,7 @@ ARCHIVES = [
     Archive("CUB_200_2011.tgz", ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",),
             1_150_585_339, "97eceeb196236b17998738112f37df78"),
 ]
-HINT = "pass CUB_200_2011.tgz or its extracted folder: `spml download cub --from PATH`"
+HINT = "pass CUB_200_2011.tgz or its extracted folder: `spml download cub --source PATH`"
 
 
 def find_dirs(raw_dir: Path) -> tuple[Path, Path | None]:
@@ -97,7 +97,7 @@ def read_attribute_labels(path: Path, image_ids: list[str]) -> np.ndarray:
 
 @register_dataset("cub")
 class Cub:
-    """Download: ``CUB_200_2011.tgz`` (resumable, MD5-checked), or ``--from`` the tgz or an extracted folder."""
+    """Download: ``CUB_200_2011.tgz`` (resumable, MD5-checked), or ``--source`` the tgz or an extracted folder."""
 
     Params = ArchiveParams  # source, url, check_images
 

@@ -3,7 +3,7 @@
 Nobody distributes a formatter: the community uses ``formatted_{train,val}_{images,labels}.npy`` as
 published (Cole et al.'s 2020 re-crawl, Zenodo record 10162606, 150,000 / ~60,260 rows; or the
 "official image" variant of Zhou et al., also used by VLPL) with image paths relative to ``Flickr/``
-(obtained from the NUS-WIDE authors on request). ``spml download nuswide --from DIR`` links those files
+(obtained from the NUS-WIDE authors on request). ``spml download nuswide --source DIR`` links those files
 and ``DIR/Flickr`` (or ``data.nuswide.images``). Rows, order and labels are taken as they are, the
 all-zero rows included (22% in Cole's files; the maintainers keep them). Missing images are counted and
 reported, not fatal, because link rot makes every copy of Flickr/ slightly different.
@@ -35,7 +35,7 @@ VARIANTS = {
     "official": "official NUS-WIDE images, Zhou et al. (AckTheUnknown) / VLPL formatted files",
 }
 HINT = ("NUS-WIDE cannot be downloaded: pass the folder with formatted_{train,val}_{images,labels}.npy "
-        "(and Flickr/): `spml download nuswide --from DIR`")
+        "(and Flickr/): `spml download nuswide --source DIR`")
 
 
 def formatted_files() -> list[str]:
@@ -48,7 +48,7 @@ class NusWide:
     class Params(DatasetParams):
         """``params.yaml: data.nuswide``; no defaults here, params.yaml holds every value."""
 
-        source: str | None  # the folder of formatted .npy files (+ Flickr/); null: `--from` must give it; download
+        source: str | None  # the folder of formatted .npy files (+ Flickr/); null: `--source` must give it; download
         images: str | None  # the Flickr/ folder when it is not inside `source`; download
         variant: Literal["cole", "official"]  # which formatted files `source` holds (VARIANTS): provenance only
 
@@ -61,7 +61,7 @@ class NusWide:
             raise SpmlError(f"dataset 'nuswide' has no download; {HINT}")
         source = Path(source)
         if not source.is_dir():
-            raise SpmlError(f"--from {source} must be a folder holding the formatted .npy files; {HINT}")
+            raise SpmlError(f"--source {source} must be a folder holding the formatted .npy files; {HINT}")
         for name in formatted_files():
             if not (source / name).is_file():
                 raise SpmlError(f"{source / name} does not exist; {HINT}")

@@ -262,7 +262,7 @@ class Synthetic:
 
     def download(self, raw_dir: Path, params: SyntheticParams, source: Path | None) -> None:
         if source is not None:
-            raise SpmlError(f"dataset '{self.name}' is generated, not downloaded; drop --from")
+            raise SpmlError(f"dataset '{self.name}' is generated, not downloaded; drop --source")
         generate(raw_dir, params)
 
     def load_official(self, raw_dir: Path, params: SyntheticParams) -> OfficialSplits:

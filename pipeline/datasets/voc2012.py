@@ -34,7 +34,7 @@ ARCHIVES = [
         md5="6cd6e144f989b92b3379bac3b3de84fd",
     ),
 ]
-HINT = "pass the VOC 2012 trainval tar or its extracted folder: `spml download voc2012 --from PATH`"
+HINT = "pass the VOC 2012 trainval tar or its extracted folder: `spml download voc2012 --source PATH`"
 
 
 def find_root(raw_dir: Path) -> Path:
@@ -62,7 +62,7 @@ def read_phase(root: Path, phase: str) -> SplitRows:
 
 @register_dataset("voc2012")
 class Voc2012:
-    """Download: the trainval tar (resumable, MD5-checked), or ``--from`` the tar or an extracted folder."""
+    """Download: the trainval tar (resumable, MD5-checked), or ``--source`` the tar or an extracted folder."""
 
     Params = ArchiveParams  # source, url, check_images
 
