@@ -1,11 +1,14 @@
 """Seed spread of a mean, split into training and test-sample parts (pipeline/tools/seed_spread.py).
 
     PYTHONPATH=. python scripts/seed_spread.py runs/synthetic/an/0 /tmp/an/1 /tmp/an/2 ...   # after dvc repro
+    PYTHONPATH=. python scripts/seed_spread.py --runs-table reports/all-methods/runs.csv     # seeds each mean needs
 
 Each argument is a run folder (`spml train ... --out DIR`) of one dataset and method, one per seed. Every
 checkpoint (best.pt) is scored on the test split of the prepared data in this workspace, with params.yaml's
 runtime settings; the script checks that each recomputed test mAP equals the folder's metrics.json, then
-prints the decomposition and what a larger test split or more seeds would buy.
+prints the decomposition and what a larger test split or more seeds would buy. With ``--runs-table`` it sizes
+every mean of a committed table instead: the seeds its own seed sd asks for, and the CPU time they cost at the
+runs' median train_seconds.
 """
 
 from __future__ import annotations
@@ -52,13 +55,36 @@ def test_scores(run_dir: Path, params: dict) -> tuple[str, str, np.ndarray, np.n
     return dataset, method, scores, targets, recorded
 
 
+def size_table(table: Path, target_se: float) -> None:
+    """Per (dataset, method) of a runs.csv: seeds for s.e. <= target_se from its seed sd, and their cost."""
+    import pandas as pd
+
+    runs = pd.read_csv(table)
+    rows = runs.groupby(["dataset", "method"]).agg(seeds=("test_map", "count"), sd=("test_map", "std"),
+                                                   seconds=("train_seconds", "median"))
+    rows["se"] = rows.sd / np.sqrt(rows.seeds)
+    rows["needed"] = [max(n, math.ceil((sd / target_se) ** 2)) for n, sd in zip(rows.seeds, rows.sd)]
+    rows["more"] = rows.needed - rows.seeds
+    over = rows[rows.se > target_se]
+    print(over.round({"sd": 2, "se": 2, "seconds": 0}).to_string())
+    hours = float((rows.more * rows.seconds).sum()) / 3600
+    print(f"{len(over)} of {len(rows)} means have s.e. > {target_se}; {int(rows.more.sum())} more runs, "
+          f"{hours:.1f} CPU hours at the runs' median train_seconds (their thread count)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders of one dataset and method, one per seed")
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders of one dataset and method, one per seed")
+    parser.add_argument("--runs-table", type=Path, help="a committed runs.csv to size (instead of run folders)")
     parser.add_argument("--rounds", type=int, default=100, help="random half splits of the test split")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--target-se", type=float, default=0.3, help="standard error to size the seeds for")
     args = parser.parse_args()
+    if args.runs_table is not None:
+        if args.runs:
+            parser.error("give run folders or --runs-table, not both")
+        size_table(args.runs_table, args.target_se)
+        return
     if len(args.runs) < 2:
         parser.error("give at least two run folders (seeds)")
     params = load_params(args.params)
