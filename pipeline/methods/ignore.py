@@ -5,7 +5,7 @@ Per training step (``../shared/specs/ignore.md`` sections 2-3; equation numbers 
 1. weak view ``x`` -> logits ``z`` and CAM (with autograd); strong view ``x_s`` -> ``z_s`` (with autograd);
 2. the CAM of each image's single observed positive (gathered with ``argmax``, no boolean indexing),
    normalised across the batch per pixel (``cam_norm: batch``, default: the official code's
-   ``(A - min_n A) / max_n A``, checked against ``../shared/golden/``) or per image (``cam_norm: image``,
+   ``(A - min_n A) / max_n A``, checked against ``tests/golden/``) or per image (``cam_norm: image``,
    min-max over (h, w), what the paper presumably intends), bilinearly upsampled to the image size and
    thresholded with a strict ``> gamma`` (eq. 2; the code's 0.8 by default, the paper's 0.4 for ResNet-50
    in the ``ignore-paper`` preset); rows without an observed positive keep an all-ones mask;
