@@ -33,7 +33,7 @@ from pipeline.train import (build_loaders, build_normalizer, build_training, loa
                             method_context, predict, setup_process)
 
 
-def test_scores(run_dir: Path, params: dict) -> tuple[str, str, np.ndarray, np.ndarray, float]:
+def score_test_split(run_dir: Path, params: dict) -> tuple[str, str, np.ndarray, np.ndarray, float]:
     """(dataset, method, scores, full labels, recorded test mAP) of one run folder's best.pt."""
     config = json.loads((run_dir / "config.json").read_text())
     dataset, method, seed = config["dataset"], config["method"], int(config["seed"])
@@ -88,7 +88,7 @@ def main() -> None:
     if len(args.runs) < 2:
         parser.error("give at least two run folders (seeds)")
     params = load_params(args.params)
-    scored = [test_scores(run_dir, params) for run_dir in args.runs]
+    scored = [score_test_split(run_dir, params) for run_dir in args.runs]
     if len({(d, m) for d, m, *_ in scored}) != 1:
         parser.error("the run folders must be of one dataset and one method")
     targets = scored[0][3]
