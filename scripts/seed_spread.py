@@ -18,6 +18,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -33,8 +34,18 @@ from pipeline.train import (build_loaders, build_normalizer, build_training, loa
                             method_context, predict, setup_process)
 
 
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2 (as every spml command)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 def score_test_split(run_dir: Path, params: dict) -> tuple[str, str, np.ndarray, np.ndarray, float]:
     """(dataset, method, scores, full labels, recorded test mAP) of one run folder's best.pt."""
+    missing = [name for name in ("config.json", "metrics.json", "best.pt") if not (run_dir / name).is_file()]
+    if missing:
+        fail(f"{run_dir} is not a run folder (no {', '.join(missing)}); give folders that "
+                 "`spml train ... --out DIR` wrote")
     config = json.loads((run_dir / "config.json").read_text())
     dataset, method, seed = config["dataset"], config["method"], int(config["seed"])
     run = resolve_run_config(params, dataset, method, seed)
@@ -59,7 +70,14 @@ def size_table(table: Path, target_se: float) -> None:
     """Per (dataset, method) of a runs.csv: seeds for s.e. <= target_se from its seed sd, and their cost."""
     import pandas as pd
 
-    runs = pd.read_csv(table)
+    try:
+        runs = pd.read_csv(table)
+    except (OSError, ValueError) as exc:
+        fail(f"--runs-table {table} cannot be read ({exc}); give a runs.csv that `spml aggregate` wrote")
+    absent = {"dataset", "method", "test_map", "train_seconds"} - set(runs.columns)
+    if absent:
+        fail(f"--runs-table {table} has no column {', '.join(sorted(absent))}; give a runs.csv that "
+                 "`spml aggregate` wrote")
     rows = runs.groupby(["dataset", "method"]).agg(seeds=("test_map", "count"), sd=("test_map", "std"),
                                                    seconds=("train_seconds", "median"))
     rows["se"] = rows.sd / np.sqrt(rows.seeds)
@@ -80,6 +98,8 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--target-se", type=float, default=0.3, help="standard error to size the seeds for")
     args = parser.parse_args()
+    if args.rounds < 1 or args.target_se <= 0:
+        parser.error("--rounds must be at least 1 and --target-se above 0")
     if args.runs_table is not None:
         if args.runs:
             parser.error("give run folders or --runs-table, not both")
@@ -95,7 +115,7 @@ def main() -> None:
     for run_dir, (_, _, scores, full, recorded) in zip(args.runs, scored):
         again = mean_average_precision(full, scores).map
         if not np.array_equal(full, targets) or abs(again - recorded) > 1e-9:
-            sys.exit(f"error: {run_dir}: rescored test mAP {again:.6f} is not its metrics.json's {recorded:.6f} "
+            fail(f"{run_dir}: rescored test mAP {again:.6f} is not its metrics.json's {recorded:.6f} "
                      "(another workspace's data or params?); run this where the folders were trained")
     spread = decompose([s for _, _, s, _, _ in scored], targets, args.rounds)
     dataset, method = scored[0][:2]

@@ -17,24 +17,36 @@ import csv
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2 (as every spml command)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 def label_counts(path: Path) -> tuple[list[str], list[list[int]]]:
     """(class names, per image its 20 values) of the CSV; exits with one line on a malformed row."""
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], [row for row in rows[1:] if row]
-    if header[0] != "name" or len(header) != 21:
-        sys.exit(f"error: {path}: expected a header `name,<20 VOC classes>`, got {','.join(header[:3])}...")
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        fail(f"{path} cannot be read as a CSV ({exc})")
+    header, body = (rows[0] if rows else []), [row for row in rows[1:] if row]
+    if not header or header[0] != "name" or len(header) != 21:
+        fail(f"{path}: expected a header `name,<20 VOC classes>`, got {','.join(header[:3])}...")
     values = []
     for number, row in enumerate(body, start=2):
         if len(row) != 21 or any(v not in {"1", "0", "-1"} for v in row[1:]):
-            sys.exit(f"error: {path} line {number}: expected an id and 20 values of 1, 0 or -1")
+            fail(f"{path} line {number}: expected an id and 20 values of 1, 0 or -1")
         values.append([int(v) for v in row[1:]])
+    if not values:
+        fail(f"{path} has a header but no image rows")
     return header[1:], values
 
 

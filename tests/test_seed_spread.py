@@ -47,6 +47,8 @@ def test_one_round_by_hand():
     assert spread.sd_train == pytest.approx(math.sqrt(max(whole - sample, 0.0)))
 
 
-def test_needs_two_seeds():
+def test_needs_two_seeds_and_a_round():
     with pytest.raises(ValueError, match="two seeds"):
         decompose([np.zeros((4, 1))], np.ones((4, 1)), rounds=1)
+    with pytest.raises(ValueError, match="rounds must be at least 1"):  # else a mean of nothing: NaN, silently
+        decompose([np.zeros((4, 1)), np.ones((4, 1))], np.ones((4, 1)), rounds=0)

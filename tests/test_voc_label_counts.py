@@ -38,9 +38,16 @@ def test_counts_by_hand(tmp_path, monkeypatch, capsys):
     assert "differ from Table 1: aeroplane 0 (Table 1: 327)" in out  # a 3-image file is not VOC's train split
 
 
-def test_a_malformed_row_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("text, message", [
+    ("name," + ",".join(CLASSES) + "\n" + row("a", [1]) + ",2\n", "line 2: expected an id and 20 values"),
+    ("name," + ",".join(CLASSES) + "\n", "has a header but no image rows"),
+    ("", "expected a header"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, message):
     csv = tmp_path / "bad.csv"
-    csv.write_text("name," + ",".join(CLASSES) + "\n" + row("a", [1]) + ",2\n")
+    csv.write_text(text)
     monkeypatch.setattr(sys, "argv", ["voc_label_counts.py", str(csv)])
-    with pytest.raises(SystemExit, match="line 2: expected an id and 20 values"):
+    with pytest.raises(SystemExit) as exit_info:
         load_script().main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err

@@ -44,6 +44,8 @@ def decompose(scores: list[np.ndarray], targets: np.ndarray, rounds: int, seed: 
     ``rounds`` random splits into two halves, each half scored for every seed (fixed ``seed``)."""
     if len(scores) < 2:
         raise ValueError("a seed spread needs at least two seeds")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     n = len(targets)
     whole = np.var([mean_average_precision(targets, s).map for s in scores], ddof=1)
     rng = np.random.default_rng(seed)
