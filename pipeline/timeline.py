@@ -21,9 +21,9 @@ CUB for ``synthetic-dense``, with that dataset's training-image count). A method
 has no reference, and its values run as written.
 
 Each method declares which of its params are schedules and in which unit (``Method.schedules``); the loop's own
-(``weight_ema``, the patience of ``early_stop: patience``) are :data:`TRAIN_SCHEDULES`. The rule is applied once,
-by :func:`pipeline.train.apply_timeline`, and tests/test_timeline.py checks that every declared param passes
-through it.
+(``weight_ema``, the patience of ``early_stop: patience``) are :func:`pipeline.run_config.train_schedules`. The
+rule is applied once, by :func:`pipeline.run_config.apply_timeline`, and tests/test_timeline.py checks that every
+declared param passes through it.
 """
 
 from __future__ import annotations

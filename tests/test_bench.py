@@ -284,7 +284,7 @@ JEMALLOC = host.find_allocator("jemalloc")
 
 @pytest.mark.skipif(JEMALLOC is None, reason="libjemalloc2 is not installed (apt-get install libjemalloc2)")
 def test_the_spml_command_preloads_jemalloc_and_ignore_steps_fault_no_pages(tmp_path):
-    """The command re-executes itself once with jemalloc preloaded (params train.host_allocator: auto), says so
+    """The command re-executes itself once with jemalloc preloaded (params runtime.host_allocator: auto), says so
     on stderr and in the header, and IGNORE's steady-state steps fault ~no pages; --host-allocator glibc keeps
     glibc (no re-exec)."""
     out = spml_without((), "bench", "step", "--method", "an", "--method", "ignore", "--steps", "10", "--warmup", "4",
