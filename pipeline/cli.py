@@ -41,6 +41,7 @@ RENAMED_OPTIONS = {
     "--model-kwargs": "--model-param KEY=VALUE, once per key (params models.<model>.KEY)",
     "--slurm-arg": "--sbatch, once per sbatch option as params grid's sbatch list writes it "
                    "(--sbatch --exclusive --sbatch --exclude=node07)",
+    "--from": "--source PATH (params data.<dataset>.source)",
 }
 BENCH_MODES = {"--loader": "loader", "--parallel": "parallel", "--prepare": "prepare"}  # `spml bench --X` before
 

@@ -244,6 +244,15 @@ def test_spml_download_from_archive_is_verified(voc_archive, tmp_path):
     assert result.exit_code == 2 and "truncated" in result.output
 
 
+def test_the_old_from_option_names_its_new_spelling(tmp_path, monkeypatch):
+    from helpers import assert_one_line_error
+
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(runner.invoke(app, ["download", "voc2012", "--from", str(tmp_path)]),
+                          "--from is now --source PATH (params data.<dataset>.source)")
+    assert not Path("data/raw/voc2012").exists()
+
+
 def test_missing_source_is_named_by_where_it_came_from(voc_archive, tmp_path):
     from conftest import tiny_params, write_params
     from helpers import assert_one_line_error
