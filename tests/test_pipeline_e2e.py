@@ -30,3 +30,8 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tiny_repo):
     again = sh(tiny_repo, "dvc", "repro")
     assert "Running stage" not in again
     assert "up to date" in again
+
+    # the table just made reproduces in a temporary copy, with the trunk DVC finds up to date
+    out = sh(tiny_repo, "spml", "verify", "reports", "--all")
+    assert "pretrained trunk: this workspace's (`dvc status pretrain`: up to date)" in out
+    assert "2 cell(s) of reports reproduce bit for bit" in out

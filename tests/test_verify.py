@@ -1,5 +1,6 @@
-"""`spml verify`: a committed table's cells re-trained in a temporary copy reproduce bit for bit, and a metric
-edited by hand in runs.csv is an error naming the cell, both values and the command."""
+"""`spml verify`: a committed table's cells re-trained in a temporary copy reproduce bit for bit (whatever stale
+data the workspace holds), and a metric edited by hand in runs.csv is an error naming the cell, both values and
+the command. The end-to-end test (test_pipeline_e2e.py) verifies a `dvc repro`'d table, with its trunk."""
 
 from __future__ import annotations
 
@@ -39,7 +40,16 @@ def test_verify_passes_then_names_an_edited_cell(tiny_table):
 
     lines = []
     assert verify(tiny_table, None, root=tiny_table.parent, report=lines.append) == ["synthetic/an/0"]
-    assert lines and "identical" in lines[0]
+    assert lines[-1].startswith("synthetic/an/0: identical")
+    assert "pretrained trunk: built in the copy (this workspace has none)" in lines
+
+    # the copy builds its own label tables: stale ones in this workspace (an older spml's, other params')
+    # are never taken, so they cannot make a table that reproduces look as if it did not
+    for table in ("data/prepared/synthetic.parquet", "data/sampled/synthetic.parquet"):
+        (tiny_table.parent / table).write_bytes(b"not the table this code makes")
+    lines = []
+    assert verify(tiny_table, None, root=tiny_table.parent, report=lines.append) == ["synthetic/an/0"]
+    assert lines[-1].startswith("synthetic/an/0: identical")
 
     recorded = runs.loc[0, "test_map"]
     runs.loc[0, "test_map"] = recorded + 0.01

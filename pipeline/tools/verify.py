@@ -5,10 +5,18 @@ README gives. ``spml verify DIR`` takes DIR/runs.csv (written by ``spml aggregat
 at full precision, and the thread count, malloc and torch version each run used), samples N of its cells (all
 with ``--all``), and re-trains each one with ``spml train`` in a temporary copy of this repository: the same
 params (with ``--preset``, the preset(s) the table was made with, composed as ``dvc exp run -S +presets=NAME``
-does), the same prepared data and pretrained trunk (this workspace's ``data/`` where it has them, else built in
-the copy by the stages themselves), ``SPML_THREADS`` and ``SPML_ALLOCATOR`` as recorded. CPU training is
-deterministic for a given thread count, so every metric must come out equal, bit for bit; a mismatch is an error
-naming the cell, both values and the command that reproduces it. Nothing in this workspace is written.
+does), ``SPML_THREADS`` and ``SPML_ALLOCATOR`` as recorded. CPU training is deterministic for a given thread count,
+so every metric must come out equal, bit for bit; a mismatch is an error naming the cell, both values and the
+command that reproduces it. Nothing in this workspace is written.
+
+What the cells read is built in the copy by the stages themselves, from the composed params, as ``dvc repro``
+would: the synthetic sets generated, the label tables prepared and sampled, a CLIP-based method's scores computed.
+Why not this workspace's ``data/``: it may be stale (made by older code, or with other params than the preset's),
+and a stale table would report a cell as not reproducing for a reason that is not the table's. Two things come
+from the workspace: a real dataset's raw folder, linked (it cannot be fetched again offline, and no stage writes
+into it), and the pretrained trunk when DVC finds stage ``pretrain`` up to date and the preset leaves its params
+alone. Why reuse that one: it was built at a thread count nobody recorded, so on another machine a rebuilt trunk
+could differ in the last bits, and every cell with it.
 """
 
 from __future__ import annotations
@@ -27,14 +35,15 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline import paths
 from pipeline.errors import SpmlError
 from pipeline.report import read_runs_csv
 
 # the metrics compared (runs.csv columns written from metrics.json); train_seconds is the only one that may differ
 COMPARED = ("val_map", "test_map", "best_epoch", "epochs", "test_classes_without_positives", "model", "protocol")
-# what a copy needs from this workspace: the code, params, presets and pipeline files (never data/ or runs/)
-COPIED = ("pipeline", "stages", "presets", "params.yaml", "dvc.yaml", "pyproject.toml")
-UPSTREAM = ("raw", "prepared", "sampled")  # data/<kind>/<dataset>, per dataset
+# what a copy needs from this workspace: the code, params, presets and pipeline files, and the machine-local
+# registry of `spml import-npy` datasets (never data/prepared, data/sampled or runs/)
+COPIED = ("pipeline", "stages", "presets", "params.yaml", "dvc.yaml", "pyproject.toml", "data/imported.json")
 
 
 @dataclass(frozen=True)
@@ -95,24 +104,65 @@ def same(recorded: Any, value: Any) -> bool:
     return str(recorded) == str(value)
 
 
+def generated(dataset: str) -> bool:
+    """A dataset whose ``download`` renders it from its params (the synthetic sets): its raw folder is derived
+    data, regenerated in the copy; any other dataset's raw folder is the user's, linked."""
+    from pipeline.datasets import get_dataset
+    from pipeline.datasets.synthetic import Synthetic
+
+    return isinstance(get_dataset(dataset), Synthetic)
+
+
 def make_copy(root: Path, work: Path, datasets: set[str]) -> None:
-    """The code and params of ``root``, and its prepared data and pretrained trunk where it has them."""
+    """The code and params of ``root``, and a link to each real dataset's raw folder that ``root`` has."""
     for name in COPIED:
         src = root / name
         if src.is_dir():
             shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif src.is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / name)
     for dataset in sorted(datasets):
-        for kind in UPSTREAM:
-            for src in (root / "data" / kind / dataset, root / "data" / kind / f"{dataset}.parquet"):
-                if src.exists():
-                    dest = work / "data" / kind / src.name
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
-    trunk = root / "data" / "pretrained"
-    if trunk.is_dir():
-        shutil.copytree(trunk, work / "data" / "pretrained")
+        raw = root / paths.raw_dir(dataset)
+        if raw.is_dir() and not generated(dataset):
+            link = work / paths.raw_dir(dataset)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(raw.resolve(), target_is_directory=True)
+
+
+def lookup(params: dict[str, Any], key: str) -> Any:
+    """``params``' value at a dotted key (``models.smallcnn.width``), None where absent."""
+    value: Any = params
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def stale_trunk(root: Path, params: dict[str, Any]) -> str | None:
+    """Why ``root``'s pretrained trunk may not be what stage ``pretrain`` builds from this code and ``params``,
+    or None when it is: DVC finds the stage up to date in ``root`` (code, params and output as dvc.lock
+    records them) and the params the stage reads (dvc.yaml's list) are the same in ``params`` as in
+    ``root``'s params.yaml."""
+    import json
+
+    import yaml
+
+    from pipeline.config import load_params
+
+    if not (root / paths.DATA / "pretrained").is_dir():
+        return "this workspace has none"
+    stage = (yaml.safe_load((root / "dvc.yaml").read_text()).get("stages") or {}).get("pretrain") or {}
+    workspace = load_params(root / "params.yaml")
+    changed = [key for key in stage.get("params") or [] if lookup(params, key) != lookup(workspace, key)]
+    if changed:
+        return f"the preset changes {', '.join(changed)}"
+    done = subprocess.run([sys.executable, "-m", "dvc", "status", "pretrain", "--json"], cwd=root,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return "`dvc status pretrain` could not tell: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
+    if json.loads(done.stdout or "{}"):
+        return "`dvc status pretrain` finds it changed"
+    return None
 
 
 def spml(work: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -120,21 +170,21 @@ def spml(work: Path, *args: str, env: dict[str, str] | None = None) -> subproces
     # without code runs the caller's, not whatever checkout is installed)
     path = os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": path, "SPML_NO_PROGRESS": "1", **(env or {})})
+                          check=False, env={**os.environ, "PYTHONPATH": path, "SPML_NO_PROGRESS": "1", **(env or {})})
 
 
-def ensure_upstream(work: Path, datasets: set[str], params: Path) -> None:
-    """Build what the copy lacks with the stages themselves (as `dvc repro` would, without DVC)."""
+def build_upstream(work: Path, cells: list[Cell], params: Path, vl_methods: list[str]) -> None:
+    """Build what the cells read with the stages themselves (as `dvc repro` would, without DVC): a dataset's
+    raw folder unless linked, its label tables, the trunk unless taken from the workspace, and the CLIP scores
+    of a CLIP-based method (params ``vl_methods``, the list dvc.yaml's clip-scores stage iterates)."""
     steps = []
-    for dataset in sorted(datasets):
-        if not (work / "data" / "raw" / dataset).exists():
+    for dataset in sorted({c.dataset for c in cells}):
+        if not (work / paths.raw_dir(dataset)).exists():
             steps.append(("download", dataset))
-        if not (work / "data" / "prepared" / f"{dataset}.parquet").exists():
-            steps.append(("prepare", dataset))
-        if not (work / "data" / "sampled" / f"{dataset}.parquet").exists():
-            steps.append(("sample", dataset))
-    if not (work / "data" / "pretrained").exists():
+        steps += [("prepare", dataset), ("sample", dataset)]
+    if not (work / paths.DATA / "pretrained").exists():
         steps.append(("pretrain",))
+    steps += sorted({("clip-scores", c.dataset, c.method) for c in cells if c.method in vl_methods})
     for step in steps:
         done = spml(work, *step, "--params", str(params))
         if done.returncode != 0:
@@ -187,7 +237,12 @@ def verify(table: Path, count: int | None, presets: list[str] | None = None, sam
 
         params_file = work / "verify-params.yaml"
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        ensure_upstream(work, {c.dataset for c in cells}, params_file)
+        why = stale_trunk(root, params)
+        if why is None:
+            shutil.copytree(root / paths.DATA / "pretrained", work / paths.DATA / "pretrained")
+        report("pretrained trunk: " + ("this workspace's (`dvc status pretrain`: up to date)" if why is None
+                                       else f"built in the copy ({why})"))
+        build_upstream(work, cells, params_file, list(params.get("vl_methods") or []))
         problems = []
         for cell in cells:
             row = runs[(runs.dataset == cell.dataset) & (runs.method == cell.method)
