@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import SpmlError
+from pipeline.tools.tiny_repo import tiny_params, write_params
 from pipeline.tools.verify import Cell, choose, verify
+from tests.real_fixtures import make_coco
 
 
 @pytest.fixture
@@ -64,6 +66,34 @@ def test_verify_passes_then_names_an_edited_cell(tiny_table):
     with pytest.raises(SpmlError, match="records no thread count"):
         runs.drop(columns=["threads"]).to_csv(tiny_table / "runs.csv", index=False)
         verify(tiny_table, 1, root=tiny_table.parent)
+
+
+def test_a_real_datasets_raw_folder_is_linked_into_the_copy(workspace, tmp_path, monkeypatch):
+    """A real dataset cannot be fetched again offline, so the copy links this workspace's raw folder (here
+    data.coco2014.source is null: the download took --source), never copies it (COCO's is 20 GB). The copy
+    prepares and samples from the link, and the cell reproduces."""
+    from pipeline.tools import verify as tool
+
+    seen, build = [], tool.build_upstream
+
+    def spy(work, *args):
+        seen.append((work / "data/raw/coco2014").resolve() if (work / "data/raw/coco2014").is_symlink() else None)
+        build(work, *args)
+
+    monkeypatch.setattr(tool, "build_upstream", spy)
+    params = tiny_params()
+    params.update(datasets=["coco2014"], methods=["an"], ablations=[], vl_methods=[], seeds=[0])
+    write_params(workspace, params)
+    make_coco(tmp_path / "src", jpeg=(40, 30))
+    runner = CliRunner()
+    for args in (["download", "coco2014", "--source", str(tmp_path / "src")], ["prepare", "coco2014"],
+                 ["sample", "coco2014"], ["train", "coco2014", "an", "--seed", "0"], ["aggregate", "--out", "table"]):
+        result = runner.invoke(app, args, env={"SPML_THREADS": "1"})
+        assert result.exit_code == 0, (args, result.output)
+    lines = []
+    assert verify(workspace / "table", None, root=workspace, report=lines.append) == ["coco2014/an/0"]
+    assert lines[-1].startswith("coco2014/an/0: identical"), lines
+    assert seen == [(workspace / "data/raw/coco2014").resolve()]
 
 
 def test_cells_are_drawn_by_a_seed():
