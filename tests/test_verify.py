@@ -5,6 +5,7 @@ the command. The end-to-end test (test_pipeline_e2e.py) verifies a `dvc repro`'d
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import SpmlError
-from pipeline.tools.tiny_repo import tiny_params, write_params
+from pipeline.tools.tiny_repo import REPO, tiny_params, write_params
 from pipeline.tools.verify import Cell, choose, verify
 from tests.real_fixtures import make_coco
 
@@ -94,6 +95,22 @@ def test_a_real_datasets_raw_folder_is_linked_into_the_copy(workspace, tmp_path,
     assert verify(workspace / "table", None, root=workspace, report=lines.append) == ["coco2014/an/0"]
     assert lines[-1].startswith("coco2014/an/0: identical"), lines
     assert seen == [(workspace / "data/raw/coco2014").resolve()]
+
+
+def test_the_workspaces_trunk_is_taken_only_when_known_to_be_current(tmp_path):
+    """Without a trunk, without dvc.yaml, or with a preset that changes what `pretrain` reads, the copy builds
+    its own (the up-to-date case: test_pipeline_e2e.py)."""
+    from pipeline.tools.verify import stale_trunk
+
+    assert stale_trunk(tmp_path, {}) == "this workspace has none"
+    (tmp_path / "data" / "pretrained").mkdir(parents=True)
+    assert "no dvc.yaml" in stale_trunk(tmp_path, {})
+    shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = write_params(tmp_path, tiny_params())
+    composed = yaml.safe_load(params.read_text())
+    composed["pretrain"]["smallcnn"]["epochs"] += 1
+    composed["models"]["smallcnn"]["width"] += 1
+    assert stale_trunk(tmp_path, composed) == "the preset changes pretrain, models.smallcnn.width"
 
 
 def test_cells_are_drawn_by_a_seed():

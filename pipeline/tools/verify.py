@@ -151,6 +151,8 @@ def stale_trunk(root: Path, params: dict[str, Any]) -> str | None:
 
     if not (root / paths.DATA / "pretrained").is_dir():
         return "this workspace has none"
+    if not (root / "dvc.yaml").is_file():
+        return "this workspace has no dvc.yaml to tell whether it is up to date"
     stage = (yaml.safe_load((root / "dvc.yaml").read_text()).get("stages") or {}).get("pretrain") or {}
     workspace = load_params(root / "params.yaml")
     changed = [key for key in stage.get("params") or [] if lookup(params, key) != lookup(workspace, key)]
