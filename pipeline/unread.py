@@ -54,8 +54,9 @@ def _grid(params: dict[str, Any]) -> tuple[list[str], list[str]]:
     return datasets, methods
 
 
-def _lookup(params: dict[str, Any], key: str) -> Any:
-    """The value at a dotted params path whose parts may hold dots or slashes themselves (``coco2014/q2l``)."""
+def lookup(params: dict[str, Any], key: str) -> Any:
+    """The value at a dotted params path whose parts may hold dots or slashes themselves (``coco2014/q2l``);
+    one sentinel object where there is none."""
     node: Any = params
     parts = key.split(".")
     while parts:
@@ -151,7 +152,7 @@ def unread_params(params: dict[str, Any], base: dict[str, Any] | None = None,
                      set(REFERENCE_KEYS))
     found = [Unread(key, tuple(sorted(overriders[key]))) for key in sorted(overriders)
              if key not in read and key in applies
-             and (base is None or _lookup(base, key) is _MISSING or _lookup(base, key) != _lookup(params, key))]
+             and (base is None or lookup(base, key) is _MISSING or lookup(base, key) != lookup(params, key))]
     # a block under an ablation's own name: the ablation reads its method's block, so nothing reads this one
     for method, owner in owners.items():
         if owner != method and method in (params.get("method_params") or {}) \

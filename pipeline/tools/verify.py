@@ -130,14 +130,6 @@ def make_copy(root: Path, work: Path, datasets: set[str]) -> None:
             link.symlink_to(raw.resolve(), target_is_directory=True)
 
 
-def lookup(params: dict[str, Any], key: str) -> Any:
-    """``params``' value at a dotted key (``models.smallcnn.width``), None where absent."""
-    value: Any = params
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def stale_trunk(root: Path, params: dict[str, Any]) -> str | None:
     """Why ``root``'s pretrained trunk may not be what stage ``pretrain`` builds from this code and ``params``,
     or None when it is: DVC finds the stage up to date in ``root`` (code, params and output as dvc.lock
@@ -148,6 +140,7 @@ def stale_trunk(root: Path, params: dict[str, Any]) -> str | None:
     import yaml
 
     from pipeline.config import load_params
+    from pipeline.unread import lookup
 
     if not (root / paths.DATA / "pretrained").is_dir():
         return "this workspace has none"
