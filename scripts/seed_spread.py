@@ -34,11 +34,11 @@ from pipeline.train import (build_loaders, build_normalizer, build_training, loa
                             method_context, predict, setup_process)
 
 
-
 def fail(message: str) -> NoReturn:
     """Bad input: one line on stderr, exit 2 (as every spml command)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
 
 def score_test_split(run_dir: Path, params: dict) -> tuple[str, str, np.ndarray, np.ndarray, float]:
     """(dataset, method, scores, full labels, recorded test mAP) of one run folder's best.pt."""

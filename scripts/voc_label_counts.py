@@ -24,11 +24,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def fail(message: str) -> NoReturn:
     """Bad input: one line on stderr, exit 2 (as every spml command)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
 
 def label_counts(path: Path) -> tuple[list[str], list[list[int]]]:
     """(class names, per image its 20 values) of the CSV; exits with one line on a malformed row."""

@@ -43,8 +43,6 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-
-
 def tree(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` (files with their bytes, folders as None): to prove nothing changed."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)

@@ -48,8 +48,6 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-
-
 def read_run(folder: Path):
     metrics = {k: v for k, v in json.loads((folder / "metrics.json").read_text()).items() if k not in VOLATILE}
     history = pd.read_csv(folder / "history.csv").drop(columns=["epoch_seconds"])
