@@ -121,6 +121,17 @@ def test_cells_are_drawn_by_a_seed():
         choose(cells, 0, 0)
 
 
+def test_a_cell_the_copy_cannot_build_is_one_error_line(workspace):
+    """A table naming a dataset this checkout does not know: the failing stage's own message, once prefixed."""
+    from tests.helpers import assert_one_line_error
+
+    runs = pd.read_csv(REPO / "reports" / "runs.csv").head(1).assign(dataset="nope")
+    (workspace / "table").mkdir()
+    runs.to_csv(workspace / "table" / "runs.csv", index=False)
+    assert_one_line_error(CliRunner().invoke(app, ["verify", "table", "--all"]),
+                          "building the copy's data failed at `spml download nope`: unknown dataset 'nope'")
+
+
 def test_cells_and_all_together_are_refused_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["verify", str(tmp_path), "--cells", "2", "--all"])
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -154,10 +154,15 @@ def stale_trunk(root: Path, params: dict[str, Any]) -> str | None:
     done = subprocess.run([sys.executable, "-m", "dvc", "status", "pretrain", "--json"], cwd=root,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        return "`dvc status pretrain` could not tell: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"`dvc status pretrain` could not tell: {last_line(done)}"
     if json.loads(done.stdout or "{}"):
         return "`dvc status pretrain` finds it changed"
     return None
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    """A failed command's last line of stderr, without its own ``error:`` (the message gets ours)."""
+    return (done.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
 
 
 def spml(work: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -183,8 +188,7 @@ def build_upstream(work: Path, cells: list[Cell], params: Path, vl_methods: list
     for step in steps:
         done = spml(work, *step, "--params", str(params))
         if done.returncode != 0:
-            raise SpmlError(f"building the copy's data failed at `spml {' '.join(step)}`: "
-                            f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+            raise SpmlError(f"building the copy's data failed at `spml {' '.join(step)}`: {last_line(done)}")
 
 
 def check_cell(work: Path, params: Path, cell: Cell, row: pd.Series, presets: list[str]) -> list[str]:
@@ -197,8 +201,7 @@ def check_cell(work: Path, params: Path, cell: Cell, row: pd.Series, presets: li
     done = spml(work, "train", cell.dataset, cell.method, "--seed", str(cell.seed), "--params", str(params),
                 "--out", str(out), "--no-resume", env=env)
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return [f"{cell.name}: re-training failed ({last}); command: {cell.command(presets)}"]
+        return [f"{cell.name}: re-training failed ({last_line(done)}); command: {cell.command(presets)}"]
     metrics = json.loads((out / "metrics.json").read_text())
     return [f"{cell.name}: {key} recorded {row[key]}, re-trained {metrics.get(key)}; command: {cell.command(presets)}"
             for key in COMPARED if not same(row[key], metrics.get(key))]
